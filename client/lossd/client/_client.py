@@ -1,0 +1,294 @@
+"""`LossClient` and `AsyncLossClient`: one method per loss, torch's argument names and defaults."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from lossd.client import codec
+from lossd.client._calls import (
+    DEFAULT_IGNORE_INDEX,
+    ArrayT,
+    LossResult,
+    ReductionName,
+    build_request,
+    decode_response,
+)
+from lossd.client._rpc_errors import from_rpc_error
+from lossd.v1 import loss_service_pb2 as pb
+from lossd.v1 import loss_service_pb2_grpc as pb_grpc
+
+__all__ = ["DEFAULT_TARGET", "AsyncLossClient", "LossClient"]
+
+DEFAULT_TARGET = "localhost:50051"
+_UNLIMITED = -1
+
+ChannelOptions = Sequence[tuple[str, Any]]
+
+
+def channel_options(max_message_bytes: int, extra: ChannelOptions) -> list[tuple[str, Any]]:
+    """Message-size options first, so that caller-supplied options override them."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        *extra,
+    ]
+
+
+R = TypeVar("R")
+
+
+class _Losses(Generic[R]):
+    """The per-loss methods, written once; `_send` makes them blocking or awaitable."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self._timeout = timeout
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self._timeout if timeout is None else timeout
+
+    def _send(self, build: Callable[[], pb.ComputeLossRequest], like: Any, timeout: float | None) -> R:
+        raise NotImplementedError
+
+    def nll_loss(
+        self,
+        input: ArrayT,
+        target: codec.TensorLike,
+        *,
+        weight: codec.TensorLike | None = None,
+        ignore_index: int = DEFAULT_IGNORE_INDEX,
+        reduction: ReductionName = "mean",
+        return_grad: bool = False,
+        grad_dtype: object = None,
+        grad_output: codec.TensorLike | None = None,
+        timeout: float | None = None,
+    ) -> R:
+        """`torch.nn.functional.nll_loss(input, target, ...)`, computed by the server.
+
+        `return_grad` also returns d(loss)/d(input); `grad_dtype` sets its dtype (default: the
+        input's); `grad_output` is the upstream gradient (default: ones).
+        """
+        return self._send(
+            lambda: build_request(
+                "nll_loss",
+                input,
+                target,
+                weight=weight,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                return_grad=return_grad,
+                grad_dtype=grad_dtype,
+                grad_output=grad_output,
+            ),
+            input,
+            timeout,
+        )
+
+    def cross_entropy(
+        self,
+        input: ArrayT,
+        target: codec.TensorLike,
+        *,
+        weight: codec.TensorLike | None = None,
+        ignore_index: int = DEFAULT_IGNORE_INDEX,
+        reduction: ReductionName = "mean",
+        label_smoothing: float = 0.0,
+        return_grad: bool = False,
+        return_target_grad: bool = False,
+        grad_dtype: object = None,
+        grad_output: codec.TensorLike | None = None,
+        timeout: float | None = None,
+    ) -> R:
+        """`torch.nn.functional.cross_entropy(input, target, ...)`, computed by the server.
+
+        `target` holds class indices, or class probabilities when it has the input's shape.
+        `return_target_grad` (probability targets only) also returns d(loss)/d(target).
+        """
+        return self._send(
+            lambda: build_request(
+                "cross_entropy",
+                input,
+                target,
+                weight=weight,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                label_smoothing=label_smoothing,
+                return_grad=return_grad,
+                return_target_grad=return_target_grad,
+                grad_dtype=grad_dtype,
+                grad_output=grad_output,
+            ),
+            input,
+            timeout,
+        )
+
+    def kl_div(
+        self,
+        input: ArrayT,
+        target: codec.TensorLike,
+        *,
+        reduction: ReductionName = "mean",
+        log_target: bool = False,
+        return_grad: bool = False,
+        return_target_grad: bool = False,
+        grad_dtype: object = None,
+        grad_output: codec.TensorLike | None = None,
+        timeout: float | None = None,
+    ) -> R:
+        """`torch.nn.functional.kl_div(input, target, ...)`, computed by the server.
+
+        `input` holds log-probabilities; `target` probabilities (log-probabilities with
+        `log_target=True`). As in torch, the default reduction 'mean' divides by every element;
+        'batchmean' is the KL divergence proper.
+        """
+        return self._send(
+            lambda: build_request(
+                "kl_div",
+                input,
+                target,
+                reduction=reduction,
+                log_target=log_target,
+                return_grad=return_grad,
+                return_target_grad=return_target_grad,
+                grad_dtype=grad_dtype,
+                grad_output=grad_output,
+            ),
+            input,
+            timeout,
+        )
+
+
+class LossClient(_Losses[LossResult[Any]]):
+    """A blocking lossd client.
+
+    ```python
+    with LossClient("localhost:50051") as client:
+        result = client.cross_entropy(logits, labels, label_smoothing=0.1, return_grad=True)
+        result.loss, result.grad
+    ```
+
+    Inputs are numpy arrays or torch tensors (any device); results come back as the same kind,
+    torch tensors on the input's device. Failures raise `lossd.client.LossdError` subclasses.
+
+    **Parameters:**
+    - `target`: the server's address, any gRPC target (`host:port`, `dns:///name:port`, ...).
+    - `timeout`: default seconds per call (None: no deadline); each method can override it.
+    - `credentials`: `grpc.ChannelCredentials` for TLS; None for a plaintext channel.
+    - `max_message_bytes`: send and receive limit for one message; -1 (default) is unlimited.
+    - `options`: further gRPC channel options, applied last.
+    - `channel`: an existing channel to use instead (the client then does not close it).
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int = _UNLIMITED,
+        options: ChannelOptions = (),
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        super().__init__(timeout)
+        self._owns_channel = channel is None
+        if channel is None:
+            opts = channel_options(max_message_bytes, options)
+            channel = (
+                grpc.secure_channel(target, credentials, options=opts)
+                if credentials is not None
+                else grpc.insecure_channel(target, options=opts)
+            )
+        self._channel = channel
+        self._stub = pb_grpc.LossServiceStub(channel)
+
+    def compute(
+        self, request: pb.ComputeLossRequest, *, timeout: float | None = None
+    ) -> pb.ComputeLossResponse:
+        """Sends a raw request; for callers that build `lossd.v1` messages themselves."""
+        try:
+            return self._stub.ComputeLoss(request, timeout=self._deadline(timeout))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def _send(
+        self, build: Callable[[], pb.ComputeLossRequest], like: Any, timeout: float | None
+    ) -> LossResult[Any]:
+        return decode_response(self.compute(build(), timeout=timeout), like)
+
+    def close(self) -> None:
+        """Closes the channel, unless it was passed in."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> LossClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncLossClient(_Losses[Awaitable[LossResult[Any]]]):
+    """The asyncio twin of `LossClient`: the same loss methods, awaited.
+
+    ```python
+    async with AsyncLossClient("localhost:50051") as client:
+        result = await client.kl_div(student_log_probs, teacher_probs, reduction="batchmean")
+    ```
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int = _UNLIMITED,
+        options: ChannelOptions = (),
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        super().__init__(timeout)
+        self._owns_channel = channel is None
+        if channel is None:
+            opts = channel_options(max_message_bytes, options)
+            channel = (
+                grpc.aio.secure_channel(target, credentials, options=opts)
+                if credentials is not None
+                else grpc.aio.insecure_channel(target, options=opts)
+            )
+        self._channel = channel
+        self._stub = pb_grpc.LossServiceStub(channel)
+
+    async def compute(
+        self, request: pb.ComputeLossRequest, *, timeout: float | None = None
+    ) -> pb.ComputeLossResponse:
+        """Sends a raw request; for callers that build `lossd.v1` messages themselves."""
+        try:
+            return await self._stub.ComputeLoss(request, timeout=self._deadline(timeout))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def _send(
+        self, build: Callable[[], pb.ComputeLossRequest], like: Any, timeout: float | None
+    ) -> Awaitable[LossResult[Any]]:
+        async def send() -> LossResult[Any]:
+            return decode_response(await self.compute(build(), timeout=timeout), like)
+
+        return send()
+
+    async def close(self) -> None:
+        """Closes the channel, unless it was passed in."""
+        if self._owns_channel:
+            await self._channel.close()
+
+    async def __aenter__(self) -> AsyncLossClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

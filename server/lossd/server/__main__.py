@@ -1,0 +1,7 @@
+"""`python -m lossd.server`: the same as the `lossd` command."""
+
+import sys
+
+from lossd.server.cli import main
+
+sys.exit(main())

@@ -1,0 +1,58 @@
+"""The `lossd` command: `lossd serve [flags]` (see `lossd serve --help`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+
+from lossd.client._version import __version__
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    from lossd.server.config import ServerConfig
+
+    parser = argparse.ArgumentParser(prog="lossd", description="lossd: PyTorch losses over gRPC.")
+    parser.add_argument("--version", action="version", version=f"lossd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    ServerConfig.add_arguments(serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `lossd` console script."""
+    try:
+        from lossd.server.app import serve
+        from lossd.server.config import ServerConfig
+    except ImportError as exc:  # the client-only install
+        print(f"lossd: the server needs its extra: pip install 'lossd[server]' ({exc})", file=sys.stderr)
+        return 2
+    args = _parser().parse_args(argv)
+    try:
+        config = ServerConfig.load(args)
+    except ValueError as exc:
+        print(f"lossd: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # torch warns on every kl_div with reduction='mean' (its default); lossd computes it faithfully.
+    warnings.filterwarnings(
+        "ignore", message="reduction: 'mean' divides the total loss", category=UserWarning
+    )
+    try:
+        asyncio.run(serve(config))
+    except (OSError, ValueError) as exc:
+        logging.getLogger("lossd.server").error("cannot serve: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

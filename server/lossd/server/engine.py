@@ -1,0 +1,109 @@
+"""The loss engine: validated `LossCall`s computed with torch.nn.functional and torch autograd.
+
+Pure torch; nothing of gRPC or metrics. The numbers are torch's by construction: the loss is the
+very `F.nll_loss` / `F.cross_entropy` / `F.kl_div` call, and the gradients are
+`torch.autograd.grad` of it, on the engine's device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lossd.server.calls import LossCall, LossKind, LossOutput
+from lossd.server.validation import validate
+
+__all__ = ["LossEngine", "resolve_device"]
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'; a ValueError otherwise."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ValueError(f"device {spec!r} is not a torch device ('auto', 'cpu', 'cuda', 'cuda:N')") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r}: CUDA is not available on this machine")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise ValueError(f"device {spec!r}: lossd runs on 'cpu' or 'cuda' devices")
+    return device
+
+
+def _loss_function(
+    call: LossCall,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    options = call.options
+    if options.kind is LossKind.NLL:
+        return lambda x, t, w: F.nll_loss(
+            x, t, weight=w, ignore_index=options.ignore_index, reduction=options.reduction
+        )
+    if options.kind is LossKind.CROSS_ENTROPY:
+        return lambda x, t, w: F.cross_entropy(
+            x,
+            t,
+            weight=w,
+            ignore_index=options.ignore_index,
+            reduction=options.reduction,
+            label_smoothing=options.label_smoothing,
+        )
+    return lambda x, t, _: F.kl_div(x, t, reduction=options.reduction, log_target=options.log_target)
+
+
+class LossEngine:
+    """Computes loss calls on one device. Thread-safe: it holds no per-call state."""
+
+    def __init__(self, device: torch.device | str = "auto") -> None:
+        self.device = resolve_device(device) if isinstance(device, str) else device
+
+    def compute(self, call: LossCall) -> LossOutput:
+        """Validates, then computes the loss and the requested gradients; results on the CPU."""
+        call = validate(call)
+        return self._run(call)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if tensor.device == self.device else tensor.to(self.device)
+
+    def _run(self, call: LossCall) -> LossOutput:
+        function = _loss_function(call)
+        input, target = self._to_device(call.input), self._to_device(call.target)
+        weight = None if call.weight is None else self._to_device(call.weight)
+        if not (call.input_grad or call.target_grad):
+            with torch.no_grad():
+                return LossOutput(loss=function(input, target, weight).cpu())
+        with torch.enable_grad():
+            # Fresh leaves: the decoded tensors may be shared, read-only views of the request.
+            input = input.detach().requires_grad_(call.input_grad)
+            target = target.detach().requires_grad_(call.target_grad)
+            loss = function(input, target, weight)
+            upstream = (
+                torch.ones_like(loss) if call.grad_output is None else self._to_device(call.grad_output)
+            )
+            leaves = [leaf for leaf in (input, target) if leaf.requires_grad]
+            grads = list(torch.autograd.grad(loss, leaves, upstream))
+        input_grad = grads.pop(0) if call.input_grad else None
+        target_grad = grads.pop(0) if call.target_grad else None
+        return LossOutput(
+            loss=loss.detach().cpu(),
+            input_grad=self._finish(input_grad, call.grad_dtype),
+            target_grad=self._finish(target_grad, call.grad_dtype),
+        )
+
+    @staticmethod
+    def _finish(grad: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+        if grad is None:
+            return None
+        if dtype is not None and grad.dtype != dtype:
+            grad = grad.to(dtype)
+        return grad.cpu()

@@ -1,0 +1,80 @@
+"""On a CUDA device (skipped without one): parity with local CUDA torch, device round trips, and
+bad class indices kept away from the kernels that would assert and poison the CUDA context."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lossd.client import LossClient, errors
+from lossd.client import torch as lossd_torch
+
+from cases import all_cases, reference
+from conftest import RunningServer
+from test_parity import assert_same, remote
+
+pytestmark = pytest.mark.gpu
+CASES = all_cases()[::4]  # every fourth case: each loss, option, shape kind and dtype still appears
+
+
+@pytest.fixture(scope="module")
+def gpu_client() -> Iterator[LossClient]:
+    from conftest import make_config
+
+    running = RunningServer(make_config(device="cuda"))
+    with LossClient(running.target, timeout=60) as client:
+        yield client
+    running.close()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_parity_on_cuda(gpu_client: LossClient, case: object) -> None:
+    tensors = case.tensors()  # type: ignore[attr-defined]
+    expected = reference(case, tensors, device="cuda")  # type: ignore[arg-type]
+    result = remote(gpu_client, case, tensors)  # type: ignore[arg-type]
+    assert_same(result.loss, expected["loss"], "loss")
+    assert_same(result.grad, expected["grad"], "input gradient")
+    assert_same(result.target_grad, expected["target_grad"], "target gradient")
+
+
+@pytest.mark.parametrize("bad", [5, -1, 1000])
+@pytest.mark.parametrize("shape", [(6, 5), (2, 5, 3)], ids=str)
+def test_out_of_range_index_never_reaches_a_kernel(
+    gpu_client: LossClient, bad: int, shape: tuple[int, ...]
+) -> None:
+    logits = torch.randn(shape, device="cuda")
+    target = torch.zeros((shape[0], *shape[2:]), dtype=torch.int64, device="cuda")
+    target.view(-1)[-1] = bad
+    with pytest.raises(errors.InvalidArgumentError) as caught:
+        gpu_client.cross_entropy(logits, target, return_grad=True)
+    assert caught.value.reason == "TARGET_OUT_OF_RANGE"
+    target.view(-1)[-1] = 1  # the process's CUDA context is intact: the next call computes
+    result = gpu_client.cross_entropy(logits, target, return_grad=True)
+    torch.testing.assert_close(result.loss, F.cross_entropy(logits, target))
+
+
+def test_cuda_tensors_come_back_on_their_device(gpu_client: LossClient) -> None:
+    logits = torch.randn(4, 3, device="cuda", dtype=torch.bfloat16)
+    result = gpu_client.cross_entropy(logits, torch.tensor([0, 1, 2, 0], device="cuda"), return_grad=True)
+    assert result.loss.device == logits.device and result.grad.device == logits.device  # type: ignore[union-attr]
+
+
+def test_autograd_with_cuda_tensors(gpu_client: LossClient) -> None:
+    x = torch.randn(8, 5, device="cuda", requires_grad=True)
+    target = torch.randint(0, 5, (8,), device="cuda")
+    lossd_torch.cross_entropy(x, target, client=gpu_client, label_smoothing=0.1).backward()
+    y = x.detach().clone().requires_grad_()
+    F.cross_entropy(y, target, label_smoothing=0.1).backward()
+    torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_cpu_and_cuda_servers_agree_within_rounding(gpu_client: LossClient, server: RunningServer) -> None:
+    logits, target = torch.randn(64, 1000), torch.randint(0, 1000, (64,))
+    with LossClient(server.target) as cpu:
+        on_cpu = cpu.cross_entropy(logits, target, return_grad=True)
+    on_gpu = gpu_client.cross_entropy(logits, target, return_grad=True)
+    torch.testing.assert_close(on_gpu.loss, on_cpu.loss)
+    torch.testing.assert_close(on_gpu.grad, on_cpu.grad)
