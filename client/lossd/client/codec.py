@@ -109,10 +109,13 @@ def is_floating(dtype: int) -> bool:
     return bool(info and info.floating)
 
 
-def check(msg: tensor_pb2.Tensor, field: str, limits: TensorLimits = _NO_LIMITS) -> tuple[int, ...]:
+def check(
+    msg: tensor_pb2.Tensor, field: str, limits: TensorLimits = _NO_LIMITS, data_bytes: int | None = None
+) -> tuple[int, ...]:
     """Validates a wire tensor's header and data length; returns its shape.
 
-    Raises `InvalidArgumentError` or `ResourceExhaustedError` naming `field`.
+    Raises `InvalidArgumentError` or `ResourceExhaustedError` naming `field`. `data_bytes` is
+    `len(msg.data)` when the caller already holds the data: each read of a bytes field copies it.
     """
     info = _INFO.get(msg.dtype)
     if msg.dtype == tensor_pb2.DATA_TYPE_UNSPECIFIED:
@@ -159,22 +162,24 @@ def check(msg: tensor_pb2.Tensor, field: str, limits: TensorLimits = _NO_LIMITS)
             },
         )
     expected = elements * info.itemsize
-    if len(msg.data) != expected:
+    size = len(msg.data) if data_bytes is None else data_bytes
+    if size != expected:
         raise InvalidArgumentError(
-            f"{field}.data has {len(msg.data)} bytes; {data_type_name(msg.dtype)} of shape {list(shape)} "
+            f"{field}.data has {size} bytes; {data_type_name(msg.dtype)} of shape {list(shape)} "
             f"needs {expected} ({elements} x {info.itemsize})",
             reason="DATA_SIZE_MISMATCH",
             field=f"{field}.data",
-            metadata={"bytes": str(len(msg.data)), "expectedBytes": str(expected)},
+            metadata={"bytes": str(size), "expectedBytes": str(expected)},
         )
     return shape
 
 
 def _wire_array(msg: tensor_pb2.Tensor, field: str, limits: TensorLimits) -> np.ndarray:
     """A read-only, native-order numpy view of the message's data (bfloat16 as uint16 bits)."""
-    shape = check(msg, field, limits)
+    data = msg.data  # read once: protobuf hands out a fresh copy of a bytes field on every read
+    shape = check(msg, field, limits, len(data))
     wire = np.dtype(_INFO[msg.dtype].numpy)
-    array = np.frombuffer(msg.data, dtype=wire) if msg.data else np.empty(0, dtype=wire)
+    array = np.frombuffer(data, dtype=wire) if data else np.empty(0, dtype=wire)
     if not wire.isnative:  # a big-endian host: one byte-swapping copy
         array = array.astype(wire.newbyteorder("="))
     return array.reshape(shape)
