@@ -46,7 +46,7 @@ class RunningServer:
 
 
 def make_config(**overrides: Any) -> ServerConfig:
-    return ServerConfig(**{"host": "127.0.0.1", "port": 0, "device": "cpu", **overrides})
+    return ServerConfig(**{"host": "127.0.0.1", "port": 0, "device": "cpu", "metrics_port": 0, **overrides})
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +78,20 @@ def client(server: RunningServer) -> Iterator[LossClient]:
 
 
 @pytest.fixture(scope="session")
+def exact_server() -> Iterator[RunningServer]:
+    """Batching off: every call is computed alone, as torch would."""
+    running = RunningServer(make_config(batching=False))
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="session")
+def exact_client(exact_server: RunningServer) -> Iterator[LossClient]:
+    with LossClient(exact_server.target, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
 def channel(server: RunningServer) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(server.target) as ch:
         yield ch
@@ -91,10 +105,10 @@ class SlowEngine(LossEngine):
         self.delay = delay
         self.calls = 0
 
-    def compute(self, call: Any) -> Any:
-        self.calls += 1
+    def compute_batch(self, calls: Any, merge: bool = True) -> Any:
+        self.calls += len(calls)
         time.sleep(self.delay)
-        return super().compute(call)
+        return super().compute_batch(calls, merge)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -14,7 +14,7 @@ from lossd.client import torch as lossd_torch
 
 from cases import all_cases, reference
 from conftest import RunningServer
-from test_parity import assert_same, remote
+from test_parity import check_result, remote
 
 pytestmark = pytest.mark.gpu
 CASES = all_cases()[::4]  # every fourth case: each loss, option, shape kind and dtype still appears
@@ -34,10 +34,7 @@ def gpu_client() -> Iterator[LossClient]:
 def test_parity_on_cuda(gpu_client: LossClient, case: object) -> None:
     tensors = case.tensors()  # type: ignore[attr-defined]
     expected = reference(case, tensors, device="cuda")  # type: ignore[arg-type]
-    result = remote(gpu_client, case, tensors)  # type: ignore[arg-type]
-    assert_same(result.loss, expected["loss"], "loss")
-    assert_same(result.grad, expected["grad"], "input gradient")
-    assert_same(result.target_grad, expected["target_grad"], "target gradient")
+    check_result(remote(gpu_client, case, tensors), expected, case)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("bad", [5, -1, 1000])

@@ -17,6 +17,8 @@ from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd.v1 import tensor_pb2
 
+from conftest import RunningServer
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -51,7 +53,7 @@ def test_defaults_are_torchs() -> None:
     assert request.cross_entropy.label_smoothing == 0.0 and not request.kl_div.log_target
 
 
-def test_a_hand_built_request_as_another_language_would_send_it(channel: grpc.Channel) -> None:
+def test_a_hand_built_request_as_another_language_would_send_it(exact_server: RunningServer) -> None:
     """Only the .proto's documentation: little-endian C-order bytes, bfloat16 = high half of float32."""
     logits = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
     flat = [v for row in logits for v in row]
@@ -63,7 +65,8 @@ def test_a_hand_built_request_as_another_language_would_send_it(channel: grpc.Ch
         reduction=pb.REDUCTION_SUM,
         gradients=pb.GradientOptions(input=True, dtype=tensor_pb2.DATA_TYPE_FLOAT32),
     )
-    response = pb_grpc.LossServiceStub(channel).ComputeLoss(request, timeout=30)
+    with grpc.insecure_channel(exact_server.target) as channel:
+        response = pb_grpc.LossServiceStub(channel).ComputeLoss(request, timeout=30)
     x = torch.tensor(logits, dtype=torch.bfloat16, requires_grad=True)
     expected = F.cross_entropy(x, torch.tensor([2, 0]), label_smoothing=0.1, reduction="sum")
     expected.backward()

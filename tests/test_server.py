@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -62,7 +63,7 @@ def test_reflection_lists_and_describes_the_service(server: RunningServer) -> No
 
 
 class BrokenEngine(LossEngine):
-    def compute(self, call: Any) -> Any:
+    def compute_batch(self, calls: Any, merge: bool = True) -> Any:
         raise RuntimeError("secret internal detail")
 
 
@@ -146,6 +147,9 @@ class ServeProcess:
         assert self.process.stderr is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.process.stderr], [], [], max(deadline - time.monotonic(), 0))
+            if not ready:
+                break
             line = self.process.stderr.readline()
             if not line:
                 break
@@ -179,10 +183,12 @@ def serve_process() -> Iterator[Callable[..., ServeProcess]]:
 def test_lossd_serve_starts_answers_and_stops_cleanly(
     serve_process: Callable[..., ServeProcess], stop_signal: signal.Signals
 ) -> None:
-    served = serve_process("--host", "127.0.0.1", env={"LOSSD_PORT": "0", "LOSSD_DEVICE": "cpu"})
+    served = serve_process(
+        "--host", "127.0.0.1", env={"LOSSD_PORT": "0", "LOSSD_DEVICE": "cpu", "LOSSD_METRICS_PORT": "0"}
+    )
     started = served.wait_for(
         r"lossd (\S+) serving lossd\.v1\.LossService on 127\.0\.0\.1:(\d+) "
-        r"\(device cpu, torch (\S+), grpcio (\S+)\)"
+        r"\(device cpu, torch (\S+), grpcio (\S+), batching on, (\d+) torch threads\)"
     )
     target = f"127.0.0.1:{started.group(2)}"
     assert started.group(3) == torch.__version__
@@ -196,7 +202,7 @@ def test_lossd_serve_starts_answers_and_stops_cleanly(
 
 
 def test_lossd_serve_refuses_a_bad_device(serve_process: Callable[..., ServeProcess]) -> None:
-    code, log = serve_process("--port", "0", "--device", "tpu").finish()
+    code, log = serve_process("--port", "0", "--device", "tpu", "--metrics-port", "0").finish()
     assert code == 1
     assert "cannot serve" in log and "tpu" in log
 
@@ -206,7 +212,9 @@ def test_lossd_serve_refuses_a_busy_port(serve_process: Callable[..., ServeProce
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        code, log = serve_process("--host", "127.0.0.1", "--port", str(port), "--device", "cpu").finish()
+        code, log = serve_process(
+            "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--metrics-port", "0"
+        ).finish()
     assert code == 1
     assert f"could not bind 127.0.0.1:{port}" in log
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import os
 import signal
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -13,10 +16,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from lossd.client._version import __version__
+from lossd.server.batcher import Batcher, BatchLimits
+from lossd.server.calls import LossCall, LossOutput
 from lossd.server.config import ServerConfig
-from lossd.server.engine import LossEngine
+from lossd.server.engine import LossEngine, resolve_device
+from lossd.server.metrics import ServerMetrics, multiprocess_enabled, serve_metrics
 from lossd.server.servicer import LossServicer
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
@@ -36,22 +43,55 @@ class LossServer:
     after, and NOT_SERVING again from the moment `stop()` begins.
     """
 
-    def __init__(self, config: ServerConfig, *, engine: LossEngine | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        engine: LossEngine | None = None,
+        registry: CollectorRegistry | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        """Builds the server; call `start()` from the event loop that will run it.
+
+        `registry` receives the metrics (a fresh one by default); `reuse_port` lets several
+        worker processes share the port (`lossd serve --workers`).
+        """
         self.config = config
         self.engine = engine if engine is not None else LossEngine(config.device)
+        self.metrics = ServerMetrics(
+            registry if registry is not None else CollectorRegistry(),
+            build=_build_info(self.engine.device),
+            device_memory=_memory_probe(self.engine.device),
+        )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lossd-compute")
+        engine_ = self.engine
+        self.batcher: Batcher[LossCall, LossOutput] = Batcher(
+            run=lambda calls: engine_.compute_batch(calls, merge=config.batching),
+            key=engine_.merge_key,
+            cost=engine_.cost,
+            limits=BatchLimits(
+                merge=config.batching,
+                max_rows=config.max_batch_rows,
+                max_bytes=config.max_batch_bytes,
+                max_queue_delay_s=config.max_queue_delay_us / 1e6,
+                max_queue_size=config.max_queue_size,
+            ),
+            executor=self._executor,
+            observer=self.metrics,
+        )
+        self._stop_metrics: Callable[[], None] | None = None
         self._health = health_aio.HealthServicer()
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 # gRPC sets SO_REUSEPORT by default, which would let a second server silently share
-                # (and steal calls from) a port already in use.
-                ("grpc.so_reuseport", 0),
+                # (and steal calls from) a port already in use; only workers share on purpose.
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
             ]
         )
         pb_grpc.add_LossServiceServicer_to_server(
-            LossServicer(self.engine, config.limits, self._executor), self._server
+            LossServicer(self.engine, self.batcher, config.limits, self.metrics), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -68,6 +108,11 @@ class LossServer:
             raise OSError(f"could not bind {self.config.address}: {exc}") from None
         if self.port == 0:
             raise OSError(f"could not bind {self.config.address}")
+        if self.config.metrics_port and not multiprocess_enabled():
+            self._stop_metrics = serve_metrics(
+                self.metrics.registry, self.config.host, self.config.metrics_port
+            )
+        self.batcher.start()
         await self._server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self.port
@@ -76,7 +121,11 @@ class LossServer:
         """NOT_SERVING at once, then lets in-flight calls finish for `grace` seconds."""
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.config.shutdown_grace_s if grace is None else grace)
+        await self.batcher.close()
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        if self._stop_metrics is not None:
+            await asyncio.to_thread(self._stop_metrics)
+            self._stop_metrics = None
 
     async def wait_for_termination(self) -> None:
         """Returns once the server has stopped."""
@@ -87,12 +136,46 @@ class LossServer:
             await self._health.set(name, status)
 
 
-async def serve(config: ServerConfig) -> None:
-    """Runs a server until SIGINT or SIGTERM, then drains it within the configured grace period."""
-    server = LossServer(config)
+def torch_threads(config: ServerConfig) -> int:
+    """Intra-op threads for torch: the setting, or by default all cores but one on the CPU (the
+    event loop and gRPC need one: torch's idle threads spin and starve them), one on CUDA."""
+    if config.torch_threads:
+        return config.torch_threads
+    if resolve_device(config.device).type == "cuda":
+        return 1
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+def _build_info(device: torch.device) -> dict[str, str]:
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "grpcio": grpc.__version__,
+        "device": device.type,
+    }
+
+
+def _memory_probe(device: torch.device) -> Callable[[], tuple[int, int] | None] | None:
+    if device.type != "cuda":
+        return None
+    return lambda: (torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
+
+
+async def serve(config: ServerConfig, *, worker: str = "") -> None:
+    """Runs a server until SIGINT or SIGTERM, then drains it within the configured grace period.
+
+    `worker` ("2/4") marks one of several processes sharing the port (`lossd serve --workers`).
+    """
+    threads = torch_threads(config)
+    torch.set_num_threads(threads)
+    server = LossServer(config, reuse_port=bool(worker))
     port = await server.start()
+    # Everything allocated so far lives as long as the process: keep the collector from walking
+    # torch's and gRPC's hundred thousand objects again and again under load.
+    gc.collect()
+    gc.freeze()
     _LOGGER.info(
-        "lossd %s serving %s on %s:%d (device %s, torch %s, grpcio %s)",
+        "lossd %s serving %s on %s:%d (device %s, torch %s, grpcio %s, batching %s, %d torch threads%s)",
         __version__,
         LOSS_SERVICE,
         config.host,
@@ -100,6 +183,9 @@ async def serve(config: ServerConfig) -> None:
         server.engine.device,
         torch.__version__,
         grpc.__version__,
+        "on" if config.batching else "off",
+        threads,
+        f", worker {worker} pid {os.getpid()}" if worker else "",
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["REDUCTIONS", "LossCall", "LossKind", "LossOptions", "LossOutput"]
@@ -56,8 +57,9 @@ class LossCall:
 
 @dataclass(frozen=True)
 class LossOutput:
-    """The loss and the gradients asked for, on the CPU."""
+    """The loss and the gradients asked for, on the host: torch tensors, or numpy arrays where the
+    merged path produced them (any dtype but bfloat16)."""
 
-    loss: torch.Tensor
-    input_grad: torch.Tensor | None = None
-    target_grad: torch.Tensor | None = None
+    loss: torch.Tensor | np.ndarray
+    input_grad: torch.Tensor | np.ndarray | None = None
+    target_grad: torch.Tensor | np.ndarray | None = None

@@ -8,8 +8,12 @@ import logging
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from lossd.client._version import __version__
+
+if TYPE_CHECKING:
+    from lossd.server.config import ServerConfig
 
 __all__ = ["main"]
 
@@ -25,11 +29,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure(config: ServerConfig) -> None:
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # torch warns on every kl_div with reduction='mean' (its default); lossd computes it faithfully.
+    warnings.filterwarnings(
+        "ignore", message="reduction: 'mean' divides the total loss", category=UserWarning
+    )
+
+
+def run_server(config: ServerConfig, *, worker: str = "") -> int:
+    """Serves in this process until a signal; the exit status."""
+    from lossd.server.app import serve
+
+    _configure(config)
+    try:
+        asyncio.run(serve(config, worker=worker))
+    except (OSError, ValueError) as exc:
+        logging.getLogger("lossd.server").error("cannot serve: %s", exc)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lossd` console script."""
     try:
-        from lossd.server.app import serve
         from lossd.server.config import ServerConfig
+        from lossd.server.workers import run_workers
     except ImportError as exc:  # the client-only install
         print(f"lossd: the server needs its extra: pip install 'lossd[server]' ({exc})", file=sys.stderr)
         return 2
@@ -39,19 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"lossd: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # torch warns on every kl_div with reduction='mean' (its default); lossd computes it faithfully.
-    warnings.filterwarnings(
-        "ignore", message="reduction: 'mean' divides the total loss", category=UserWarning
-    )
-    try:
-        asyncio.run(serve(config))
-    except (OSError, ValueError) as exc:
-        logging.getLogger("lossd.server").error("cannot serve: %s", exc)
-        return 1
-    return 0
+    if config.workers > 1:
+        _configure(config)
+        return run_workers(config)
+    return run_server(config)
 
 
 if __name__ == "__main__":

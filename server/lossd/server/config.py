@@ -20,8 +20,28 @@ ENV_PREFIX = "LOSSD_"
 _PROTOBUF_MAX = 2**31 - 1  # protobuf cannot parse a message of 2 GiB or more
 
 
+def _on_off(text: str) -> bool:
+    """'on' / 'off' (also true/false, yes/no, 1/0), as flags and environment variables spell switches."""
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"{text!r} is not on or off")
+
+
+_on_off.__name__ = "on/off"
+
+
 def _setting(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help, "type": type(default)})
+    parse = _on_off if isinstance(default, bool) else type(default)
+    return field(default=default, metadata={"help": help, "type": parse})
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -36,6 +56,18 @@ class ServerConfig:
     max_tensor_bytes: int = _setting(_PROTOBUF_MAX, "most data bytes in one request tensor")
     max_tensor_dims: int = _setting(32, "most dimensions of one request tensor")
     shutdown_grace_s: float = _setting(10.0, "seconds in-flight calls get to finish on SIGTERM / SIGINT")
+    batching: bool = _setting(True, "merge concurrent compatible requests into one computation: on or off")
+    max_batch_rows: int = _setting(16384, "most rows (samples x positions) in one merged computation")
+    max_batch_bytes: int = _setting(64 * 2**20, "most request tensor bytes in one merged computation")
+    max_queue_delay_us: int = _setting(
+        0, "microseconds the oldest queued request may wait for others to join its batch; 0: none"
+    )
+    max_queue_size: int = _setting(4096, "most requests waiting for compute; beyond it RESOURCE_EXHAUSTED")
+    workers: int = _setting(1, "server processes sharing the port (and the device)")
+    torch_threads: int = _setting(
+        0, "torch intra-op threads per process; 0: all cores but one on the CPU, one with CUDA"
+    )
+    metrics_port: int = _setting(9464, "Prometheus metrics HTTP port; 0 turns metrics off")
     log_level: str = _setting("INFO", "logging level: DEBUG, INFO, WARNING or ERROR")
 
     @property
@@ -62,7 +94,8 @@ class ServerConfig:
                 type=spec.metadata["type"],
                 default=None,
                 metavar=spec.name.upper(),
-                help=f"{spec.metadata['help']} (env {cls.env_name(spec.name)}, default {spec.default})",
+                help=f"{spec.metadata['help']} (env {cls.env_name(spec.name)}, "
+                f"default {_shown(spec.default)})",
             )
 
     @classmethod
@@ -84,7 +117,28 @@ class ServerConfig:
                     raise ValueError(
                         f"{cls.env_name(spec.name)}={env!r} is not a valid {spec.metadata['type'].__name__}"
                     ) from None
-        return cls(**values)
+        config = cls(**values)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Rejects settings that cannot work, naming the setting."""
+        positive = (
+            "max_message_bytes",
+            "max_tensor_elements",
+            "max_tensor_bytes",
+            "max_tensor_dims",
+            "max_batch_rows",
+            "max_batch_bytes",
+            "max_queue_size",
+            "workers",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_queue_delay_us", "port", "metrics_port", "shutdown_grace_s", "torch_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
     @classmethod
     def parse(cls, argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> ServerConfig:

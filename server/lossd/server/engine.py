@@ -1,19 +1,21 @@
 """The loss engine: validated `LossCall`s computed with torch.nn.functional and torch autograd.
 
-Pure torch; nothing of gRPC or metrics. The numbers are torch's by construction: the loss is the
-very `F.nll_loss` / `F.cross_entropy` / `F.kl_div` call, and the gradients are
-`torch.autograd.grad` of it, on the engine's device.
+Pure torch; nothing of gRPC or metrics. The numbers are torch's: alone, a call is the very
+`F.nll_loss` / `F.cross_entropy` / `F.kl_div` call and `torch.autograd.grad` of it, on the engine's
+device; merged with others (see `lossd.server.merged`), it is the same per-row computation with
+its own reduction taken in float64.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lossd.server.calls import LossCall, LossKind, LossOutput
+from lossd.server.merged import MergeKey, Staging, compute_merged, merge_key, rows_of
 from lossd.server.validation import validate
 
 __all__ = ["LossEngine", "resolve_device"]
@@ -66,11 +68,50 @@ class LossEngine:
 
     def __init__(self, device: torch.device | str = "auto") -> None:
         self.device = resolve_device(device) if isinstance(device, str) else device
+        self.staging = Staging(self.device, pinned=self.device.type == "cuda")
 
     def compute(self, call: LossCall) -> LossOutput:
-        """Validates, then computes the loss and the requested gradients; results on the CPU."""
-        call = validate(call)
-        return self._run(call)
+        """Validates, then computes the loss and the requested gradients alone; results on the CPU."""
+        return self._run(validate(call))
+
+    def prepare(self, call: LossCall) -> LossCall:
+        """Validates a call (on the host, before anything reaches the device) for `compute_batch`."""
+        return validate(call)
+
+    @staticmethod
+    def merge_key(call: LossCall) -> MergeKey | None:
+        """Prepared calls with equal keys can be computed together; None: only alone."""
+        return merge_key(call)
+
+    @staticmethod
+    def cost(call: LossCall) -> tuple[int, int]:
+        """(rows, bytes) a prepared call adds to a merged computation."""
+        return rows_of(call), call.input.nbytes + call.target.nbytes
+
+    def compute_batch(self, calls: Sequence[LossCall], merge: bool = True) -> list[LossOutput | Exception]:
+        """Prepared calls that share one merge key, computed together; each result or error in order.
+
+        A single call, and every call with `merge=False`, is computed alone, exactly as `compute`
+        would. If a merged computation fails, each call is retried alone, so that one bad call fails
+        no other.
+        """
+        key = merge_key(calls[0]) if merge and len(calls) > 1 else None
+        if key is None:  # alone: torch's own call, bit for bit
+            return [self._guarded(self._run, call) for call in calls]
+        try:
+            return list(compute_merged(calls, key, self.staging))
+        except Exception as error:
+            _LOGGER.warning(
+                "a merged computation of %d calls failed (%s); retrying each alone", len(calls), error
+            )
+            return [self._guarded(self._run, call) for call in calls]
+
+    @staticmethod
+    def _guarded(run: Callable[[LossCall], LossOutput], call: LossCall) -> LossOutput | Exception:
+        try:
+            return run(call)
+        except Exception as error:
+            return error
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if tensor.device == self.device else tensor.to(self.device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 
 from lossd.client.errors import InvalidArgumentError
@@ -99,6 +100,8 @@ def _check_class_targets(call: LossCall, classes: int) -> torch.Tensor:
             dtype=_name(target.dtype),
         )
     expected = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+    if input.dim() == 1 and tuple(target.shape) == (1,):
+        target = target.reshape(())  # torch takes a one-element target for a (C) input too
     if tuple(target.shape) != expected:
         raise _invalid(
             f"target.shape is {list(target.shape)}; for input.shape {list(input.shape)} class-index "
@@ -109,11 +112,15 @@ def _check_class_targets(call: LossCall, classes: int) -> torch.Tensor:
             inputShape=list(input.shape),
             expectedShape=list(expected),
         )
-    wide = target.to(torch.int64)
-    bad = ((wide < 0) | (wide >= classes)) & (wide != ignore_index)
-    if bool(bad.any()):
-        position = [int(i) for i in torch.nonzero(bad)[0]] if bad.dim() else []
-        value = int(wide[tuple(position)]) if position else int(wide)
+    wide = target if target.dtype == torch.int64 else target.to(torch.int64)
+    values = wide.numpy()  # host-side: a bad index must never reach a (CUDA) kernel
+    if values.size and (values.min() < 0 or values.max() >= classes):  # the rare, slow path
+        bad = ((values < 0) | (values >= classes)) & (values != ignore_index)
+    else:
+        bad = None
+    if bad is not None and bad.any():
+        position = [int(i) for i in np.argwhere(bad)[0]] if bad.ndim else []
+        value = int(values[tuple(position)])
         raise _invalid(
             f"target{position} is {value}, outside [0, {classes}) for {classes} classes and not "
             f"ignore_index ({ignore_index}); {int(bad.sum())} target(s) are out of range",

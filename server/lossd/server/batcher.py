@@ -1,0 +1,257 @@
+"""Dynamic batching: queue items, group those that can be computed together, compute off the loop.
+
+In the manner of Triton's dynamic batcher. Items with equal keys form a group (None: an item that
+must run alone). Whenever the compute thread is free, the group whose oldest item has waited
+longest is taken, as much of it as the row and byte limits allow; with `max_queue_delay_s` > 0 a
+group that is not yet full may wait that long past its oldest item's arrival for others to join.
+While one batch computes, the next ones grow. Items whose deadline has passed or whose caller
+cancelled are dropped before compute and never computed. Groups never wait behind each other's
+heads: they only take turns for the compute thread.
+
+Generic: it knows nothing of protobuf, gRPC or torch; the engine supplies `run`, `key` and `cost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from lossd.client.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
+
+__all__ = ["BatchLimits", "BatchObserver", "Batcher"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """Triton-like knobs. `merge=False` computes every item alone (batching off)."""
+
+    merge: bool = True
+    max_rows: int = 16384
+    max_bytes: int = 64 * 2**20
+    max_queue_delay_s: float = 0.0
+    max_queue_size: int = 4096
+
+
+class BatchObserver(Protocol):
+    """What the batcher reports (the server's metrics implement it)."""
+
+    def queue_depth(self, depth: int) -> None: ...
+
+    def batch(self, requests: int, rows: int, compute_s: float, queue_waits_s: Sequence[float]) -> None: ...
+
+    def dropped(self, reason: str) -> None: ...
+
+
+@dataclass(eq=False)
+class _Item(Generic[T, R]):
+    value: T
+    key: Hashable
+    rows: int
+    nbytes: int
+    arrived: float
+    deadline: float | None
+    future: asyncio.Future[R] = field(repr=False)
+    queued: bool = True  # counted in the queue depth
+
+
+class Batcher(Generic[T, R]):
+    """Batches `submit`ted items onto `run`, which computes a list of items on `executor`.
+
+    `run(items)` returns one result or exception per item, in order; `key(item)` says which items
+    may be computed together (None: alone); `cost(item)` is (rows, bytes).
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[T]], Sequence[R | Exception]],
+        key: Callable[[T], Hashable | None],
+        cost: Callable[[T], tuple[int, int]],
+        limits: BatchLimits,
+        executor: Executor,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._run = run
+        self._key = key
+        self._cost = cost
+        self.limits = limits
+        self._executor = executor
+        self._observer = observer
+        self._groups: dict[Hashable, collections.deque[_Item[T, R]]] = {}
+        self._depth = 0
+        self._wake = asyncio.Event()
+        self._alone = itertools.count()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def depth(self) -> int:
+        """Items waiting for compute."""
+        return self._depth
+
+    def start(self) -> None:
+        """Starts dispatching; call from the event loop that will submit."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="lossd-batcher")
+
+    async def close(self) -> None:
+        """Stops taking items, computes everything already queued, then stops."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    async def submit(self, value: T, deadline: float | None = None) -> R:
+        """Queues `value` and waits for its result. `deadline` is a `time.monotonic()` instant.
+
+        Raises `ResourceExhaustedError` at once when the queue is full, `UnavailableError` once
+        the batcher is closing, and `DeadlineExceededError` if the deadline passes in the queue.
+        """
+        if self._closing:
+            raise UnavailableError("the server is shutting down", reason="SHUTTING_DOWN")
+        if self._depth >= self.limits.max_queue_size:
+            if self._observer:
+                self._observer.dropped("queue_full")
+            raise ResourceExhaustedError(
+                f"the compute queue is full ({self._depth} requests waiting, max_queue_size "
+                f"{self.limits.max_queue_size}); retry later or elsewhere",
+                reason="QUEUE_FULL",
+                metadata={"queued": str(self._depth), "maxQueueSize": str(self.limits.max_queue_size)},
+            )
+        key = self._key(value) if self.limits.merge else None
+        rows, nbytes = self._cost(value)
+        item: _Item[T, R] = _Item(
+            value,
+            key if key is not None else ("alone", next(self._alone)),
+            rows,
+            nbytes,
+            time.monotonic(),
+            deadline,
+            asyncio.get_running_loop().create_future(),
+        )
+        self._groups.setdefault(item.key, collections.deque()).append(item)
+        self._depth += 1
+        item.future.add_done_callback(lambda _: self._dequeue(item))
+        self._report_depth()
+        self._wake.set()
+        return await item.future
+
+    def _dequeue(self, item: _Item[T, R]) -> None:
+        """Takes an item out of the depth count once (a cancelled item's deque slot is skipped later)."""
+        if item.queued:
+            item.queued = False
+            self._depth -= 1
+            self._report_depth()
+
+    def _report_depth(self) -> None:
+        if self._observer:
+            self._observer.queue_depth(self._depth)
+
+    def _oldest_group(self) -> collections.deque[_Item[T, R]] | None:
+        oldest: collections.deque[_Item[T, R]] | None = None
+        for key in list(self._groups):
+            group = self._groups[key]
+            while group and group[0].future.done():  # cancelled while queued
+                group.popleft()
+            if not group:
+                del self._groups[key]
+            elif oldest is None or group[0].arrived < oldest[0].arrived:
+                oldest = group
+        return oldest
+
+    def _full(self, group: collections.deque[_Item[T, R]]) -> bool:
+        rows = nbytes = 0
+        for item in group:
+            rows, nbytes = rows + item.rows, nbytes + item.nbytes
+            if rows >= self.limits.max_rows or nbytes >= self.limits.max_bytes:
+                return True
+        return False
+
+    def _take(self, group: collections.deque[_Item[T, R]]) -> list[_Item[T, R]]:
+        taken: list[_Item[T, R]] = []
+        rows = nbytes = 0
+        while group:
+            item = group[0]
+            if item.future.done():
+                group.popleft()
+                continue
+            over = rows + item.rows > self.limits.max_rows or nbytes + item.nbytes > self.limits.max_bytes
+            if taken and (over or not self.limits.merge):
+                break
+            taken.append(group.popleft())
+            self._dequeue(item)
+            rows, nbytes = rows + item.rows, nbytes + item.nbytes
+        return taken
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            group = self._oldest_group()
+            if group is None:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            delay = self.limits.max_queue_delay_s
+            if delay > 0 and self.limits.merge and not self._closing and not self._full(group):
+                remaining = group[0].arrived + delay - time.monotonic()
+                if remaining > 0:
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), remaining)
+                    except asyncio.TimeoutError:
+                        pass
+                    else:
+                        continue  # something arrived: look again (this group may be full now)
+            items = self._live(self._take(group))
+            if not items:
+                continue
+            started = time.monotonic()
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, self._run, [item.value for item in items]
+                )
+            except Exception as error:  # the executor itself failed: fail this batch, keep dispatching
+                results = [error] * len(items)
+            if self._observer:
+                self._observer.batch(
+                    len(items),
+                    sum(i.rows for i in items),
+                    time.monotonic() - started,
+                    [started - i.arrived for i in items],
+                )
+            for item, result in zip(items, results, strict=True):
+                if item.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+
+    def _live(self, items: list[_Item[T, R]]) -> list[_Item[T, R]]:
+        """Drops items whose caller is gone or whose deadline has passed, before any compute."""
+        now = time.monotonic()
+        live = []
+        for item in items:
+            if item.future.done():
+                continue
+            if item.deadline is not None and item.deadline <= now:
+                if self._observer:
+                    self._observer.dropped("deadline")
+                item.future.set_exception(
+                    DeadlineExceededError(
+                        "the deadline passed while the request was queued", reason="DEADLINE_QUEUED"
+                    )
+                )
+                continue
+            live.append(item)
+        return live
