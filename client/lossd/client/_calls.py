@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import numpy as np
 
-from lossd.client import codec
-from lossd.client.errors import InvalidArgumentError
+from lossd.client import chunks, codec
+from lossd.client.errors import DataLossError, InvalidArgumentError
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ArrayT", "LossKind", "LossResult", "ReductionName", "build_request", "decode_response"]
+__all__ = [
+    "ArrayT",
+    "LossKind",
+    "LossResult",
+    "PreparedCall",
+    "ReductionName",
+    "StreamReceiver",
+    "build_request",
+    "decode_response",
+    "prepare_call",
+]
 
 ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
 LossKind = Literal["nll_loss", "cross_entropy", "kl_div"]
@@ -45,18 +56,72 @@ class LossResult(Generic[ArrayT]):
     """d(loss)/d(target), if `return_target_grad` was set."""
 
 
-def _encode_weight(
-    weight: codec.TensorLike, like: tensor_pb2.Tensor, field: str, out: tensor_pb2.Tensor
-) -> None:
-    """Encodes class weights; plain numbers take the input's dtype, as torch requires of weights."""
+_INLINE_BYTES = 1 << 16
+"""In a StreamLoss header, tensors up to this size (or the chunk size, if smaller) travel inline
+rather than in chunks of their own."""
+
+
+def _put_weight(call: PreparedCall, weight: codec.TensorLike, message: tensor_pb2.Tensor, name: str) -> None:
+    """Class weights; plain numbers take the input's dtype, as torch requires of weights."""
     if isinstance(weight, np.ndarray) or codec.is_torch_tensor(weight):
-        codec.encode(weight, field, out=out)
+        call.put(pb.TENSOR_SLOT_WEIGHT, message, weight, name)
         return
-    floating = codec.is_floating(like.dtype)
-    codec.encode(np.asarray(weight, dtype=np.float64), field, dtype=like.dtype if floating else None, out=out)
+    input_dtype = call.request.input.dtype
+    dtype = input_dtype if codec.is_floating(input_dtype) else None
+    call.put(pb.TENSOR_SLOT_WEIGHT, message, np.asarray(weight, dtype=np.float64), name, dtype)
 
 
-def build_request(
+@dataclass
+class PreparedCall:
+    """A request with every tensor's dtype and shape set and its bytes still aside (`pending`), so
+    that it can go as one `ComputeLoss` message or as a `StreamLoss` stream without a copy too many.
+    """
+
+    request: pb.ComputeLossRequest
+    pending: list[tuple[int, tensor_pb2.Tensor, memoryview]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        """The tensor bytes still to place."""
+        return sum(data.nbytes for _, _, data in self.pending)
+
+    def put(
+        self,
+        slot: int,
+        message: tensor_pb2.Tensor,
+        value: codec.TensorLike,
+        name: str,
+        dtype: int | None = None,
+    ) -> None:
+        array, code = codec.to_wire(value, name, dtype)
+        message.dtype = code  # type: ignore[assignment]
+        message.shape[:] = array.shape
+        self.pending.append((slot, message, codec.wire_view(array)))
+
+    def unary(self) -> pb.ComputeLossRequest:
+        """The complete ComputeLossRequest."""
+        for _, message, data in self.pending:
+            message.data = data.tobytes()
+        self.pending = []
+        return self.request
+
+    def stream(self, chunk_bytes: int) -> Iterator[bytes]:
+        """The StreamLoss messages: the header (small tensors inline), then the other tensors' chunks,
+        the input last, so that everything the server needs beside it is there when it arrives."""
+        rest = []
+        inline = min(_INLINE_BYTES, chunk_bytes)
+        for slot, message, data in self.pending:
+            if data.nbytes <= inline:
+                message.data = data.tobytes()
+            else:
+                rest.append((slot, data))
+        self.pending = []
+        yield chunks.encode_header(self.request)
+        for slot, data in sorted(rest, key=lambda item: item[0] == pb.TENSOR_SLOT_INPUT):
+            yield from chunks.iter_chunks(slot, data, chunk_bytes)
+
+
+def prepare_call(
     kind: LossKind,
     input: codec.TensorLike,
     target: codec.TensorLike,
@@ -70,8 +135,8 @@ def build_request(
     return_target_grad: bool = False,
     grad_dtype: object = None,
     grad_output: codec.TensorLike | None = None,
-) -> pb.ComputeLossRequest:
-    """The request for `F.<kind>(input, target, ...)` with torch's argument names and defaults."""
+) -> PreparedCall:
+    """The call `F.<kind>(input, target, ...)` with torch's argument names and defaults."""
     if reduction not in _REDUCTIONS:
         raise InvalidArgumentError(
             f"reduction {reduction!r} is not one of {sorted(_REDUCTIONS)}",
@@ -79,16 +144,17 @@ def build_request(
             field="reduction",
             metadata={"reduction": str(reduction)},
         )
-    request = pb.ComputeLossRequest(reduction=_REDUCTIONS[reduction])
-    codec.encode(input, "input", out=request.input)
-    codec.encode(target, "target", out=request.target)
+    call = PreparedCall(pb.ComputeLossRequest(reduction=_REDUCTIONS[reduction]))
+    request = call.request
+    call.put(pb.TENSOR_SLOT_INPUT, request.input, input, "input")
+    call.put(pb.TENSOR_SLOT_TARGET, request.target, target, "target")
     if kind == "kl_div":
         request.kl_div.log_target = log_target
     else:
         options = request.nll_loss if kind == "nll_loss" else request.cross_entropy
         options.SetInParent()
         if weight is not None:
-            _encode_weight(weight, request.input, f"{kind}.weight", out=options.weight)
+            _put_weight(call, weight, options.weight, f"{kind}.weight")
         if ignore_index != DEFAULT_IGNORE_INDEX:
             options.ignore_index = int(ignore_index)
         if kind == "cross_entropy":
@@ -100,22 +166,38 @@ def build_request(
         if grad_dtype is not None:
             gradients.dtype = codec.data_type_of(grad_dtype, "gradients.dtype")  # type: ignore[assignment]
         if grad_output is not None:
-            codec.encode(grad_output, "gradients.grad_output", out=gradients.grad_output)
-    return request
+            call.put(pb.TENSOR_SLOT_GRAD_OUTPUT, gradients.grad_output, grad_output, "gradients.grad_output")
+    return call
 
 
-def decode_response(response: pb.ComputeLossResponse, like: Any) -> LossResult[Any]:
-    """Decodes a response into arrays of the same kind as `like` (torch: on `like`'s device)."""
+def build_request(
+    kind: LossKind, input: codec.TensorLike, target: codec.TensorLike, **options: Any
+) -> pb.ComputeLossRequest:
+    """The complete ComputeLossRequest for `F.<kind>(input, target, **options)` (see `prepare_call`)."""
+    return prepare_call(kind, input, target, **options).unary()
+
+
+def decode_response(
+    response: pb.ComputeLossResponse, like: Any, data: Mapping[str, np.ndarray] | None = None
+) -> LossResult[Any]:
+    """Decodes a response into arrays of the same kind as `like` (torch: on `like`'s device).
+
+    `data[field]` holds a gradient's bytes when they came in StreamLoss chunks; the result then
+    shares that memory.
+    """
+    extra = data or {}
     if codec.is_torch_tensor(like):
         device = like.device
 
         def decode(message: tensor_pb2.Tensor, field: str) -> Any:
-            return codec.decode_torch(message, field, device=device)
+            bytes_ = extra.get(field)
+            return codec.decode_torch(message, field, device=device, data=bytes_, copy=bytes_ is None)
 
     else:
 
         def decode(message: tensor_pb2.Tensor, field: str) -> Any:
-            return codec.decode_numpy(message, field)
+            bytes_ = extra.get(field)
+            return codec.decode_numpy(message, field, data=bytes_, copy=bytes_ is None)
 
     return LossResult(
         loss=decode(response.loss, "loss"),
@@ -128,3 +210,56 @@ def decode_response(response: pb.ComputeLossResponse, like: Any) -> LossResult[A
             else None
         ),
     )
+
+
+_RESPONSE_FIELDS = {
+    pb.TENSOR_SLOT_LOSS: "loss",
+    pb.TENSOR_SLOT_INPUT_GRADIENT: "input_gradient",
+    pb.TENSOR_SLOT_TARGET_GRADIENT: "target_gradient",
+}
+
+
+class StreamReceiver:
+    """Reads a StreamLoss response stream: the header, then the chunks of every tensor it left empty
+    (the gradients, sometimes the loss) into memory allocated once from the header. A malformed
+    stream is the server's fault: `DataLossError`."""
+
+    def __init__(self, like: Any) -> None:
+        self._like = like
+        self._header: pb.ComputeLossResponse | None = None
+        self._assembly: chunks.Assembly | None = None
+
+    def feed(self, raw: bytes) -> None:
+        try:
+            part = chunks.decode_part(raw)
+            if self._assembly is None:
+                if isinstance(part, chunks.Chunk):
+                    raise InvalidArgumentError(
+                        "the response stream opened with a chunk", reason="STREAM_HEADER_MISSING"
+                    )
+                self._header = pb.ComputeLossResponse.FromString(bytes(part))
+                sizes: dict[int, int] = {}
+                fields: dict[int, str] = {}
+                for slot, name in _RESPONSE_FIELDS.items():
+                    if self._header.HasField(name):  # type: ignore[arg-type]
+                        nbytes = codec.streamed_bytes(getattr(self._header, name), name)
+                        if nbytes is not None:
+                            sizes[int(slot)], fields[int(slot)] = nbytes, name
+                self._assembly = chunks.Assembly(sizes, lambda n: np.empty(n, dtype=np.uint8), fields)
+            elif isinstance(part, chunks.Chunk):
+                self._assembly.add(*part)
+            else:
+                raise InvalidArgumentError(
+                    "the response stream repeated its header", reason="STREAM_HEADER_REPEATED"
+                )
+        except InvalidArgumentError as error:
+            raise DataLossError(f"malformed response stream: {error.message}", reason=error.reason) from None
+
+    def result(self) -> LossResult[Any]:
+        if self._header is None or self._assembly is None:
+            raise DataLossError("the response stream ended before its header", reason="STREAM_HEADER_MISSING")
+        try:
+            self._assembly.check_complete()
+        except InvalidArgumentError as error:
+            raise DataLossError(f"malformed response stream: {error.message}", reason=error.reason) from None
+        return decode_response(self._header, self._like, self._assembly.by_field())

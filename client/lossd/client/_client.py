@@ -8,14 +8,16 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from lossd.client import codec
+from lossd.client import chunks, codec
 from lossd.client._calls import (
     DEFAULT_IGNORE_INDEX,
     ArrayT,
     LossResult,
+    PreparedCall,
     ReductionName,
-    build_request,
+    StreamReceiver,
     decode_response,
+    prepare_call,
 )
 from lossd.client._rpc_errors import from_rpc_error
 from lossd.v1 import loss_service_pb2 as pb
@@ -24,6 +26,9 @@ from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 __all__ = ["DEFAULT_TARGET", "AsyncLossClient", "LossClient"]
 
 DEFAULT_TARGET = "localhost:50051"
+DEFAULT_STREAM_THRESHOLD = 4 << 20
+"""Calls whose tensors hold more bytes than this go as a StreamLoss stream (4 MiB)."""
+STREAM_METHOD = "/lossd.v1.LossService/StreamLoss"
 _UNLIMITED = -1
 
 ChannelOptions = Sequence[tuple[str, Any]]
@@ -44,14 +49,20 @@ R = TypeVar("R")
 class _Losses(Generic[R]):
     """The per-loss methods, written once; `_send` makes them blocking or awaitable."""
 
-    def __init__(self, timeout: float | None) -> None:
+    def __init__(self, timeout: float | None, stream_threshold_bytes: int, stream_chunk_bytes: int) -> None:
         self._timeout = timeout
+        self._stream_threshold = stream_threshold_bytes
+        self._chunk_bytes = stream_chunk_bytes
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self._timeout if timeout is None else timeout
 
-    def _send(self, build: Callable[[], pb.ComputeLossRequest], like: Any, timeout: float | None) -> R:
+    def _send(self, build: Callable[[], PreparedCall], like: Any, timeout: float | None) -> R:
         raise NotImplementedError
+
+    def _streams(self, call: PreparedCall) -> bool:
+        """Whether a call goes as a StreamLoss stream: when its tensors outgrow the threshold."""
+        return call.nbytes > self._stream_threshold
 
     def nll_loss(
         self,
@@ -72,7 +83,7 @@ class _Losses(Generic[R]):
         input's); `grad_output` is the upstream gradient (default: ones).
         """
         return self._send(
-            lambda: build_request(
+            lambda: prepare_call(
                 "nll_loss",
                 input,
                 target,
@@ -108,7 +119,7 @@ class _Losses(Generic[R]):
         `return_target_grad` (probability targets only) also returns d(loss)/d(target).
         """
         return self._send(
-            lambda: build_request(
+            lambda: prepare_call(
                 "cross_entropy",
                 input,
                 target,
@@ -145,7 +156,7 @@ class _Losses(Generic[R]):
         'batchmean' is the KL divergence proper.
         """
         return self._send(
-            lambda: build_request(
+            lambda: prepare_call(
                 "kl_div",
                 input,
                 target,
@@ -191,8 +202,10 @@ class LossClient(_Losses[LossResult[Any]]):
         max_message_bytes: int = _UNLIMITED,
         options: ChannelOptions = (),
         channel: grpc.Channel | None = None,
+        stream_threshold_bytes: int = DEFAULT_STREAM_THRESHOLD,
+        stream_chunk_bytes: int = chunks.DEFAULT_CHUNK_BYTES,
     ) -> None:
-        super().__init__(timeout)
+        super().__init__(timeout, stream_threshold_bytes, stream_chunk_bytes)
         self._owns_channel = channel is None
         if channel is None:
             opts = channel_options(max_message_bytes, options)
@@ -203,6 +216,8 @@ class LossClient(_Losses[LossResult[Any]]):
             )
         self._channel = channel
         self._stub = pb_grpc.LossServiceStub(channel)
+        # Raw bytes both ways: see lossd.client.chunks.
+        self._stream_call: grpc.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(STREAM_METHOD)
 
     def compute(
         self, request: pb.ComputeLossRequest, *, timeout: float | None = None
@@ -213,10 +228,17 @@ class LossClient(_Losses[LossResult[Any]]):
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    def _send(
-        self, build: Callable[[], pb.ComputeLossRequest], like: Any, timeout: float | None
-    ) -> LossResult[Any]:
-        return decode_response(self.compute(build(), timeout=timeout), like)
+    def _send(self, build: Callable[[], PreparedCall], like: Any, timeout: float | None) -> LossResult[Any]:
+        call = build()
+        if not self._streams(call):
+            return decode_response(self.compute(call.unary(), timeout=timeout), like)
+        receiver = StreamReceiver(like)
+        try:
+            for raw in self._stream_call(call.stream(self._chunk_bytes), timeout=self._deadline(timeout)):
+                receiver.feed(raw)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return receiver.result()
 
     def close(self) -> None:
         """Closes the channel, unless it was passed in."""
@@ -250,8 +272,10 @@ class AsyncLossClient(_Losses[Awaitable[LossResult[Any]]]):
         max_message_bytes: int = _UNLIMITED,
         options: ChannelOptions = (),
         channel: grpc.aio.Channel | None = None,
+        stream_threshold_bytes: int = DEFAULT_STREAM_THRESHOLD,
+        stream_chunk_bytes: int = chunks.DEFAULT_CHUNK_BYTES,
     ) -> None:
-        super().__init__(timeout)
+        super().__init__(timeout, stream_threshold_bytes, stream_chunk_bytes)
         self._owns_channel = channel is None
         if channel is None:
             opts = channel_options(max_message_bytes, options)
@@ -262,6 +286,10 @@ class AsyncLossClient(_Losses[Awaitable[LossResult[Any]]]):
             )
         self._channel = channel
         self._stub = pb_grpc.LossServiceStub(channel)
+        # Raw bytes both ways: see lossd.client.chunks.
+        self._stream_call: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+            STREAM_METHOD
+        )
 
     async def compute(
         self, request: pb.ComputeLossRequest, *, timeout: float | None = None
@@ -273,10 +301,20 @@ class AsyncLossClient(_Losses[Awaitable[LossResult[Any]]]):
             raise from_rpc_error(exc) from None
 
     def _send(
-        self, build: Callable[[], pb.ComputeLossRequest], like: Any, timeout: float | None
+        self, build: Callable[[], PreparedCall], like: Any, timeout: float | None
     ) -> Awaitable[LossResult[Any]]:
         async def send() -> LossResult[Any]:
-            return decode_response(await self.compute(build(), timeout=timeout), like)
+            call = build()
+            if not self._streams(call):
+                return decode_response(await self.compute(call.unary(), timeout=timeout), like)
+            receiver = StreamReceiver(like)
+            try:
+                stream = self._stream_call(call.stream(self._chunk_bytes), timeout=self._deadline(timeout))
+                async for raw in stream:
+                    receiver.feed(raw)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from None
+            return receiver.result()
 
         return send()
 

@@ -43,6 +43,8 @@ __all__ = [
 
 TensorLike = Union[np.ndarray, "torch.Tensor", Sequence[Any], float, int]
 """What the client accepts as a tensor: a numpy array, a torch tensor, or nested numbers."""
+Buffer = bytes | bytearray | memoryview | np.ndarray
+"""Bytes that stand for a tensor's data."""
 
 DataType = tensor_pb2.DataType
 
@@ -174,25 +176,51 @@ def check(
     return shape
 
 
-def _wire_array(msg: tensor_pb2.Tensor, field: str, limits: TensorLimits) -> np.ndarray:
-    """A read-only, native-order numpy view of the message's data (bfloat16 as uint16 bits)."""
-    data = msg.data  # read once: protobuf hands out a fresh copy of a bytes field on every read
+def streamed_bytes(msg: tensor_pb2.Tensor, field: str, limits: TensorLimits = _NO_LIMITS) -> int | None:
+    """For a StreamLoss header's tensor: the bytes still to come in chunks, or None if it is complete.
+
+    A tensor is complete when its data is all there (or it holds no elements); it is streamed when
+    its data is empty. Its header is checked either way.
+    """
+    info = _INFO.get(msg.dtype)
+    size = len(msg.data)
+    if info is None or size:
+        check(msg, field, limits, size)
+        return None
+    shape = check(msg, field, limits, math.prod(msg.shape) * info.itemsize)
+    expected = math.prod(shape) * info.itemsize
+    return expected or None
+
+
+def _wire_array(
+    msg: tensor_pb2.Tensor, field: str, limits: TensorLimits, data: Buffer | None = None
+) -> np.ndarray:
+    """A native-order numpy view of the message's data, or of `data` standing in for it (bfloat16
+    as uint16 bits); read-only when it views the message."""
+    if data is None:
+        data = msg.data  # read once: protobuf hands out a fresh copy of a bytes field on every read
     shape = check(msg, field, limits, len(data))
     wire = np.dtype(_INFO[msg.dtype].numpy)
-    array = np.frombuffer(data, dtype=wire) if data else np.empty(0, dtype=wire)
+    array = np.frombuffer(data, dtype=wire) if len(data) else np.empty(0, dtype=wire)
     if not wire.isnative:  # a big-endian host: one byte-swapping copy
         array = array.astype(wire.newbyteorder("="))
     return array.reshape(shape)
 
 
 def decode_numpy(
-    msg: tensor_pb2.Tensor, field: str = "tensor", *, limits: TensorLimits = _NO_LIMITS, copy: bool = True
+    msg: tensor_pb2.Tensor,
+    field: str = "tensor",
+    *,
+    limits: TensorLimits = _NO_LIMITS,
+    copy: bool = True,
+    data: Buffer | None = None,
 ) -> np.ndarray:
     """Decodes a wire tensor into a numpy array (bfloat16 widens to float32).
 
-    With `copy=False` the array is a read-only view of the message's bytes.
+    With `copy=False` the array is a view of the message's bytes (read-only), or of `data`: the
+    tensor's bytes when they came apart from the message (in StreamLoss chunks).
     """
-    array = _wire_array(msg, field, limits)
+    array = _wire_array(msg, field, limits, data)
     if msg.dtype == tensor_pb2.DATA_TYPE_BFLOAT16:
         return (array.astype(np.uint32) << 16).view(np.float32)
     return array.copy() if copy else array
@@ -205,15 +233,16 @@ def decode_torch(
     limits: TensorLimits = _NO_LIMITS,
     copy: bool = True,
     device: torch.device | str | None = None,
+    data: Buffer | None = None,
 ) -> torch.Tensor:
     """Decodes a wire tensor into a torch tensor, on `device` if given.
 
     With `copy=False` (and a CPU device) the tensor shares the message's bytes and must not be
-    written to.
+    written to, or shares `data`: the tensor's bytes when they came apart from the message.
     """
     import torch
 
-    array = _wire_array(msg, field, limits)
+    array = _wire_array(msg, field, limits, data)
     if copy:
         array = array.copy()
     tensor = torch.from_numpy(array)
@@ -294,6 +323,27 @@ def _le_bytes(array: np.ndarray) -> bytes:
     return array.tobytes(order="C")
 
 
+def to_wire(value: TensorLike, field: str = "tensor", dtype: int | None = None) -> tuple[np.ndarray, int]:
+    """A numpy array holding `value`'s wire elements (bfloat16 as int16 bits) and its DataType."""
+    if is_torch_tensor(value):
+        return _torch_wire_array(value, field, dtype)
+    return _numpy_wire_array(value, field, dtype)
+
+
+def wire_view(array: np.ndarray) -> memoryview:
+    """The wire bytes of a `to_wire` array: a view when it is C-ordered and little-endian already."""
+    order = array.dtype.byteorder
+    little = order in ("<", "|") or (order == "=" and sys.byteorder == "little")
+    if not (little and array.flags.c_contiguous):
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+
+
+def header(array: np.ndarray, dtype: int) -> tensor_pb2.Tensor:
+    """A wire tensor with `array`'s dtype and shape and no data (its bytes travel in chunks)."""
+    return tensor_pb2.Tensor(dtype=dtype, shape=array.shape)  # type: ignore[arg-type]
+
+
 def encode(
     value: TensorLike,
     field: str = "tensor",
@@ -307,10 +357,7 @@ def encode(
     become numpy's default dtype for them (int64 or float64). `out` is filled in place of a new
     message (a sub-message of a request, say), which saves copying the bytes once more.
     """
-    if is_torch_tensor(value):
-        array, code = _torch_wire_array(value, field, dtype)
-    else:
-        array, code = _numpy_wire_array(value, field, dtype)
+    array, code = to_wire(value, field, dtype)
     message = tensor_pb2.Tensor() if out is None else out
     message.dtype = code  # type: ignore[assignment]
     message.shape[:] = array.shape

@@ -20,6 +20,50 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _TensorSlot:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TensorSlotEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorSlot.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TENSOR_SLOT_UNSPECIFIED: _TensorSlot.ValueType  # 0
+    """Not set. Rejected with INVALID_ARGUMENT (reason CHUNK_SLOT_INVALID)."""
+    TENSOR_SLOT_INPUT: _TensorSlot.ValueType  # 1
+    """ComputeLossRequest.input."""
+    TENSOR_SLOT_TARGET: _TensorSlot.ValueType  # 2
+    """ComputeLossRequest.target."""
+    TENSOR_SLOT_WEIGHT: _TensorSlot.ValueType  # 3
+    """The weight of the loss options (nll_loss.weight or cross_entropy.weight)."""
+    TENSOR_SLOT_GRAD_OUTPUT: _TensorSlot.ValueType  # 4
+    """ComputeLossRequest.gradients.grad_output."""
+    TENSOR_SLOT_INPUT_GRADIENT: _TensorSlot.ValueType  # 5
+    """ComputeLossResponse.input_gradient."""
+    TENSOR_SLOT_TARGET_GRADIENT: _TensorSlot.ValueType  # 6
+    """ComputeLossResponse.target_gradient."""
+    TENSOR_SLOT_LOSS: _TensorSlot.ValueType  # 7
+    """ComputeLossResponse.loss, when the response header leaves its data empty."""
+
+class TensorSlot(_TensorSlot, metaclass=_TensorSlotEnumTypeWrapper):
+    """The tensors of a loss call, as named in chunks."""
+
+TENSOR_SLOT_UNSPECIFIED: TensorSlot.ValueType  # 0
+"""Not set. Rejected with INVALID_ARGUMENT (reason CHUNK_SLOT_INVALID)."""
+TENSOR_SLOT_INPUT: TensorSlot.ValueType  # 1
+"""ComputeLossRequest.input."""
+TENSOR_SLOT_TARGET: TensorSlot.ValueType  # 2
+"""ComputeLossRequest.target."""
+TENSOR_SLOT_WEIGHT: TensorSlot.ValueType  # 3
+"""The weight of the loss options (nll_loss.weight or cross_entropy.weight)."""
+TENSOR_SLOT_GRAD_OUTPUT: TensorSlot.ValueType  # 4
+"""ComputeLossRequest.gradients.grad_output."""
+TENSOR_SLOT_INPUT_GRADIENT: TensorSlot.ValueType  # 5
+"""ComputeLossResponse.input_gradient."""
+TENSOR_SLOT_TARGET_GRADIENT: TensorSlot.ValueType  # 6
+"""ComputeLossResponse.target_gradient."""
+TENSOR_SLOT_LOSS: TensorSlot.ValueType  # 7
+"""ComputeLossResponse.loss, when the response header leaves its data empty."""
+Global___TensorSlot: _TypeAlias = TensorSlot  # noqa: Y015
+
 class _Reduction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -182,6 +226,118 @@ class ComputeLossResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ComputeLossResponse: _TypeAlias = ComputeLossResponse  # noqa: Y015
+
+@_typing.final
+class StreamLossRequest(_message.Message):
+    """One message of a StreamLoss request stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___ComputeLossRequest:
+        """The first message, and only the first: a complete ComputeLossRequest
+        whose tensors carry dtype and shape, and either all their data or none
+        of it. A tensor whose data is empty (and that holds any elements) is
+        sent in chunks after the header. The server checks the whole header and
+        allocates each tensor's memory once before any chunk arrives.
+        """
+
+    @_builtins.property
+    def chunk(self) -> Global___TensorChunk:
+        """A piece of one tensor's data (slot INPUT, TARGET, WEIGHT or
+        GRAD_OUTPUT). The chunks of one tensor arrive in order, without gaps or
+        overlap, and together hold exactly its bytes; chunks of different tensors
+        may interleave.
+        """
+
+    def __init__(
+        self,
+        *,
+        header: Global___ComputeLossRequest | None = ...,
+        chunk: Global___TensorChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___StreamLossRequest: _TypeAlias = StreamLossRequest  # noqa: Y015
+
+@_typing.final
+class StreamLossResponse(_message.Message):
+    """One message of a StreamLoss response stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___ComputeLossResponse:
+        """The first message: the ComputeLossResponse with every tensor's dtype and
+        shape. A tensor whose data is empty (and that holds any elements) follows
+        in chunks: the gradients always, the loss when the server computes the
+        request in pieces as it arrives (it then knows the loss last).
+        """
+
+    @_builtins.property
+    def chunk(self) -> Global___TensorChunk:
+        """A piece of the loss's or a gradient's data (slot LOSS, INPUT_GRADIENT or
+        TARGET_GRADIENT); one tensor's chunks come in order, without gaps or
+        overlap, and may interleave with another's.
+        """
+
+    def __init__(
+        self,
+        *,
+        header: Global___ComputeLossResponse | None = ...,
+        chunk: Global___TensorChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___StreamLossResponse: _TypeAlias = StreamLossResponse  # noqa: Y015
+
+@_typing.final
+class TensorChunk(_message.Message):
+    """A contiguous piece of one tensor's data bytes (layout as in Tensor.data)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOT_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    slot: Global___TensorSlot.ValueType
+    """The tensor these bytes belong to."""
+    offset: _builtins.int
+    """Where these bytes start in the tensor's data: the number of its bytes
+    sent before this chunk.
+    """
+    data: _builtins.bytes
+    """The bytes. About 1 MiB per chunk moves fastest; any size is accepted."""
+    def __init__(
+        self,
+        *,
+        slot: Global___TensorSlot.ValueType = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "slot", b"slot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TensorChunk: _TypeAlias = TensorChunk  # noqa: Y015
 
 @_typing.final
 class NllLossOptions(_message.Message):

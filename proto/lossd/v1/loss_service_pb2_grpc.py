@@ -47,6 +47,11 @@ class LossServiceStub:
                 request_serializer=lossd_dot_v1_dot_loss__service__pb2.ComputeLossRequest.SerializeToString,
                 response_deserializer=lossd_dot_v1_dot_loss__service__pb2.ComputeLossResponse.FromString,
                 _registered_method=True)
+        self.StreamLoss = channel.stream_stream(
+                '/lossd.v1.LossService/StreamLoss',
+                request_serializer=lossd_dot_v1_dot_loss__service__pb2.StreamLossRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_loss__service__pb2.StreamLossResponse.FromString,
+                _registered_method=True)
 
 
 class LossServiceServicer:
@@ -67,6 +72,19 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamLoss(self, request_iterator, context):
+        """The same computation for tensors of any size: the request's tensors and
+        the response's gradients travel in chunks, so no message comes near
+        gRPC's or protobuf's size limits. The client sends one header, then the
+        chunks of every tensor whose data the header left empty (the input last
+        lets the server compute while it arrives), then half-closes; the server
+        answers with one header, then the chunks of the tensors it left empty,
+        possibly while the request is still arriving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +92,11 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.ComputeLoss,
                     request_deserializer=lossd_dot_v1_dot_loss__service__pb2.ComputeLossRequest.FromString,
                     response_serializer=lossd_dot_v1_dot_loss__service__pb2.ComputeLossResponse.SerializeToString,
+            ),
+            'StreamLoss': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamLoss,
+                    request_deserializer=lossd_dot_v1_dot_loss__service__pb2.StreamLossRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_loss__service__pb2.StreamLossResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -111,6 +134,33 @@ class LossService:
             '/lossd.v1.LossService/ComputeLoss',
             lossd_dot_v1_dot_loss__service__pb2.ComputeLossRequest.SerializeToString,
             lossd_dot_v1_dot_loss__service__pb2.ComputeLossResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamLoss(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lossd.v1.LossService/StreamLoss',
+            lossd_dot_v1_dot_loss__service__pb2.StreamLossRequest.SerializeToString,
+            lossd_dot_v1_dot_loss__service__pb2.StreamLossResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,15 @@ class LossServiceStub:
     def __new__(cls, channel: _aio.Channel) -> LossServiceAsyncStub: ...
     ComputeLoss: _grpc.UnaryUnaryMultiCallable[_loss_service_pb2.ComputeLossRequest, _loss_service_pb2.ComputeLossResponse]
     """Computes one loss and, on request, its gradients."""
+    StreamLoss: _grpc.StreamStreamMultiCallable[_loss_service_pb2.StreamLossRequest, _loss_service_pb2.StreamLossResponse]
+    """The same computation for tensors of any size: the request's tensors and
+    the response's gradients travel in chunks, so no message comes near
+    gRPC's or protobuf's size limits. The client sends one header, then the
+    chunks of every tensor whose data the header left empty (the input last
+    lets the server compute while it arrives), then half-closes; the server
+    answers with one header, then the chunks of the tensors it left empty,
+    possibly while the request is still arriving.
+    """
 
 @_typing.type_check_only
 class LossServiceAsyncStub(LossServiceStub):
@@ -61,6 +70,15 @@ class LossServiceAsyncStub(LossServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ComputeLoss: _aio.UnaryUnaryMultiCallable[_loss_service_pb2.ComputeLossRequest, _loss_service_pb2.ComputeLossResponse]  # type: ignore[assignment]
     """Computes one loss and, on request, its gradients."""
+    StreamLoss: _aio.StreamStreamMultiCallable[_loss_service_pb2.StreamLossRequest, _loss_service_pb2.StreamLossResponse]  # type: ignore[assignment]
+    """The same computation for tensors of any size: the request's tensors and
+    the response's gradients travel in chunks, so no message comes near
+    gRPC's or protobuf's size limits. The client sends one header, then the
+    chunks of every tensor whose data the header left empty (the input last
+    lets the server compute while it arrives), then half-closes; the server
+    answers with one header, then the chunks of the tensors it left empty,
+    possibly while the request is still arriving.
+    """
 
 class LossServiceServicer(metaclass=_abc_1.ABCMeta):
     """Computes losses exactly as torch.nn.functional does on the server's device.
@@ -80,5 +98,20 @@ class LossServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_loss_service_pb2.ComputeLossResponse, _abc.Awaitable[_loss_service_pb2.ComputeLossResponse]]:
         """Computes one loss and, on request, its gradients."""
+
+    @_abc_1.abstractmethod
+    def StreamLoss(
+        self,
+        request_iterator: _MaybeAsyncIterator[_loss_service_pb2.StreamLossRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_loss_service_pb2.StreamLossResponse], _abc.AsyncIterator[_loss_service_pb2.StreamLossResponse]]:
+        """The same computation for tensors of any size: the request's tensors and
+        the response's gradients travel in chunks, so no message comes near
+        gRPC's or protobuf's size limits. The client sends one header, then the
+        chunks of every tensor whose data the header left empty (the input last
+        lets the server compute while it arrives), then half-closes; the server
+        answers with one header, then the chunks of the tensors it left empty,
+        possibly while the request is still arriving.
+        """
 
 def add_LossServiceServicer_to_server(servicer: LossServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

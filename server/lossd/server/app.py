@@ -26,7 +26,6 @@ from lossd.server.engine import LossEngine, resolve_device
 from lossd.server.metrics import ServerMetrics, multiprocess_enabled, serve_metrics
 from lossd.server.servicer import LossServicer
 from lossd.v1 import loss_service_pb2 as pb
-from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 
 __all__ = ["LOSS_SERVICE", "LossServer", "serve"]
 
@@ -57,7 +56,7 @@ class LossServer:
         worker processes share the port (`lossd serve --workers`).
         """
         self.config = config
-        self.engine = engine if engine is not None else LossEngine(config.device)
+        self.engine = engine if engine is not None else LossEngine(config.device, torch_threads(config))
         self.metrics = ServerMetrics(
             registry if registry is not None else CollectorRegistry(),
             build=_build_info(self.engine.device),
@@ -90,9 +89,15 @@ class LossServer:
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
             ]
         )
-        pb_grpc.add_LossServiceServicer_to_server(
-            LossServicer(self.engine, self.batcher, config.limits, self.metrics), self._server
+        servicer = LossServicer(
+            self.engine,
+            self.batcher,
+            config.limits,
+            self.metrics,
+            config.stream_chunk_bytes,
+            config.stream_block_bytes,
         )
+        servicer.add_to_server(self._server, LOSS_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (LOSS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server
@@ -137,13 +142,13 @@ class LossServer:
 
 
 def torch_threads(config: ServerConfig) -> int:
-    """Intra-op threads for torch: the setting, or by default all cores but one on the CPU (the
-    event loop and gRPC need one: torch's idle threads spin and starve them), one on CUDA."""
+    """Intra-op threads for large computations: the setting, or by default every core on the CPU
+    and one with CUDA (small computations always use one; see `LossEngine`)."""
     if config.torch_threads:
         return config.torch_threads
     if resolve_device(config.device).type == "cuda":
         return 1
-    return max(1, (os.cpu_count() or 1) - 1)
+    return os.cpu_count() or 1
 
 
 def _build_info(device: torch.device) -> dict[str, str]:
@@ -167,7 +172,7 @@ async def serve(config: ServerConfig, *, worker: str = "") -> None:
     `worker` ("2/4") marks one of several processes sharing the port (`lossd serve --workers`).
     """
     threads = torch_threads(config)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # until a large computation asks for more
     server = LossServer(config, reuse_port=bool(worker))
     port = await server.start()
     # Everything allocated so far lives as long as the process: keep the collector from walking

@@ -52,10 +52,14 @@ class ServerConfig:
     port: int = _setting(50051, "gRPC port; 0 picks a free one")
     device: str = _setting("auto", "torch device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     max_message_bytes: int = _setting(_PROTOBUF_MAX, "largest gRPC message received or sent, in bytes")
-    max_tensor_elements: int = _setting(2**31 - 1, "most elements in one request tensor")
-    max_tensor_bytes: int = _setting(_PROTOBUF_MAX, "most data bytes in one request tensor")
+    max_tensor_elements: int = _setting(2**34, "most elements in one request tensor")
+    max_tensor_bytes: int = _setting(2**36, "most data bytes in one request tensor (StreamLoss passes 2 GiB)")
     max_tensor_dims: int = _setting(32, "most dimensions of one request tensor")
     shutdown_grace_s: float = _setting(10.0, "seconds in-flight calls get to finish on SIGTERM / SIGINT")
+    stream_chunk_bytes: int = _setting(2**20, "bytes per StreamLoss response chunk")
+    stream_block_bytes: int = _setting(
+        8 * 2**20, "input bytes per block a StreamLoss call is computed in while its input still arrives"
+    )
     batching: bool = _setting(True, "merge concurrent compatible requests into one computation: on or off")
     max_batch_rows: int = _setting(16384, "most rows (samples x positions) in one merged computation")
     max_batch_bytes: int = _setting(64 * 2**20, "most request tensor bytes in one merged computation")
@@ -65,7 +69,9 @@ class ServerConfig:
     max_queue_size: int = _setting(4096, "most requests waiting for compute; beyond it RESOURCE_EXHAUSTED")
     workers: int = _setting(1, "server processes sharing the port (and the device)")
     torch_threads: int = _setting(
-        0, "torch intra-op threads per process; 0: all cores but one on the CPU, one with CUDA"
+        0,
+        "torch intra-op threads for large computations (small ones use one); 0: every core on the CPU, "
+        "one with CUDA",
     )
     metrics_port: int = _setting(9464, "Prometheus metrics HTTP port; 0 turns metrics off")
     log_level: str = _setting("INFO", "logging level: DEBUG, INFO, WARNING or ERROR")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 
 from lossd.client import codec
@@ -10,7 +12,7 @@ from lossd.server.calls import LossCall, LossKind, LossOptions, LossOutput
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
 
-__all__ = ["call_from_request", "response_from_output"]
+__all__ = ["call_from_request", "response_from_output", "stream_plan", "stream_response"]
 
 _REDUCTIONS = {
     pb.REDUCTION_UNSPECIFIED: "mean",
@@ -22,12 +24,13 @@ _REDUCTIONS = {
 _DEFAULT_IGNORE_INDEX = -100
 
 
-def _tensor(
-    message: tensor_pb2.Tensor, present: bool, field: str, limits: codec.TensorLimits
-) -> torch.Tensor:
+TensorMaker = Callable[[tensor_pb2.Tensor, str], torch.Tensor]
+
+
+def _required(message: tensor_pb2.Tensor, present: bool, field: str, make: TensorMaker) -> torch.Tensor:
     if not present:
         raise InvalidArgumentError(f"{field} is missing", reason="FIELD_MISSING", field=field)
-    return codec.decode_torch(message, field, limits=limits, copy=False)
+    return make(message, field)
 
 
 def _options(request: pb.ComputeLossRequest) -> LossOptions:
@@ -68,28 +71,92 @@ def _grad_dtype(gradients: pb.GradientOptions) -> torch.dtype | None:
     return codec.torch_dtype(gradients.dtype)
 
 
-def call_from_request(request: pb.ComputeLossRequest, limits: codec.TensorLimits) -> LossCall:
-    """Decodes a request into a `LossCall`; tensors are zero-copy views of the request's bytes."""
+def _call(request: pb.ComputeLossRequest, make: TensorMaker) -> LossCall:
     options = _options(request)
     weight = None
     if options.kind is not LossKind.KL_DIV:
         holder = request.nll_loss if options.kind is LossKind.NLL else request.cross_entropy
         if holder.HasField("weight"):
-            weight = _tensor(holder.weight, True, f"{options.kind.value}.weight", limits)
+            weight = make(holder.weight, f"{options.kind.value}.weight")
     gradients = request.gradients
     grad_output = None
     if gradients.HasField("grad_output"):
-        grad_output = _tensor(gradients.grad_output, True, "gradients.grad_output", limits)
+        grad_output = make(gradients.grad_output, "gradients.grad_output")
     return LossCall(
         options=options,
-        input=_tensor(request.input, request.HasField("input"), "input", limits),
-        target=_tensor(request.target, request.HasField("target"), "target", limits),
+        input=_required(request.input, request.HasField("input"), "input", make),
+        target=_required(request.target, request.HasField("target"), "target", make),
         weight=weight,
         input_grad=gradients.input,
         target_grad=gradients.target,
         grad_dtype=_grad_dtype(gradients),
         grad_output=grad_output,
     )
+
+
+def call_from_request(
+    request: pb.ComputeLossRequest,
+    limits: codec.TensorLimits,
+    data: Mapping[str, torch.Tensor] | None = None,
+) -> LossCall:
+    """Decodes a request into a `LossCall`; tensors are zero-copy views of the request's bytes, or of
+    `data[field]` (a uint8 host tensor, pinned on CUDA) for tensors whose bytes came apart from it
+    (StreamLoss chunks)."""
+    extra = data or {}
+
+    def make(message: tensor_pb2.Tensor, field: str) -> torch.Tensor:
+        buffer = extra.get(field)
+        if buffer is None:
+            return codec.decode_torch(message, field, limits=limits, copy=False)
+        codec.check(message, field, limits, buffer.numel())
+        return buffer.view(codec.torch_dtype(message.dtype)).reshape(tuple(message.shape))
+
+    return _call(request, make)
+
+
+_SLOTS = {
+    "input": pb.TENSOR_SLOT_INPUT,
+    "target": pb.TENSOR_SLOT_TARGET,
+    "nll_loss.weight": pb.TENSOR_SLOT_WEIGHT,
+    "cross_entropy.weight": pb.TENSOR_SLOT_WEIGHT,
+    "gradients.grad_output": pb.TENSOR_SLOT_GRAD_OUTPUT,
+}
+
+
+def stream_plan(
+    request: pb.ComputeLossRequest, limits: codec.TensorLimits
+) -> tuple[LossCall, dict[int, tuple[str, int]]]:
+    """For a StreamLoss header: the call with shape-only (meta) tensors, which validation can check
+    before any data arrives, and slot -> (field, bytes) of every tensor still to come in chunks."""
+    plan: dict[int, tuple[str, int]] = {}
+
+    def make(message: tensor_pb2.Tensor, field: str) -> torch.Tensor:
+        nbytes = codec.streamed_bytes(message, field, limits)
+        if nbytes is None:
+            return codec.decode_torch(message, field, limits=limits, copy=False)
+        plan[_SLOTS[field]] = (field, nbytes)
+        return torch.empty(tuple(message.shape), dtype=codec.torch_dtype(message.dtype), device="meta")
+
+    return _call(request, make), plan
+
+
+def stream_response(output: LossOutput) -> tuple[pb.ComputeLossResponse, list[tuple[int, memoryview]]]:
+    """The StreamLoss answer: a header with the loss and the gradients' dtypes and shapes, and each
+    gradient's bytes (slot, view) to send in chunks."""
+    response = pb.ComputeLossResponse()
+    codec.encode(output.loss, "loss", out=response.loss)
+    chunks: list[tuple[int, memoryview]] = []
+    for slot, value, message in (
+        (pb.TENSOR_SLOT_INPUT_GRADIENT, output.input_grad, response.input_gradient),
+        (pb.TENSOR_SLOT_TARGET_GRADIENT, output.target_grad, response.target_gradient),
+    ):
+        if value is None:
+            continue
+        array, dtype = codec.to_wire(value)
+        message.CopyFrom(codec.header(array, dtype))
+        if array.size:
+            chunks.append((int(slot), codec.wire_view(array)))
+    return response, chunks
 
 
 def response_from_output(output: LossOutput) -> pb.ComputeLossResponse:

@@ -18,7 +18,7 @@ from lossd.server.calls import LossCall, LossKind, LossOutput
 from lossd.server.merged import MergeKey, Staging, compute_merged, merge_key, rows_of
 from lossd.server.validation import validate
 
-__all__ = ["LossEngine", "resolve_device"]
+__all__ = ["LossEngine", "loss_function", "resolve_device"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def _loss_function(
+def loss_function(
     call: LossCall,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
     options = call.options
@@ -63,12 +63,29 @@ def _loss_function(
     return lambda x, t, _: F.kl_div(x, t, reduction=options.reduction, log_target=options.log_target)
 
 
-class LossEngine:
-    """Computes loss calls on one device. Thread-safe: it holds no per-call state."""
+SMALL_ELEMENTS = 1 << 18
+"""Computations on fewer input elements run on one torch thread: torch's parallel regions cost them
+more than they save, and idle intra-op threads spin, taking the CPU the event loop needs."""
 
-    def __init__(self, device: torch.device | str = "auto") -> None:
+
+class LossEngine:
+    """Computes loss calls on one device. It holds no per-call state.
+
+    `threads`: torch intra-op threads for large computations (small ones use one); None leaves
+    torch's setting alone.
+    """
+
+    def __init__(self, device: torch.device | str = "auto", threads: int | None = None) -> None:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.staging = Staging(self.device, pinned=self.device.type == "cuda")
+        self.threads = threads
+
+    def _use_threads(self, calls: Sequence[LossCall]) -> None:
+        if self.threads is None:
+            return
+        wanted = 1 if sum(call.input.numel() for call in calls) < SMALL_ELEMENTS else self.threads
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
 
     def compute(self, call: LossCall) -> LossOutput:
         """Validates, then computes the loss and the requested gradients alone; results on the CPU."""
@@ -95,6 +112,7 @@ class LossEngine:
         would. If a merged computation fails, each call is retried alone, so that one bad call fails
         no other.
         """
+        self._use_threads(calls)
         key = merge_key(calls[0]) if merge and len(calls) > 1 else None
         if key is None:  # alone: torch's own call, bit for bit
             return [self._guarded(self._run, call) for call in calls]
@@ -117,7 +135,7 @@ class LossEngine:
         return tensor if tensor.device == self.device else tensor.to(self.device)
 
     def _run(self, call: LossCall) -> LossOutput:
-        function = _loss_function(call)
+        function = loss_function(call)
         input, target = self._to_device(call.input), self._to_device(call.target)
         weight = None if call.weight is None else self._to_device(call.weight)
         if not (call.input_grad or call.target_grad):

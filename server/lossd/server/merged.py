@@ -28,7 +28,18 @@ import torch.nn.functional as F
 from lossd.server.calls import LossCall, LossKind, LossOutput
 from lossd.server.validation import is_probability_target
 
-__all__ = ["MergeKey", "Staging", "compute_merged", "host_array", "merge_key", "rows_of"]
+__all__ = [
+    "MergeKey",
+    "Staging",
+    "as_float64",
+    "as_result",
+    "compute_merged",
+    "denominators",
+    "host_array",
+    "merge_key",
+    "rows_of",
+    "unreduced_shape",
+]
 
 
 @dataclass(frozen=True)
@@ -55,7 +66,8 @@ def host_array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-def _float64(tensor: torch.Tensor) -> np.ndarray:
+def as_float64(tensor: torch.Tensor) -> np.ndarray:
+    """A float64 numpy copy of a host tensor."""
     if tensor.dtype == torch.bfloat16:
         return tensor.double().numpy()
     return tensor.numpy().astype(np.float64)
@@ -126,7 +138,7 @@ def _segment_sums(values: np.ndarray, counts: Sequence[int]) -> np.ndarray:
     return sums
 
 
-def _denominators(
+def denominators(
     calls: Sequence[LossCall], key: MergeKey, counts: Sequence[int], targets: np.ndarray | None
 ) -> np.ndarray:
     """What each call's 'mean' divides by (or 'batchmean'; 1 for 'sum' and 'none')."""
@@ -146,7 +158,7 @@ def _denominators(
     if calls[0].weight is None:
         per_row = kept.astype(np.float64)
     else:
-        per_row = np.where(kept, _float64(calls[0].weight)[np.where(kept, targets, 0)], 0.0)
+        per_row = np.where(kept, as_float64(calls[0].weight)[np.where(kept, targets, 0)], 0.0)
     result[means] = _segment_sums(per_row, counts)[means]
     return result
 
@@ -161,13 +173,13 @@ def _upstream(calls: Sequence[LossCall], counts: Sequence[int], denominators: np
         if call.options.reduction == "none":
             explicit.append(i)
         else:
-            scales[i] = float(_float64(call.grad_output))
+            scales[i] = float(as_float64(call.grad_output))
     with np.errstate(divide="ignore", invalid="ignore"):
         per_row = np.repeat(scales / denominators, counts)
     if explicit:
         starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
         for i in explicit:
-            per_row[starts[i] : starts[i] + counts[i]] = _float64(calls[i].grad_output).reshape(-1)  # type: ignore[arg-type]
+            per_row[starts[i] : starts[i] + counts[i]] = as_float64(calls[i].grad_output).reshape(-1)  # type: ignore[arg-type]
     return per_row
 
 
@@ -198,6 +210,10 @@ class Staging:
         self.device = device
         self.pinned = pinned
 
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """A uint8 host tensor to receive request bytes into (pinned memory on CUDA)."""
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+
     def to_device(self, parts: Sequence[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
         """One device tensor of `dtype`: `parts` (host arrays, bfloat16 as int16) concatenated."""
         shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
@@ -219,7 +235,7 @@ class Staging:
         return [host_array(copy) for copy in copies]
 
 
-def _result(
+def as_result(
     array: np.ndarray, dtype: torch.dtype, wanted: torch.dtype | None = None
 ) -> np.ndarray | torch.Tensor:
     """`array` (of `dtype`) as the codec takes it, converted to `wanted` as torch converts.
@@ -250,7 +266,7 @@ def compute_merged(calls: Sequence[LossCall], key: MergeKey, staging: Staging) -
         targets = [np.concatenate([host_array(call.target).reshape(-1) for call in calls])]
     else:
         targets = [_as_rows(host_array(call.target), kind, classes) for call in calls]
-    denominators = _denominators(calls, key, counts, targets[0] if indices else None)
+    divisors = denominators(calls, key, counts, targets[0] if indices else None)
     x = staging.to_device(
         [_as_rows(host_array(call.input), kind, classes) for call in calls], key.input_dtype
     )
@@ -265,7 +281,7 @@ def compute_merged(calls: Sequence[LossCall], key: MergeKey, staging: Staging) -
         per_row = _loss_rows(key)(x, t, weight)
         grads: list[torch.Tensor] = []
         if wanted:
-            upstream = staging.to_device([_upstream(calls, counts, denominators)], torch.float64).to(
+            upstream = staging.to_device([_upstream(calls, counts, divisors)], torch.float64).to(
                 per_row.dtype
             )
             leaves = [leaf for leaf in (x, t) if leaf.requires_grad]
@@ -273,20 +289,20 @@ def compute_merged(calls: Sequence[LossCall], key: MergeKey, staging: Staging) -
     loss_dtype = per_row.dtype
     host = staging.to_host([per_row.detach(), *grads])
     bounds = np.cumsum([0, *counts])
-    reduced = _reductions(calls, host[0], loss_dtype, counts, denominators)
+    reduced = _reductions(calls, host[0], loss_dtype, counts, divisors)
     outputs = []
     for i, call in enumerate(calls):
         rows = slice(bounds[i], bounds[i + 1])
         loss = reduced[i]
         if loss is None:
-            loss = _result(host[0][rows].reshape(_loss_shape(call)), loss_dtype)
+            loss = as_result(host[0][rows].reshape(unreduced_shape(call)), loss_dtype)
         input_grad = target_grad = None
         if key.input_grad:
             grad = _from_rows(host[1][rows], call.input.shape, kind)
-            input_grad = _result(grad, call.input.dtype, call.grad_dtype)
+            input_grad = as_result(grad, call.input.dtype, call.grad_dtype)
         if key.target_grad:
             grad = _from_rows(host[-1][rows], call.target.shape, kind)
-            target_grad = _result(grad, call.target.dtype, call.grad_dtype)
+            target_grad = as_result(grad, call.target.dtype, call.grad_dtype)
         outputs.append(LossOutput(loss=loss, input_grad=input_grad, target_grad=target_grad))
     return outputs
 
@@ -308,12 +324,13 @@ def _reductions(
     with np.errstate(divide="ignore", invalid="ignore"):
         reduced = _segment_sums(values, counts) / denominators
     return [
-        _result(np.asarray(reduced[i]), torch.float64, dtype) if wanted[i] else None
+        as_result(np.asarray(reduced[i]), torch.float64, dtype) if wanted[i] else None
         for i in range(len(calls))
     ]
 
 
-def _loss_shape(call: LossCall) -> tuple[int, ...]:
+def unreduced_shape(call: LossCall) -> tuple[int, ...]:
+    """The loss's shape under reduction='none'."""
     shape = tuple(call.input.shape)
     if call.options.kind is LossKind.KL_DIV:
         return shape

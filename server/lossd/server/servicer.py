@@ -1,30 +1,40 @@
-"""The gRPC face of the engine: decode and check the request, await the batcher, encode."""
+"""The gRPC face of the engine: decode and check the request, await the batcher, encode.
+
+`ComputeLoss` carries whole tensors in one message. `StreamLoss` carries them in chunks: its header
+is checked (every dtype, shape, limit and option) and each tensor's memory allocated once before any
+data arrives; chunks are copied straight into place (see `lossd.client.chunks`), and the gradients
+go back in chunks the same way.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+import traceback
+from collections.abc import AsyncIterator
 
 import grpc
 
-from lossd.client import codec
-from lossd.client.errors import InternalError, LossdError
+from lossd.client import chunks, codec
+from lossd.client.errors import InternalError, LossdError, ResourceExhaustedError
 from lossd.server.batcher import Batcher
 from lossd.server.calls import LossCall, LossOutput
 from lossd.server.convert import call_from_request, response_from_output
 from lossd.server.engine import LossEngine
 from lossd.server.metrics import ServerMetrics
 from lossd.server.status import abort
+from lossd.server.streaming import BLOCK_BYTES, StreamedCall
 from lossd.v1 import loss_service_pb2 as pb
-from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 
 __all__ = ["LossServicer"]
 
 _LOGGER = logging.getLogger(__name__)
 
+Context = grpc.aio.ServicerContext[object, object]
 
-class LossServicer(pb_grpc.LossServiceServicer):
+
+class LossServicer:
     """Implements `lossd.v1.LossService` on a `LossEngine` behind a `Batcher`.
 
     Validation runs here, before the request is queued, so a bad request is answered at once and
@@ -37,40 +47,97 @@ class LossServicer(pb_grpc.LossServiceServicer):
         batcher: Batcher[LossCall, LossOutput],
         limits: codec.TensorLimits,
         metrics: ServerMetrics,
+        chunk_bytes: int = chunks.DEFAULT_CHUNK_BYTES,
+        block_bytes: int = BLOCK_BYTES,
     ) -> None:
         self._engine = engine
         self._batcher = batcher
         self._limits = limits
         self._metrics = metrics
+        self._chunk_bytes = chunk_bytes
+        self._block_bytes = block_bytes
 
-    async def ComputeLoss(
-        self, request: pb.ComputeLossRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.ComputeLossResponse:
+    def add_to_server(self, server: grpc.aio.Server, service: str) -> None:
+        """Registers both methods; StreamLoss reads and writes raw messages (see `lossd.client.chunks`)."""
+        handlers = {
+            "ComputeLoss": grpc.unary_unary_rpc_method_handler(
+                self.ComputeLoss,
+                request_deserializer=pb.ComputeLossRequest.FromString,
+                response_serializer=pb.ComputeLossResponse.SerializeToString,
+            ),
+            "StreamLoss": grpc.stream_stream_rpc_method_handler(self.StreamLoss),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+
+    async def _submit(self, call: LossCall, context: Context) -> LossOutput:
+        """Queues a prepared call for compute, with the caller's deadline."""
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        return await self._batcher.submit(call, deadline)
+
+    async def ComputeLoss(self, request: pb.ComputeLossRequest, context: Context) -> pb.ComputeLossResponse:
         started = time.perf_counter()
         loss = request.WhichOneof("loss") or "unset"
-        code, sent = "OK", 0
         self._metrics.in_flight.inc()
         try:
             call = self._engine.prepare(call_from_request(request, self._limits))
-            remaining = context.time_remaining()
-            deadline = time.monotonic() + remaining if remaining is not None else None
-            output = await self._batcher.submit(call, deadline)
+            output = await self._submit(call, context)
             response = response_from_output(output)
-            sent = response.ByteSize()
-            return response
-        except LossdError as error:
-            code = error.code
-            await abort(context, error)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
+        except BaseException as error:
+            await self._fail(error, context, loss, started, request.ByteSize(), 0)
             raise
-        except Exception:
-            code = "INTERNAL"
-            _LOGGER.exception("ComputeLoss failed unexpectedly")
-            await abort(
-                context, InternalError("internal error; the server log has the details", reason="INTERNAL")
+        self._finish(loss, "OK", started, request.ByteSize(), response.ByteSize())
+        return response
+
+    async def StreamLoss(self, requests: AsyncIterator[bytes], context: Context) -> None:
+        started = time.perf_counter()
+        self._metrics.in_flight.inc()
+        call = StreamedCall(
+            self._engine,
+            lambda call: self._submit(call, context),
+            context.write,
+            self._limits,
+            self._chunk_bytes,
+            self._block_bytes,
+        )
+        try:
+            await call.serve(requests)
+        except BaseException as error:
+            # The traceback's frames hold the stream's buffers; they must go now, not whenever the
+            # error object does.
+            traceback.clear_frames(error.__traceback__)
+            await call.close()
+            await self._fail(error, context, call.loss, started, call.received, call.sent)
+            raise
+        self._finish(call.loss, "OK", started, call.received, call.sent)
+
+    def _finish(self, loss: str, code: str, started: float, received: int, sent: int) -> None:
+        self._metrics.in_flight.dec()
+        self._metrics.request(loss, code, time.perf_counter() - started, received, sent)
+
+    async def _fail(
+        self, error: BaseException, context: Context, loss: str, started: float, received: int, sent: int
+    ) -> None:
+        """Counts the failed call, then ends it with its status (the client hears at once, so the
+        count comes first); cancellations and aborts under way pass through."""
+        code, status = self._status(error)
+        self._finish(loss, code, started, received, sent)
+        if status is not None:
+            await abort(context, status)
+
+    @staticmethod
+    def _status(error: BaseException) -> tuple[str, LossdError | None]:
+        """The status code a failure ends the call with, and the error to send (None: let it pass:
+        a cancellation, or an abort already under way)."""
+        if isinstance(error, asyncio.CancelledError):
+            return "CANCELLED", None
+        if isinstance(error, grpc.aio.AbortError) or not isinstance(error, Exception):
+            return "UNKNOWN", None
+        if isinstance(error, MemoryError):
+            error = ResourceExhaustedError(
+                "the server could not allocate memory for this request", reason="ALLOCATION_FAILED"
             )
-        finally:
-            self._metrics.in_flight.dec()
-            self._metrics.request(loss, code, time.perf_counter() - started, request.ByteSize(), sent)
-        raise AssertionError("unreachable: abort() raises")
+        elif not isinstance(error, LossdError):
+            _LOGGER.exception("a loss call failed unexpectedly", exc_info=error)
+            error = InternalError("internal error; the server log has the details", reason="INTERNAL")
+        return error.code, error

@@ -1,0 +1,221 @@
+"""One StreamLoss call: read the header and the chunks, compute, write the answer in chunks.
+
+The header is checked completely (dtypes, shapes, limits, options) and each streamed tensor's
+memory allocated once before any chunk is read. Chunks are copied straight into place. When the
+call can be split by samples (`lossd.server.blocks`) and the small tensors are in, blocks of
+complete samples are computed while the rest of the input is still arriving, and their gradients
+written back at once: the transfer in, the compute and the transfer out overlap. Otherwise the call
+is computed whole once everything is in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from lossd.client import chunks, codec
+from lossd.client.errors import InvalidArgumentError
+from lossd.server.blocks import BlockPlan, block_plan
+from lossd.server.calls import LossCall, LossOutput
+from lossd.server.convert import call_from_request, stream_plan, stream_response
+from lossd.server.engine import LossEngine
+from lossd.server.merged import as_float64
+from lossd.v1 import loss_service_pb2 as pb
+from lossd.v1 import tensor_pb2
+
+__all__ = ["StreamedCall"]
+
+BLOCK_BYTES = 8 << 20
+"""Input bytes per block computed while the stream is still arriving."""
+
+
+def _float64_sum(value: Any) -> float:
+    array = as_float64(value) if isinstance(value, torch.Tensor) else np.asarray(value, dtype=np.float64)
+    return float(array.sum())
+
+
+class StreamedCall:
+    """Serves one StreamLoss stream; `received` and `sent` count its bytes, `loss` names it."""
+
+    def __init__(
+        self,
+        engine: LossEngine,
+        submit: Callable[[LossCall], Awaitable[LossOutput]],
+        write: Callable[[bytes], Awaitable[None]],
+        limits: codec.TensorLimits,
+        chunk_bytes: int,
+        block_bytes: int = BLOCK_BYTES,
+    ) -> None:
+        self._engine = engine
+        self._submit = submit
+        self._write_message = write
+        self._limits = limits
+        self._chunk_bytes = chunk_bytes
+        self._block_bytes = block_bytes
+        self.loss = "unset"
+        self.received = 0
+        self.sent = 0
+        # Computing in blocks:
+        self._plan: BlockPlan | None = None
+        self._submitted = 0
+        self._running: collections.deque[tuple[int, int, asyncio.Future[LossOutput]]] = collections.deque()
+        self._header_sent = False
+        self._total = 0.0
+
+    async def _write(self, message: bytes) -> None:
+        self.sent += len(message)
+        await self._write_message(message)
+
+    async def serve(self, stream: AsyncIterator[bytes]) -> None:
+        """Reads the whole request stream and writes the whole answer; raises `LossdError`s."""
+        messages = stream.__aiter__()
+        try:
+            first = await messages.__anext__()
+        except StopAsyncIteration:
+            raise InvalidArgumentError(
+                "the stream ended before its header", reason="STREAM_HEADER_MISSING", field="header"
+            ) from None
+        self.received += len(first)
+        part = chunks.decode_part(first)
+        if isinstance(part, chunks.Chunk):
+            raise InvalidArgumentError(
+                "a StreamLoss stream must open with its header",
+                reason="STREAM_HEADER_MISSING",
+                field="header",
+            )
+        request = pb.ComputeLossRequest.FromString(bytes(part))
+        self.loss = request.WhichOneof("loss") or "unset"
+        shapes, plan = stream_plan(request, self._limits)
+        self._engine.prepare(shapes)  # everything but the values, before any memory is taken
+        assembly = chunks.Assembly(
+            {slot: nbytes for slot, (_, nbytes) in plan.items()},
+            self._engine.staging.host_buffer,
+            {slot: field for slot, (field, _) in plan.items()},
+        )
+        side = [slot for slot in plan if slot != pb.TENSOR_SLOT_INPUT]
+        input_streams = pb.TENSOR_SLOT_INPUT in plan
+        call: LossCall | None = None
+        async for raw in messages:
+            self.received += len(raw)
+            part = chunks.decode_part(raw)
+            if not isinstance(part, chunks.Chunk):
+                raise InvalidArgumentError(
+                    "a StreamLoss stream holds one header, first",
+                    reason="STREAM_HEADER_REPEATED",
+                    field="header",
+                )
+            assembly.add(*part)
+            if not input_streams:
+                continue
+            if call is None and all(assembly.received[s] == assembly.expected(s) for s in side):
+                call = self._engine.prepare(call_from_request(request, self._limits, assembly.by_field()))
+                self._plan = block_plan(call)
+            if self._plan is not None:
+                done = assembly.received[pb.TENSOR_SLOT_INPUT] // self._plan.sample_bytes
+                self._start_blocks(done, final=False)
+                await self._finish_blocks(wait=False)
+        assembly.check_complete()
+        if call is None:
+            call = self._engine.prepare(call_from_request(request, self._limits, assembly.by_field()))
+        del assembly, shapes, request
+        if self._plan is None:
+            await self._answer_whole(await self._submit(call))
+            return
+        self._start_blocks(self._plan.samples, final=True)
+        await self._finish_blocks(wait=True)
+        await self._send_loss()
+
+    # -- whole -----------------------------------------------------------------------------------
+
+    async def _answer_whole(self, output: LossOutput) -> None:
+        header, gradients = stream_response(output)
+        await self._write(chunks.encode_header(header))
+        for slot, data in gradients:
+            for message in chunks.iter_chunks(slot, data, self._chunk_bytes):
+                await self._write(message)
+
+    # -- in blocks -------------------------------------------------------------------------------
+
+    def _start_blocks(self, available: int, final: bool) -> None:
+        plan = self._plan
+        assert plan is not None
+        size = max(1, self._block_bytes // max(plan.sample_bytes, 1))
+        while available - self._submitted >= (1 if final else size):
+            stop = min(self._submitted + size, available)
+            block = plan.block(self._submitted, stop)
+            self._running.append((self._submitted, stop, asyncio.ensure_future(self._submit(block))))
+            self._submitted = stop
+
+    async def _finish_blocks(self, wait: bool) -> None:
+        while self._running and (wait or self._running[0][2].done()):
+            start, _, future = self._running.popleft()
+            output = await future
+            await self._send_block(start, output)
+
+    def _header(self) -> pb.ComputeLossResponse:
+        plan = self._plan
+        assert plan is not None
+        call = plan.call
+        header = pb.ComputeLossResponse(loss=_tensor_header(plan.loss_shape, plan.loss_dtype))
+        if call.input_grad:
+            header.input_gradient.CopyFrom(
+                _tensor_header(call.input.shape, call.grad_dtype or call.input.dtype)
+            )
+        if call.target_grad:
+            header.target_gradient.CopyFrom(
+                _tensor_header(call.target.shape, call.grad_dtype or call.target.dtype)
+            )
+        return header
+
+    async def _send_block(self, start: int, output: LossOutput) -> None:
+        plan = self._plan
+        assert plan is not None
+        if not self._header_sent:
+            await self._write(chunks.encode_header(self._header()))
+            self._header_sent = True
+        if plan.call.options.reduction == "none":
+            await self._send_rows(pb.TENSOR_SLOT_LOSS, output.loss, start)
+        else:
+            self._total += _float64_sum(output.loss)
+        if output.input_grad is not None:
+            await self._send_rows(pb.TENSOR_SLOT_INPUT_GRADIENT, output.input_grad, start)
+        if output.target_grad is not None:
+            await self._send_rows(pb.TENSOR_SLOT_TARGET_GRADIENT, output.target_grad, start)
+
+    async def _send_rows(self, slot: int, rows: Any, start: int) -> None:
+        """A block's rows of one tensor, at their place in the whole tensor."""
+        array, _ = codec.to_wire(rows)
+        data = codec.wire_view(array)
+        row_bytes = math.prod(array.shape[1:]) * array.itemsize
+        base = start * row_bytes
+        for offset in range(0, data.nbytes, self._chunk_bytes):
+            await self._write(
+                chunks.encode_chunk(slot, base + offset, data[offset : offset + self._chunk_bytes])
+            )
+
+    async def _send_loss(self) -> None:
+        plan = self._plan
+        assert plan is not None
+        if not self._header_sent:  # no block at all (cannot happen with two samples or more)
+            await self._write(chunks.encode_header(self._header()))
+            self._header_sent = True
+        if plan.call.options.reduction != "none":
+            array, _ = codec.to_wire(plan.reduce(self._total))
+            await self._write(chunks.encode_chunk(pb.TENSOR_SLOT_LOSS, 0, codec.wire_view(array)))
+
+    async def close(self) -> None:
+        """Cancels blocks still computing (the call failed or was cancelled)."""
+        for _, _, future in self._running:
+            future.cancel()
+        self._running.clear()
+
+
+def _tensor_header(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> tensor_pb2.Tensor:
+    """dtype and shape; the data follows in chunks."""
+    return tensor_pb2.Tensor(dtype=codec.data_type_from_name(str(dtype)), shape=tuple(shape))  # type: ignore[arg-type]
