@@ -10,9 +10,9 @@ For cross-entropy with gradient on 1024x32000 float32 logits (131 MB in, 131 MB 
 - `local_compute_s`: the same loss and gradient computed locally with torch (the compute floor);
 - `ideal_s` = `raw_tcp_s` + `local_compute_s`, and `ratio_vs_ideal` = `lossd_s` / `ideal_s`;
 - `unary_grpc_s`: one unary gRPC message of the same bytes each way (what a naive service pays);
-- `server_peak_rss_bytes` (the server's high-water mark while it served the call),
-  `server_rss_growth_bytes` (that mark over the idle server's RSS), `payload_bytes` (request bytes
-  plus gradient bytes) and `growth_vs_payload`.
+- `server_peak_rss_bytes` (the server's high-water mark while it served the calls),
+  `server_rss_growth_bytes` (that mark over the RSS of the fresh, idle server), `payload_bytes`
+  (request bytes plus gradient bytes) and `growth_vs_payload`.
 
 Each time is the median of the repetitions. Prints one JSON line per case and a summary line for
 the float32 case.
@@ -207,6 +207,8 @@ def measure(
         unary_s = _median_time(repeat, lambda: call(blob, timeout=600))
     with LossClient(f"127.0.0.1:{ports['lossd']}", timeout=600) as client:
         client.cross_entropy(logits[:2], labels[:2], return_grad=True)  # connect, warm up
+        idle = _rss(server_pid, "VmRSS")  # a fresh server's: nothing large has passed through it yet
+        can_reset = _reset_peak(server_pid)
         result = client.cross_entropy(logits, labels, return_grad=True)
         expected = logits.clone().requires_grad_()
         loss = F.cross_entropy(expected, labels)
@@ -214,8 +216,6 @@ def measure(
         _check(result.loss, loss.detach(), "loss")
         _check(result.grad, expected.grad, "gradient")
         del result, expected, loss
-        idle = _rss(server_pid, "VmRSS")
-        can_reset = _reset_peak(server_pid)
         lossd_s = _median_time(repeat, lambda: client.cross_entropy(logits, labels, return_grad=True))
         peak = _rss(server_pid, "VmHWM") if can_reset else None
     ideal = raw_tcp_s + local_s
@@ -287,10 +287,10 @@ def main() -> int:
     with (
         _process([sys.executable, __file__, "--tcp-server", str(ports["tcp"])], "ready"),
         _process([sys.executable, __file__, "--echo-server", str(ports["echo"])], "ready"),
-        _process(lossd, "serving") as server,
     ):
         for name, rows, classes, dtype in CASES:
-            result = measure(name, rows, classes, dtype, repeat, ports, server.pid)
+            with _process(lossd, "serving") as server:  # a fresh server per case: honest RSS figures
+                result = measure(name, rows, classes, dtype, repeat, ports, server.pid)
             results.append(result)
             print(json.dumps(result), flush=True)
     first = results[0]

@@ -123,13 +123,19 @@ class StreamedCall:
         assembly.check_complete()
         if call is None:
             call = self._engine.prepare(call_from_request(request, self._limits, assembly.by_field()))
+        buffers = list(assembly.by_field().values())
         del assembly, shapes, request
         if self._plan is None:
             await self._answer_whole(await self._submit(call))
-            return
-        self._start_blocks(self._plan.samples, final=True)
-        await self._finish_blocks(wait=True)
-        await self._send_loss()
+        else:
+            self._start_blocks(self._plan.samples, final=True)
+            await self._finish_blocks(wait=True)
+            await self._send_loss()
+        # Every computation on these bytes is over: the next stream may reuse their memory.
+        del call
+        self._plan = None
+        for buffer in buffers:
+            self._engine.staging.recycle(buffer)
 
     # -- whole -----------------------------------------------------------------------------------
 
