@@ -317,12 +317,6 @@ def _bfloat16_bits(array: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(array), np.uint16(0x7FC0), rounded)
 
 
-def _le_bytes(array: np.ndarray) -> bytes:
-    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
-        array = array.astype(array.dtype.newbyteorder("<"))
-    return array.tobytes(order="C")
-
-
 def to_wire(value: TensorLike, field: str = "tensor", dtype: int | None = None) -> tuple[np.ndarray, int]:
     """A numpy array holding `value`'s wire elements (bfloat16 as int16 bits) and its DataType."""
     if is_torch_tensor(value):
@@ -339,9 +333,9 @@ def wire_view(array: np.ndarray) -> memoryview:
     return memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
-def header(array: np.ndarray, dtype: int) -> tensor_pb2.Tensor:
-    """A wire tensor with `array`'s dtype and shape and no data (its bytes travel in chunks)."""
-    return tensor_pb2.Tensor(dtype=dtype, shape=array.shape)  # type: ignore[arg-type]
+def header(shape: Sequence[int], dtype: int) -> tensor_pb2.Tensor:
+    """A wire tensor with a dtype and a shape and no data (its bytes travel in chunks)."""
+    return tensor_pb2.Tensor(dtype=dtype, shape=tuple(shape))  # type: ignore[arg-type]
 
 
 def encode(
@@ -361,7 +355,7 @@ def encode(
     message = tensor_pb2.Tensor() if out is None else out
     message.dtype = code  # type: ignore[assignment]
     message.shape[:] = array.shape
-    message.data = _le_bytes(array)
+    message.data = wire_view(array).tobytes()
     return message
 
 

@@ -21,7 +21,8 @@ import torch
 
 from lossd.server.calls import LossCall, LossKind
 from lossd.server.engine import loss_function
-from lossd.server.merged import as_float64, as_result, denominators, merge_key, rows_of, unreduced_shape
+from lossd.server.merged import as_float64, as_result, denominators, merge_key, rows_of
+from lossd.server.validation import loss_shape
 
 __all__ = ["BlockPlan", "block_plan"]
 
@@ -59,7 +60,7 @@ class BlockPlan:
         )
 
     def block_loss_shape(self) -> tuple[int, ...]:
-        return unreduced_shape(self.call)
+        return loss_shape(self.call, "none")
 
     def reduce(self, total: float) -> np.ndarray | torch.Tensor:
         """The loss of a reduced call from the float64 sum of all its per-sample losses."""

@@ -153,7 +153,7 @@ def stream_response(output: LossOutput) -> tuple[pb.ComputeLossResponse, list[tu
         if value is None:
             continue
         array, dtype = codec.to_wire(value)
-        message.CopyFrom(codec.header(array, dtype))
+        message.CopyFrom(codec.header(array.shape, dtype))
         if array.size:
             chunks.append((int(slot), codec.wire_view(array)))
     return response, chunks

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lossd.server.calls import LossCall, LossKind, LossOutput
-from lossd.server.validation import is_probability_target
+from lossd.server.validation import is_probability_target, loss_shape
 
 __all__ = [
     "MergeKey",
@@ -38,7 +38,6 @@ __all__ = [
     "host_array",
     "merge_key",
     "rows_of",
-    "unreduced_shape",
 ]
 
 
@@ -317,7 +316,7 @@ def compute_merged(calls: Sequence[LossCall], key: MergeKey, staging: Staging) -
         rows = slice(bounds[i], bounds[i + 1])
         loss = reduced[i]
         if loss is None:
-            loss = as_result(host[0][rows].reshape(unreduced_shape(call)), loss_dtype)
+            loss = as_result(host[0][rows].reshape(loss_shape(call, "none")), loss_dtype)
         input_grad = target_grad = None
         if key.input_grad:
             grad = _from_rows(host[1][rows], call.input.shape, kind)
@@ -349,11 +348,3 @@ def _reductions(
         as_result(np.asarray(reduced[i]), torch.float64, dtype) if wanted[i] else None
         for i in range(len(calls))
     ]
-
-
-def unreduced_shape(call: LossCall) -> tuple[int, ...]:
-    """The loss's shape under reduction='none'."""
-    shape = tuple(call.input.shape)
-    if call.options.kind is LossKind.KL_DIV:
-        return shape
-    return shape[:1] + shape[2:] if len(shape) >= 2 else ()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -222,6 +222,5 @@ class StreamedCall:
         self._running.clear()
 
 
-def _tensor_header(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> tensor_pb2.Tensor:
-    """dtype and shape; the data follows in chunks."""
-    return tensor_pb2.Tensor(dtype=codec.data_type_from_name(str(dtype)), shape=tuple(shape))  # type: ignore[arg-type]
+def _tensor_header(shape: Sequence[int], dtype: torch.dtype) -> tensor_pb2.Tensor:
+    return codec.header(shape, codec.data_type_from_name(str(dtype)))

@@ -63,9 +63,9 @@ def is_probability_target(call: LossCall) -> bool:
     return call.options.kind is LossKind.CROSS_ENTROPY and call.target.shape == call.input.shape
 
 
-def loss_shape(call: LossCall) -> tuple[int, ...]:
-    """The shape of the loss torch returns for a valid call."""
-    if call.options.reduction != "none":
+def loss_shape(call: LossCall, reduction: str | None = None) -> tuple[int, ...]:
+    """The shape of the loss torch returns for a valid call (under `reduction`, if given)."""
+    if (call.options.reduction if reduction is None else reduction) != "none":
         return ()
     shape = tuple(call.input.shape)
     if call.options.kind is LossKind.KL_DIV:
