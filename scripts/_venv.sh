@@ -1,4 +1,4 @@
-# Sourced by scripts/serve and scripts/test: make .venv (Python >= 3.10) and install lossd into it.
+# Sourced by scripts/serve and scripts/test: make .venv (Python >= 3.11) and install lossd into it.
 # Usage: ensure_venv EXTRAS   e.g. ensure_venv server  or  ensure_venv dev
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -7,13 +7,13 @@ VENV="${LOSSD_VENV:-$ROOT/.venv}"
 ensure_venv() {
   local extras="$1" python="${PYTHON:-}"
   if [ -z "$python" ]; then
-    for candidate in python3.11 python3.12 python3.13 python3.10 python3; do
+    for candidate in python3.11 python3.12 python3.13 python3; do
       if command -v "$candidate" >/dev/null 2>&1; then python="$candidate"; break; fi
     done
   fi
   if [ ! -x "$VENV/bin/python" ]; then
-    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-      || { echo "lossd needs Python >= 3.10 (found $("$python" --version 2>&1))" >&2; exit 1; }
+    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+      || { echo "lossd needs Python >= 3.11 (found $("$python" --version 2>&1))" >&2; exit 1; }
     "$python" -m venv "$VENV"
   fi
   # Reinstall only when the inputs changed, so repeated runs start at once.

@@ -18,6 +18,8 @@ from lossd.server.app import LossServer
 from lossd.server.config import ServerConfig
 from lossd.server.engine import LossEngine
 
+pytest_plugins = ["processes"]  # the serve_process fixture
+
 
 class RunningServer:
     """A `LossServer` serving from its own event loop in a background thread."""

@@ -231,6 +231,8 @@ def test_a_full_queue_answers_resource_exhausted(server_factory: Callable[..., R
     holder, queued, refused = asyncio.run(main())
     assert not isinstance(holder, Exception) and not isinstance(queued, Exception)
     assert isinstance(refused, errors.ResourceExhaustedError) and refused.reason == "QUEUE_FULL"
+    # RetryInfo: about the time the queue ahead takes (1 s per call here), within [0.01, 5] s.
+    assert refused.retry_after is not None and 0.01 <= refused.retry_after <= 5.0
 
 
 def test_batching_off_computes_each_request_alone(exact_server: RunningServer) -> None:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import re
-import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -27,6 +24,7 @@ from lossd.server.config import ServerConfig
 from lossd.server.engine import LossEngine, resolve_device
 
 from conftest import RunningServer, SlowEngine
+from processes import ServeProcess
 
 LOGITS = np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32)
 LABELS = np.array([0, 2, 1, 1])
@@ -131,52 +129,6 @@ def test_engine_imports_no_grpc() -> None:
 
 
 # -- `lossd serve` as its own process --------------------------------------------------------------
-
-
-class ServeProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "lossd.server", "serve", *args],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.lines: list[str] = []
-
-    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
-        assert self.process.stderr is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.process.stderr], [], [], max(deadline - time.monotonic(), 0))
-            if not ready:
-                break
-            line = self.process.stderr.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            found = re.search(pattern, line)
-            if found:
-                return found
-        raise AssertionError(f"no {pattern!r} in the server's log:\n{''.join(self.lines)}")
-
-    def finish(self, timeout: float = 30) -> tuple[int, str]:
-        _, rest = self.process.communicate(timeout=timeout)
-        return self.process.returncode, "".join(self.lines) + rest
-
-
-@pytest.fixture
-def serve_process() -> Iterator[Callable[..., ServeProcess]]:
-    started: list[ServeProcess] = []
-
-    def start(*args: str, env: dict[str, str] | None = None) -> ServeProcess:
-        started.append(ServeProcess(*args, env=env))
-        return started[-1]
-
-    yield start
-    for item in started:
-        if item.process.poll() is None:
-            item.process.kill()
-            item.process.wait()
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -20,6 +20,7 @@ from lossd.client._calls import (
     prepare_call,
 )
 from lossd.client._rpc_errors import from_rpc_error
+from lossd.client.channels import DEFAULT_RETRY_ATTEMPTS, auth_metadata, make_aio_channel, make_channel
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -34,23 +35,17 @@ _UNLIMITED = -1
 ChannelOptions = Sequence[tuple[str, Any]]
 
 
-def channel_options(max_message_bytes: int, extra: ChannelOptions) -> list[tuple[str, Any]]:
-    """Message-size options first, so that caller-supplied options override them."""
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        *extra,
-    ]
-
-
 R = TypeVar("R")
 
 
 class _Losses(Generic[R]):
     """The per-loss methods, written once; `_send` makes them blocking or awaitable."""
 
-    def __init__(self, timeout: float | None, stream_threshold_bytes: int, stream_chunk_bytes: int) -> None:
+    def __init__(
+        self, timeout: float | None, stream_threshold_bytes: int, stream_chunk_bytes: int, token: str | None
+    ) -> None:
         self._timeout = timeout
+        self._metadata = auth_metadata(token)
         self._stream_threshold = stream_threshold_bytes
         self._chunk_bytes = stream_chunk_bytes
 
@@ -185,9 +180,15 @@ class LossClient(_Losses[LossResult[Any]]):
     torch tensors on the input's device. Failures raise `lossd.client.LossdError` subclasses.
 
     **Parameters:**
-    - `target`: the server's address, any gRPC target (`host:port`, `dns:///name:port`, ...).
+    - `target`: the server's address, any gRPC target (`host:port`, `dns:///name:port`, ...), or a
+      list of `host:port` addresses. Calls are balanced round-robin over every address the target
+      resolves to, and retried elsewhere when a server answers `UNAVAILABLE` (see
+      `lossd.client.channels`).
     - `timeout`: default seconds per call (None: no deadline); each method can override it.
-    - `credentials`: `grpc.ChannelCredentials` for TLS; None for a plaintext channel.
+    - `credentials`: `grpc.ChannelCredentials` for TLS (`lossd.client.channels.tls_credentials`
+      makes them from PEM files, mutual TLS included); None for a plaintext channel.
+    - `token`: a bearer token sent with every call, for servers that require one.
+    - `retry_attempts`: attempts per call while servers answer `UNAVAILABLE` (1: no retries).
     - `max_message_bytes`: send and receive limit for one message; -1 (default) is unlimited.
     - `options`: further gRPC channel options, applied last.
     - `channel`: an existing channel to use instead (the client then does not close it).
@@ -195,24 +196,27 @@ class LossClient(_Losses[LossResult[Any]]):
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout: float | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        retry_attempts: int = DEFAULT_RETRY_ATTEMPTS,
         max_message_bytes: int = _UNLIMITED,
         options: ChannelOptions = (),
         channel: grpc.Channel | None = None,
         stream_threshold_bytes: int = DEFAULT_STREAM_THRESHOLD,
         stream_chunk_bytes: int = chunks.DEFAULT_CHUNK_BYTES,
     ) -> None:
-        super().__init__(timeout, stream_threshold_bytes, stream_chunk_bytes)
+        super().__init__(timeout, stream_threshold_bytes, stream_chunk_bytes, token)
         self._owns_channel = channel is None
         if channel is None:
-            opts = channel_options(max_message_bytes, options)
-            channel = (
-                grpc.secure_channel(target, credentials, options=opts)
-                if credentials is not None
-                else grpc.insecure_channel(target, options=opts)
+            channel = make_channel(
+                target,
+                credentials=credentials,
+                max_message_bytes=max_message_bytes,
+                retry_attempts=retry_attempts,
+                options=options,
             )
         self._channel = channel
         self._stub = pb_grpc.LossServiceStub(channel)
@@ -224,7 +228,7 @@ class LossClient(_Losses[LossResult[Any]]):
     ) -> pb.ComputeLossResponse:
         """Sends a raw request; for callers that build `lossd.v1` messages themselves."""
         try:
-            return self._stub.ComputeLoss(request, timeout=self._deadline(timeout))
+            return self._stub.ComputeLoss(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -234,7 +238,10 @@ class LossClient(_Losses[LossResult[Any]]):
             return decode_response(self.compute(call.unary(), timeout=timeout), like)
         receiver = StreamReceiver(like)
         try:
-            for raw in self._stream_call(call.stream(self._chunk_bytes), timeout=self._deadline(timeout)):
+            stream = self._stream_call(
+                call.stream(self._chunk_bytes), timeout=self._deadline(timeout), metadata=self._metadata
+            )
+            for raw in stream:
                 receiver.feed(raw)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
@@ -265,24 +272,27 @@ class AsyncLossClient(_Losses[Awaitable[LossResult[Any]]]):
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout: float | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        retry_attempts: int = DEFAULT_RETRY_ATTEMPTS,
         max_message_bytes: int = _UNLIMITED,
         options: ChannelOptions = (),
         channel: grpc.aio.Channel | None = None,
         stream_threshold_bytes: int = DEFAULT_STREAM_THRESHOLD,
         stream_chunk_bytes: int = chunks.DEFAULT_CHUNK_BYTES,
     ) -> None:
-        super().__init__(timeout, stream_threshold_bytes, stream_chunk_bytes)
+        super().__init__(timeout, stream_threshold_bytes, stream_chunk_bytes, token)
         self._owns_channel = channel is None
         if channel is None:
-            opts = channel_options(max_message_bytes, options)
-            channel = (
-                grpc.aio.secure_channel(target, credentials, options=opts)
-                if credentials is not None
-                else grpc.aio.insecure_channel(target, options=opts)
+            channel = make_aio_channel(
+                target,
+                credentials=credentials,
+                max_message_bytes=max_message_bytes,
+                retry_attempts=retry_attempts,
+                options=options,
             )
         self._channel = channel
         self._stub = pb_grpc.LossServiceStub(channel)
@@ -296,7 +306,9 @@ class AsyncLossClient(_Losses[Awaitable[LossResult[Any]]]):
     ) -> pb.ComputeLossResponse:
         """Sends a raw request; for callers that build `lossd.v1` messages themselves."""
         try:
-            return await self._stub.ComputeLoss(request, timeout=self._deadline(timeout))
+            return await self._stub.ComputeLoss(
+                request, timeout=self._deadline(timeout), metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -309,7 +321,9 @@ class AsyncLossClient(_Losses[Awaitable[LossResult[Any]]]):
                 return decode_response(await self.compute(call.unary(), timeout=timeout), like)
             receiver = StreamReceiver(like)
             try:
-                stream = self._stream_call(call.stream(self._chunk_bytes), timeout=self._deadline(timeout))
+                stream = self._stream_call(
+                    call.stream(self._chunk_bytes), timeout=self._deadline(timeout), metadata=self._metadata
+                )
                 async for raw in stream:
                     receiver.feed(raw)
             except grpc.RpcError as exc:

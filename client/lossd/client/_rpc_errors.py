@@ -1,4 +1,4 @@
-"""Turns a failed gRPC call into the matching `LossdError`, with the server's ErrorInfo."""
+"""Turns a failed gRPC call into the matching `LossdError`, with the server's ErrorInfo and RetryInfo."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def from_rpc_error(error: grpc.RpcError) -> LossdError:
     """
     code = error.code()
     message = error.details() or code.name
-    reason, field, metadata = "", None, {}
+    reason, field, metadata, retry_after = "", None, {}, None
     # Sync calls yield (key, value) namedtuples, aio calls plain tuples; the stubs know only the first.
     trailers: Any = error.trailing_metadata()
     for key, value in trailers or ():
@@ -39,4 +39,10 @@ def from_rpc_error(error: grpc.RpcError) -> LossdError:
                 detail.Unpack(bad)
                 if bad.field_violations:
                     field = bad.field_violations[0].field
-    return error_class(code.name)(message, reason=reason, field=field, metadata=metadata)
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    return error_class(code.name)(
+        message, reason=reason, field=field, metadata=metadata, retry_after=retry_after
+    )

@@ -60,6 +60,8 @@ class LossdError(Exception):
       did not come from lossd (a transport failure, say).
     - `field`: the request field at fault (`"target"`, `"cross_entropy.weight"`), if any.
     - `metadata`: the values behind the message (`ErrorInfo.metadata`), strings keyed in lowerCamelCase.
+    - `retry_after`: seconds the server suggests waiting before retrying (`google.rpc.RetryInfo`),
+      or None when it gave no hint (retrying would not help, or it did not say).
     """
 
     code: ClassVar[str] = "UNKNOWN"
@@ -71,12 +73,14 @@ class LossdError(Exception):
         reason: str = "",
         field: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
         self.field = field
         self.metadata: dict[str, str] = dict(metadata or {})
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         reason = f" {self.reason}" if self.reason and self.reason != self.code else ""

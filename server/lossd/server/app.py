@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,12 +20,15 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from lossd.client._version import __version__
+from lossd.server.auth import HEALTH_METHODS, TokenAuth, load_tokens
 from lossd.server.batcher import Batcher, BatchLimits
 from lossd.server.calls import LossCall, LossOutput
 from lossd.server.config import ServerConfig
 from lossd.server.engine import LossEngine, resolve_device
+from lossd.server.faults import DeviceFailure
 from lossd.server.metrics import ServerMetrics, multiprocess_enabled, serve_metrics
 from lossd.server.servicer import LossServicer
+from lossd.server.streaming import ByteBudget
 from lossd.v1 import loss_service_pb2 as pb
 
 __all__ = ["LOSS_SERVICE", "LossServer", "serve"]
@@ -39,7 +43,9 @@ class LossServer:
     """One lossd gRPC server: the loss service, the standard health service, server reflection.
 
     Health reports NOT_SERVING until `start()` has bound the port and set up the device, SERVING
-    after, and NOT_SERVING again from the moment `stop()` begins.
+    after, and NOT_SERVING again from the moment `stop()` begins, or from the moment the device
+    fails for good: then every queued and later call fails `UNAVAILABLE` and `failed` is set, for
+    `serve()` to stop and exit non-zero.
     """
 
     def __init__(
@@ -56,7 +62,13 @@ class LossServer:
         worker processes share the port (`lossd serve --workers`).
         """
         self.config = config
-        self.engine = engine if engine is not None else LossEngine(config.device, torch_threads(config))
+        self.engine = (
+            engine
+            if engine is not None
+            else LossEngine(config.device, torch_threads(config), reject_nonfinite=config.reject_nonfinite)
+        )
+        self.failure: DeviceFailure | None = None
+        self.failed = asyncio.Event()
         self.metrics = ServerMetrics(
             registry if registry is not None else CollectorRegistry(),
             build=_build_info(self.engine.device),
@@ -77,27 +89,49 @@ class LossServer:
             ),
             executor=self._executor,
             observer=self.metrics,
+            on_failure=self._on_batch_failure,
         )
         self._stop_metrics: Callable[[], None] | None = None
         self._health = health_aio.HealthServicer()
+        interceptors = []
+        tokens = load_tokens(config.auth_token, config.auth_token_file)
+        if tokens:
+            interceptors.append(
+                TokenAuth(
+                    tokens,
+                    open_methods=HEALTH_METHODS if config.health_without_auth else (),
+                    on_refusal=self.metrics.auth_refused,
+                )
+            )
         self._server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+                # Find dead clients (ping every minute), and let live ones ping us every 10 s or
+                # more, idle or not, as lossd's client does to find dead servers.
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.max_pings_without_data", 0),
                 # gRPC sets SO_REUSEPORT by default, which would let a second server silently share
                 # (and steal calls from) a port already in use; only workers share on purpose.
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
-            ]
+            ],
         )
-        servicer = LossServicer(
+        self.servicer = LossServicer(
             self.engine,
             self.batcher,
             config.limits,
             self.metrics,
             config.stream_chunk_bytes,
             config.stream_block_bytes,
+            max_request_s=config.max_request_s,
+            stream_budget=ByteBudget(config.stream_budget_bytes),
         )
-        servicer.add_to_server(self._server, LOSS_SERVICE)
+        self.servicer.add_to_server(self._server, LOSS_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (LOSS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server
@@ -108,7 +142,10 @@ class LossServer:
         """Binds, starts and reports SERVING; returns the bound port (useful with port 0)."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
-            self.port = self._server.add_insecure_port(self.config.address)
+            if self.config.tls:
+                self.port = self._server.add_secure_port(self.config.address, server_credentials(self.config))
+            else:
+                self.port = self._server.add_insecure_port(self.config.address)
         except RuntimeError as exc:  # grpcio reports a failed bind this way
             raise OSError(f"could not bind {self.config.address}: {exc}") from None
         if self.port == 0:
@@ -122,15 +159,34 @@ class LossServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
-    async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING at once, then lets in-flight calls finish for `grace` seconds."""
+    async def stop(self, grace: float | None = None) -> int:
+        """NOT_SERVING at once and new calls refused, then lets the calls in progress (queued or
+        computing) finish for `grace` seconds; returns how many were still unfinished then."""
+        grace = self.config.shutdown_grace_s if grace is None else grace
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(self.config.shutdown_grace_s if grace is None else grace)
+        stopping = asyncio.ensure_future(self._server.stop(grace))
+        deadline = time.monotonic() + grace
+        while self.servicer.active and not stopping.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        unfinished = self.servicer.active
+        await stopping
         await self.batcher.close()
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         if self._stop_metrics is not None:
             await asyncio.to_thread(self._stop_metrics)
             self._stop_metrics = None
+        return unfinished
+
+    def _on_batch_failure(self, error: Exception) -> None:
+        """A computation failed as a whole; if the device is gone, stop serving at once."""
+        if not isinstance(error, DeviceFailure) or self.failure is not None:
+            return
+        _LOGGER.critical("%s; refusing every call and exiting", error.message, exc_info=error.__cause__)
+        self.failure = error
+        self.servicer.fail(error)
+        self.batcher.abort(error)
+        asyncio.get_running_loop().create_task(self._health.enter_graceful_shutdown())
+        self.failed.set()
 
     async def wait_for_termination(self) -> None:
         """Returns once the server has stopped."""
@@ -139,6 +195,25 @@ class LossServer:
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for name in ("", LOSS_SERVICE):
             await self._health.set(name, status)
+
+
+def _read(path: str, setting: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise OSError(f"{setting} {path!r} cannot be read: {exc.strerror}") from None
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    """TLS from the config's PEM files; with a client CA, mutual TLS (a client certificate it signed
+    is required)."""
+    key = _read(config.tls_key_file, "tls_key_file")
+    chain = _read(config.tls_cert_file, "tls_cert_file")
+    client_ca = _read(config.tls_client_ca_file, "tls_client_ca_file") if config.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def torch_threads(config: ServerConfig) -> int:
@@ -166,14 +241,20 @@ def _memory_probe(device: torch.device) -> Callable[[], tuple[int, int] | None] 
     return lambda: (torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
 
 
-async def serve(config: ServerConfig, *, worker: str = "") -> None:
-    """Runs a server until SIGINT or SIGTERM, then drains it within the configured grace period.
+DEVICE_FAILED_EXIT = 3
+"""`lossd serve`'s exit status after its device failed for good (a supervisor should restart it)."""
 
-    `worker` ("2/4") marks one of several processes sharing the port (`lossd serve --workers`).
+
+async def serve(config: ServerConfig, *, worker: str = "", engine: LossEngine | None = None) -> int:
+    """Runs a server until SIGINT or SIGTERM, then drains it within the configured grace period;
+    returns the exit status: 0, or `DEVICE_FAILED_EXIT` if the device failed.
+
+    `worker` ("2/4") marks one of several processes sharing the port (`lossd serve --workers`);
+    `engine` replaces the default one (fault-injection tests).
     """
     threads = torch_threads(config)
     torch.set_num_threads(1)  # until a large computation asks for more
-    server = LossServer(config, reuse_port=bool(worker))
+    server = LossServer(config, engine=engine, reuse_port=bool(worker))
     port = await server.start()
     # Everything allocated so far lives as long as the process: keep the collector from walking
     # torch's and gRPC's hundred thousand objects again and again under load.
@@ -196,7 +277,26 @@ async def serve(config: ServerConfig, *, worker: str = "") -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    _LOGGER.info("lossd stopping: draining for up to %.1f s", config.shutdown_grace_s)
-    await server.stop()
-    _LOGGER.info("lossd stopped")
+    waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(server.failed.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for wait in waits:
+        wait.cancel()
+    if server.failure is not None:
+        # Nothing more can be computed: answer what is in progress (UNAVAILABLE) and go.
+        await server.stop(min(config.shutdown_grace_s, 1.0))
+        _LOGGER.critical("lossd exiting with status %d: its device failed", DEVICE_FAILED_EXIT)
+        return DEVICE_FAILED_EXIT
+    _LOGGER.info(
+        "lossd stopping: health NOT_SERVING, new calls refused, %d in progress get up to %.1f s",
+        server.servicer.active,
+        config.shutdown_grace_s,
+    )
+    unfinished = await server.stop()
+    answered = server.servicer.answered
+    _LOGGER.info(
+        "lossd stopped: %d calls answered (%s); %d unfinished at the end of the grace period",
+        sum(answered.values()),
+        ", ".join(f"{code} {count}" for code, count in sorted(answered.items())) or "none",
+        unfinished,
+    )
+    return 0

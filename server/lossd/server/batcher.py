@@ -67,7 +67,8 @@ class Batcher(Generic[T, R]):
     """Batches `submit`ted items onto `run`, which computes a list of items on `executor`.
 
     `run(items)` returns one result or exception per item, in order; `key(item)` says which items
-    may be computed together (None: alone); `cost(item)` is (rows, bytes).
+    may be computed together (None: alone); `cost(item)` is (rows, bytes). If `run` raises
+    instead, the whole batch fails with that error and `on_failure(error)` is told.
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class Batcher(Generic[T, R]):
         limits: BatchLimits,
         executor: Executor,
         observer: BatchObserver | None = None,
+        on_failure: Callable[[Exception], None] | None = None,
     ) -> None:
         self._run = run
         self._key = key
@@ -85,6 +87,9 @@ class Batcher(Generic[T, R]):
         self.limits = limits
         self._executor = executor
         self._observer = observer
+        self._on_failure = on_failure
+        self._refusal: Exception | None = None
+        self._item_seconds = 0.0  # moving average of compute time per item, for retry hints
         self._groups: dict[Hashable, collections.deque[_Item[T, R]]] = {}
         self._depth = 0
         self._wake = asyncio.Event()
@@ -109,22 +114,41 @@ class Batcher(Generic[T, R]):
         if self._task is not None:
             await self._task
 
+    def abort(self, error: Exception) -> None:
+        """Stops at once: every queued item fails with `error`, and so does every later submit.
+
+        For a device that can no longer compute; the batch being computed ends as it ends.
+        """
+        self._refusal = error
+        self._closing = True
+        for group in self._groups.values():
+            for item in group:
+                if not item.future.done():
+                    item.future.set_exception(error)
+        self._groups.clear()
+        self._wake.set()
+
     async def submit(self, value: T, deadline: float | None = None) -> R:
         """Queues `value` and waits for its result. `deadline` is a `time.monotonic()` instant.
 
         Raises `ResourceExhaustedError` at once when the queue is full, `UnavailableError` once
         the batcher is closing, and `DeadlineExceededError` if the deadline passes in the queue.
         """
+        if self._refusal is not None:
+            raise self._refusal
         if self._closing:
             raise UnavailableError("the server is shutting down", reason="SHUTTING_DOWN")
         if self._depth >= self.limits.max_queue_size:
             if self._observer:
                 self._observer.dropped("queue_full")
+            # About the time the queue ahead takes to compute, within reason.
+            wait = min(max(self._item_seconds * self._depth, 0.01), 5.0)
             raise ResourceExhaustedError(
                 f"the compute queue is full ({self._depth} requests waiting, max_queue_size "
                 f"{self.limits.max_queue_size}); retry later or elsewhere",
                 reason="QUEUE_FULL",
                 metadata={"queued": str(self._depth), "maxQueueSize": str(self.limits.max_queue_size)},
+                retry_after=round(wait, 3),
             )
         key = self._key(value) if self.limits.merge else None
         rows, nbytes = self._cost(value)
@@ -208,7 +232,7 @@ class Batcher(Generic[T, R]):
                     self._wake.clear()
                     try:
                         await asyncio.wait_for(self._wake.wait(), remaining)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                     else:
                         continue  # something arrived: look again (this group may be full now)
@@ -220,13 +244,17 @@ class Batcher(Generic[T, R]):
                 results = await loop.run_in_executor(
                     self._executor, self._run, [item.value for item in items]
                 )
-            except Exception as error:  # the executor itself failed: fail this batch, keep dispatching
+            except Exception as error:  # run (or the executor) failed as a whole: fail this batch
                 results = [error] * len(items)
+                if self._on_failure is not None:
+                    self._on_failure(error)
+            elapsed = time.monotonic() - started
+            self._item_seconds += 0.2 * (elapsed / len(items) - self._item_seconds)
             if self._observer:
                 self._observer.batch(
                     len(items),
                     sum(i.rows for i in items),
-                    time.monotonic() - started,
+                    elapsed,
                     [started - i.arrived for i in items],
                 )
             for item, result in zip(items, results, strict=True):

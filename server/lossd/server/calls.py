@@ -58,8 +58,10 @@ class LossCall:
 @dataclass(frozen=True)
 class LossOutput:
     """The loss and the gradients asked for, on the host: torch tensors, or numpy arrays where the
-    merged path produced them (any dtype but bfloat16)."""
+    merged path produced them (any dtype but bfloat16). `nonfinite` names the request fields that
+    held NaN or infinity (computed with, as torch does, and counted)."""
 
     loss: torch.Tensor | np.ndarray
     input_grad: torch.Tensor | np.ndarray | None = None
     target_grad: torch.Tensor | np.ndarray | None = None
+    nonfinite: tuple[str, ...] = ()

@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure(config: ServerConfig) -> None:
+def configure(config: ServerConfig) -> None:
+    """Logging and warnings as `lossd serve` sets them up."""
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -43,13 +44,12 @@ def run_server(config: ServerConfig, *, worker: str = "") -> int:
     """Serves in this process until a signal; the exit status."""
     from lossd.server.app import serve
 
-    _configure(config)
+    configure(config)
     try:
-        asyncio.run(serve(config, worker=worker))
+        return asyncio.run(serve(config, worker=worker))
     except (OSError, ValueError) as exc:
         logging.getLogger("lossd.server").error("cannot serve: %s", exc)
         return 1
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lossd: {exc}", file=sys.stderr)
         return 2
     if config.workers > 1:
-        _configure(config)
+        configure(config)
         return run_workers(config)
     return run_server(config)
 

@@ -33,9 +33,11 @@ def _on_off(text: str) -> bool:
 _on_off.__name__ = "on/off"
 
 
-def _setting(default: Any, help: str) -> Any:
+def _setting(default: Any, help: str, *, secret: bool = False) -> Any:
+    """A field; a `secret` one has no flag (command lines are visible to every local user) and is
+    never shown."""
     parse = _on_off if isinstance(default, bool) else type(default)
-    return field(default=default, metadata={"help": help, "type": parse})
+    return field(default=default, repr=not secret, metadata={"help": help, "type": parse, "secret": secret})
 
 
 def _shown(value: Any) -> str:
@@ -56,6 +58,26 @@ class ServerConfig:
     max_tensor_bytes: int = _setting(2**36, "most data bytes in one request tensor (StreamLoss passes 2 GiB)")
     max_tensor_dims: int = _setting(32, "most dimensions of one request tensor")
     shutdown_grace_s: float = _setting(10.0, "seconds in-flight calls get to finish on SIGTERM / SIGINT")
+    max_request_s: float = _setting(
+        600.0,
+        "longest a call may take inside the server (receiving, queueing, computing, sending) before it "
+        "fails DEADLINE_EXCEEDED; the caller's own deadline applies too; 0: no server limit",
+    )
+    max_concurrent_streams: int = _setting(
+        1024,
+        "most calls in progress at once on one client connection (HTTP/2 streams); more are refused "
+        "UNAVAILABLE before any work (lossd's client retries them)",
+    )
+    max_stream_bytes: int = _setting(
+        0,
+        "most bytes all StreamLoss calls together may hold while they are received; a stream whose "
+        "header would pass it is refused with RESOURCE_EXHAUSTED before anything is allocated; "
+        "0: half of this machine's memory",
+    )
+    reject_nonfinite: bool = _setting(
+        False,
+        "refuse requests whose tensors hold NaN or infinity (INVALID_ARGUMENT); off: compute as torch does",
+    )
     stream_chunk_bytes: int = _setting(2**20, "bytes per StreamLoss response chunk")
     stream_block_bytes: int = _setting(
         8 * 2**20, "input bytes per block a StreamLoss call is computed in while its input still arrives"
@@ -75,6 +97,20 @@ class ServerConfig:
     )
     metrics_port: int = _setting(9464, "Prometheus metrics HTTP port; 0 turns metrics off")
     log_level: str = _setting("INFO", "logging level: DEBUG, INFO, WARNING or ERROR")
+    tls_cert_file: str = _setting("", "PEM server certificate (chain): serve TLS instead of plaintext")
+    tls_key_file: str = _setting("", "PEM private key of the server certificate")
+    tls_client_ca_file: str = _setting(
+        "", "PEM CA bundle: require every client to present a certificate it signed (mutual TLS)"
+    )
+    auth_token_file: str = _setting(
+        "", "file of accepted bearer tokens, one per line: calls without one fail UNAUTHENTICATED"
+    )
+    auth_token: str = _setting(
+        "", "an accepted bearer token (environment only, never a flag: command lines are public)", secret=True
+    )
+    health_without_auth: bool = _setting(
+        True, "answer health checks without a token, so that load balancers and kubelets can probe"
+    )
 
     @property
     def limits(self) -> TensorLimits:
@@ -95,6 +131,8 @@ class ServerConfig:
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Adds one `--flag` per field; unset flags stay None so that the environment can apply."""
         for spec in dataclasses.fields(cls):
+            if spec.metadata["secret"]:
+                continue
             parser.add_argument(
                 "--" + spec.name.replace("_", "-"),
                 type=spec.metadata["type"],
@@ -142,9 +180,36 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_queue_delay_us", "port", "metrics_port", "shutdown_grace_s", "torch_threads"):
+        for name in (
+            "max_queue_delay_us",
+            "port",
+            "metrics_port",
+            "shutdown_grace_s",
+            "torch_threads",
+            "max_request_s",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.max_concurrent_streams < 1:
+            raise ValueError(f"max_concurrent_streams must be at least 1, got {self.max_concurrent_streams}")
+        if self.max_stream_bytes < 0:
+            raise ValueError(f"max_stream_bytes must not be negative, got {self.max_stream_bytes}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+
+    @property
+    def stream_budget_bytes(self) -> int:
+        """`max_stream_bytes`, with 0 resolved to half of the machine's physical memory."""
+        if self.max_stream_bytes:
+            return self.max_stream_bytes
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+    @property
+    def tls(self) -> bool:
+        """Whether the server speaks TLS."""
+        return bool(self.tls_cert_file)
 
     @classmethod
     def parse(cls, argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> ServerConfig:

@@ -8,13 +8,23 @@ its own reduction taken in float64.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import traceback
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lossd.server.calls import LossCall, LossKind, LossOutput
+from lossd.server.faults import (
+    DeviceFailure,
+    device_works,
+    is_device_error,
+    is_out_of_memory,
+    out_of_memory_error,
+)
+from lossd.server.finite import nonfinite_error, nonfinite_fields
 from lossd.server.merged import MergeKey, Staging, compute_merged, merge_key, rows_of
 from lossd.server.validation import validate
 
@@ -72,13 +82,26 @@ class LossEngine:
     """Computes loss calls on one device. It holds no per-call state.
 
     `threads`: torch intra-op threads for large computations (small ones use one); None leaves
-    torch's setting alone.
+    torch's setting alone. `reject_nonfinite`: refuse calls with NaN or infinite values instead of
+    computing them (and flagging them in `LossOutput.nonfinite`).
+
+    Device faults are contained here (see `lossd.server.faults`): a merged computation that runs
+    out of memory is split in two and each half retried, down to single calls; a single call that
+    runs out of memory fails alone with `RESOURCE_EXHAUSTED`; an error that leaves the device
+    unusable raises `DeviceFailure` out of `compute_batch`, failing the whole batch.
     """
 
-    def __init__(self, device: torch.device | str = "auto", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        device: torch.device | str = "auto",
+        threads: int | None = None,
+        *,
+        reject_nonfinite: bool = False,
+    ) -> None:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.staging = Staging(self.device, pinned=self.device.type == "cuda")
         self.threads = threads
+        self.reject_nonfinite = reject_nonfinite
 
     def _use_threads(self, calls: Sequence[LossCall]) -> None:
         if self.threads is None:
@@ -89,7 +112,10 @@ class LossEngine:
 
     def compute(self, call: LossCall) -> LossOutput:
         """Validates, then computes the loss and the requested gradients alone; results on the CPU."""
-        return self._run(validate(call))
+        result = self.compute_batch([validate(call)], merge=False)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def prepare(self, call: LossCall) -> LossCall:
         """Validates a call (on the host, before anything reaches the device) for `compute_batch`."""
@@ -108,28 +134,79 @@ class LossEngine:
     def compute_batch(self, calls: Sequence[LossCall], merge: bool = True) -> list[LossOutput | Exception]:
         """Prepared calls that share one merge key, computed together; each result or error in order.
 
-        A single call, and every call with `merge=False`, is computed alone, exactly as `compute`
-        would. If a merged computation fails, each call is retried alone, so that one bad call fails
-        no other.
+        A single call, and every call with `merge=False`, is computed alone, exactly as torch would.
+        If a merged computation fails, each call is retried alone, so that one bad call fails no
+        other. Raises `DeviceFailure` when the device is no longer usable.
         """
         self._use_threads(calls)
+        flags = [nonfinite_fields(call) for call in calls]
+        results: list[LossOutput | Exception | None] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        if self.reject_nonfinite and any(flags):
+            for i in todo:
+                if flags[i]:
+                    results[i] = nonfinite_error(flags[i])
+            todo = [i for i in todo if not flags[i]]
+        computed = self._compute([calls[i] for i in todo], merge)
+        for i, result in zip(todo, computed, strict=True):
+            if flags[i] and isinstance(result, LossOutput):
+                results[i] = dataclasses.replace(result, nonfinite=flags[i])
+            else:
+                results[i] = result
+        return [result for result in results if result is not None]
+
+    def _compute(self, calls: Sequence[LossCall], merge: bool) -> list[LossOutput | Exception]:
         key = merge_key(calls[0]) if merge and len(calls) > 1 else None
         if key is None:  # alone: torch's own call, bit for bit
-            return [self._guarded(self._run, call) for call in calls]
+            return [self._alone(call) for call in calls]
         try:
-            return list(compute_merged(calls, key, self.staging))
+            return list(self._merged(calls, key))
         except Exception as error:
+            self._contain(error)
+            if is_out_of_memory(error):
+                half = len(calls) // 2
+                _LOGGER.warning(
+                    "a merged computation of %d calls ran out of memory; retrying it as %d + %d",
+                    len(calls),
+                    half,
+                    len(calls) - half,
+                )
+                return self._compute(calls[:half], merge) + self._compute(calls[half:], merge)
             _LOGGER.warning(
                 "a merged computation of %d calls failed (%s); retrying each alone", len(calls), error
             )
-            return [self._guarded(self._run, call) for call in calls]
+            return [self._alone(call) for call in calls]
 
-    @staticmethod
-    def _guarded(run: Callable[[LossCall], LossOutput], call: LossCall) -> LossOutput | Exception:
+    def _alone(self, call: LossCall) -> LossOutput | Exception:
         try:
-            return run(call)
+            return self._run(call)
         except Exception as error:
+            self._contain(error)
+            if is_out_of_memory(error):
+                return out_of_memory_error(self.device, call.input.nbytes + call.target.nbytes, error)
             return error
+
+    def _contain(self, error: Exception) -> None:
+        """After a failed computation: frees what it held; raises `DeviceFailure` if the device is
+        no longer usable."""
+        # The traceback's frames hold the failed computation's tensors; a retry needs that memory.
+        traceback.clear_frames(error.__traceback__)
+        if is_out_of_memory(error):
+            self.release_memory()
+        elif is_device_error(error) and not self.device_works():
+            raise DeviceFailure(self.device, error) from error
+
+    def device_works(self) -> bool:
+        """Whether the device still computes (see `lossd.server.faults.device_works`)."""
+        return device_works(self.device)
+
+    def release_memory(self) -> None:
+        """Returns cached device memory to the driver after an out-of-memory error."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _merged(self, calls: Sequence[LossCall], key: MergeKey) -> list[LossOutput]:
+        return compute_merged(calls, key, self.staging)
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if tensor.device == self.device else tensor.to(self.device)

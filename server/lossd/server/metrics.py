@@ -106,6 +106,19 @@ class ServerMetrics:
         self.dropped_requests = Counter(
             "lossd_dropped_requests", "Requests dropped before compute, by reason.", ["reason"], **kw
         )
+        self.nonfinite_requests = Counter(
+            "lossd_nonfinite_requests",
+            "Requests whose tensors held NaN or infinity, by loss and request field (computed as torch "
+            "does, or refused with --reject-nonfinite).",
+            ["loss", "field"],
+            **kw,
+        )
+        self.auth_refusals = Counter(
+            "lossd_auth_refusals",
+            "Calls refused for a missing or unaccepted bearer token, by reason.",
+            ["reason"],
+            **kw,
+        )
         self.memory_allocated = Gauge(
             "lossd_device_memory_allocated_bytes",
             "Device memory held by tensors (CUDA only).",
@@ -137,6 +150,14 @@ class ServerMetrics:
         self.received_bytes.inc(received)
         if sent:
             self.sent_bytes.inc(sent)
+
+    def nonfinite(self, loss: str, fields: Sequence[str]) -> None:
+        """A request with NaN or infinity in `fields` (nothing when empty)."""
+        for field in fields:
+            self.nonfinite_requests.labels(loss, field).inc()
+
+    def auth_refused(self, reason: str) -> None:
+        self.auth_refusals.labels(reason).inc()
 
     # -- the batcher's side (BatchObserver) ---------------------------------------------------------
 

@@ -9,6 +9,7 @@ go back in chunks the same way.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import traceback
@@ -17,14 +18,19 @@ from collections.abc import AsyncIterator
 import grpc
 
 from lossd.client import chunks, codec
-from lossd.client.errors import InternalError, LossdError, ResourceExhaustedError
+from lossd.client.errors import (
+    DeadlineExceededError,
+    InternalError,
+    LossdError,
+    ResourceExhaustedError,
+)
 from lossd.server.batcher import Batcher
 from lossd.server.calls import LossCall, LossOutput
 from lossd.server.convert import call_from_request, response_from_output
 from lossd.server.engine import LossEngine
 from lossd.server.metrics import ServerMetrics
 from lossd.server.status import abort
-from lossd.server.streaming import BLOCK_BYTES, StreamedCall
+from lossd.server.streaming import BLOCK_BYTES, ByteBudget, StreamedCall
 from lossd.v1 import loss_service_pb2 as pb
 
 __all__ = ["LossServicer"]
@@ -39,6 +45,11 @@ class LossServicer:
 
     Validation runs here, before the request is queued, so a bad request is answered at once and
     never reaches the device; compute runs on the batcher's executor, off the event loop.
+
+    `max_request_s` (0: none) bounds each call's whole time in the server; `stream_budget` the
+    bytes all streams being received may hold. `active` counts calls in progress and `answered`
+    the finished ones by status code (for the drain report); once `fail()` is called, every call
+    still reading or arriving fails with that error.
     """
 
     def __init__(
@@ -49,6 +60,9 @@ class LossServicer:
         metrics: ServerMetrics,
         chunk_bytes: int = chunks.DEFAULT_CHUNK_BYTES,
         block_bytes: int = BLOCK_BYTES,
+        *,
+        max_request_s: float = 0.0,
+        stream_budget: ByteBudget | None = None,
     ) -> None:
         self._engine = engine
         self._batcher = batcher
@@ -56,6 +70,28 @@ class LossServicer:
         self._metrics = metrics
         self._chunk_bytes = chunk_bytes
         self._block_bytes = block_bytes
+        self._max_request_s = max_request_s
+        self._stream_budget = stream_budget if stream_budget is not None else ByteBudget(2**62)
+        self._failure: LossdError | None = None
+        self.active = 0
+        self.answered: collections.Counter[str] = collections.Counter()
+
+    def fail(self, error: LossdError) -> None:
+        """From now on every call fails with `error` (the device is gone)."""
+        self._failure = error
+
+    def _time_limit(self) -> asyncio.Timeout:
+        return asyncio.timeout(self._max_request_s or None)
+
+    def _check_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    async def _unless_failed(self, requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The stream's messages, cut short with the failure once the server has failed."""
+        async for message in requests:
+            self._check_failure()
+            yield message
 
     def add_to_server(self, server: grpc.aio.Server, service: str) -> None:
         """Registers both methods; StreamLoss reads and writes raw messages (see `lossd.client.chunks`)."""
@@ -69,39 +105,53 @@ class LossServicer:
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
-    async def _submit(self, call: LossCall, context: Context) -> LossOutput:
-        """Queues a prepared call for compute, with the caller's deadline."""
+    async def _submit(self, call: LossCall, context: Context, started: float) -> LossOutput:
+        """Queues a prepared call for compute, with the caller's deadline or the server's limit."""
         remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        now = time.monotonic()
+        deadline = now + remaining if remaining is not None else None
+        if self._max_request_s:
+            limit = now + self._max_request_s - (time.perf_counter() - started)
+            deadline = limit if deadline is None else min(deadline, limit)
         return await self._batcher.submit(call, deadline)
+
+    def _begin(self) -> None:
+        self.active += 1
+        self._metrics.in_flight.inc()
 
     async def ComputeLoss(self, request: pb.ComputeLossRequest, context: Context) -> pb.ComputeLossResponse:
         started = time.perf_counter()
         loss = request.WhichOneof("loss") or "unset"
-        self._metrics.in_flight.inc()
+        self._begin()
         try:
-            call = self._engine.prepare(call_from_request(request, self._limits))
-            output = await self._submit(call, context)
-            response = response_from_output(output)
+            async with self._time_limit():
+                self._check_failure()
+                call = self._engine.prepare(call_from_request(request, self._limits))
+                output = await self._submit(call, context, started)
+                response = response_from_output(output)
         except BaseException as error:
             await self._fail(error, context, loss, started, request.ByteSize(), 0)
             raise
+        self._metrics.nonfinite(loss, output.nonfinite)
         self._finish(loss, "OK", started, request.ByteSize(), response.ByteSize())
         return response
 
     async def StreamLoss(self, requests: AsyncIterator[bytes], context: Context) -> None:
         started = time.perf_counter()
-        self._metrics.in_flight.inc()
+        self._begin()
         call = StreamedCall(
             self._engine,
-            lambda call: self._submit(call, context),
+            lambda call: self._submit(call, context, started),
             context.write,
             self._limits,
             self._chunk_bytes,
             self._block_bytes,
+            self._stream_budget,
         )
         try:
-            await call.serve(requests)
+            async with self._time_limit():
+                self._check_failure()
+                await call.serve(self._unless_failed(requests))
         except BaseException as error:
             # The traceback's frames hold the stream's buffers; they must go now, not whenever the
             # error object does.
@@ -109,9 +159,14 @@ class LossServicer:
             await call.close()
             await self._fail(error, context, call.loss, started, call.received, call.sent)
             raise
+        finally:
+            call.release()
+        self._metrics.nonfinite(call.loss, tuple(call.nonfinite))
         self._finish(call.loss, "OK", started, call.received, call.sent)
 
     def _finish(self, loss: str, code: str, started: float, received: int, sent: int) -> None:
+        self.active -= 1
+        self.answered[code] += 1
         self._metrics.in_flight.dec()
         self._metrics.request(loss, code, time.perf_counter() - started, received, sent)
 
@@ -121,19 +176,26 @@ class LossServicer:
         """Counts the failed call, then ends it with its status (the client hears at once, so the
         count comes first); cancellations and aborts under way pass through."""
         code, status = self._status(error)
+        if status is not None and status.reason == "NONFINITE_VALUE":
+            self._metrics.nonfinite(loss, tuple(status.metadata["fields"].split(",")))
         self._finish(loss, code, started, received, sent)
         if status is not None:
             await abort(context, status)
 
-    @staticmethod
-    def _status(error: BaseException) -> tuple[str, LossdError | None]:
+    def _status(self, error: BaseException) -> tuple[str, LossdError | None]:
         """The status code a failure ends the call with, and the error to send (None: let it pass:
         a cancellation, or an abort already under way)."""
         if isinstance(error, asyncio.CancelledError):
             return "CANCELLED", None
         if isinstance(error, grpc.aio.AbortError) or not isinstance(error, Exception):
             return "UNKNOWN", None
-        if isinstance(error, MemoryError):
+        if isinstance(error, TimeoutError):  # the server's max_request_s, from _time_limit
+            error = DeadlineExceededError(
+                f"the call took longer than the server allows ({self._max_request_s:g} s, max_request_s)",
+                reason="MAX_REQUEST_TIME",
+                metadata={"maxRequestSeconds": f"{self._max_request_s:g}"},
+            )
+        elif isinstance(error, MemoryError):
             error = ResourceExhaustedError(
                 "the server could not allocate memory for this request", reason="ALLOCATION_FAILED"
             )

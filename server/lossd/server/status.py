@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from lossd.client._rpc_errors import STATUS_DETAILS_KEY
@@ -12,7 +12,9 @@ from lossd.client.errors import DOMAIN, LossdError
 __all__ = ["abort", "rich_status"]
 
 
-def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
+def _pack(
+    message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest | error_details_pb2.RetryInfo,
+) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
@@ -29,6 +31,10 @@ def rich_status(error: LossdError) -> tuple[grpc.StatusCode, str, tuple[tuple[st
             field=error.field, description=error.message, reason=error.reason
         )
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+    if error.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(round(error.retry_after * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
     return code, error.message, ((STATUS_DETAILS_KEY, status.SerializeToString()),)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lossd.client import chunks, codec
-from lossd.client.errors import InvalidArgumentError
+from lossd.client.errors import InvalidArgumentError, ResourceExhaustedError
 from lossd.server.blocks import BlockPlan, block_plan
 from lossd.server.calls import LossCall, LossOutput
 from lossd.server.convert import call_from_request, stream_plan, stream_response
@@ -29,7 +29,7 @@ from lossd.server.merged import as_float64
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
 
-__all__ = ["StreamedCall"]
+__all__ = ["ByteBudget", "StreamedCall"]
 
 BLOCK_BYTES = 8 << 20
 """Input bytes per block computed while the stream is still arriving."""
@@ -40,8 +40,47 @@ def _float64_sum(value: Any) -> float:
     return float(array.sum())
 
 
+class ByteBudget:
+    """The bytes that all streams being received may hold together (`max_stream_bytes`).
+
+    A stream takes its share from its header, before any allocation, and gives it back when it
+    ends; the event loop is the only user, so no lock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, nbytes: int) -> None:
+        """Reserves `nbytes` or raises `ResourceExhaustedError` (with a retry hint when waiting helps)."""
+        if self.held + nbytes <= self.limit:
+            self.held += nbytes
+            return
+        alone = nbytes > self.limit
+        raise ResourceExhaustedError(
+            f"this stream's tensors need {nbytes} bytes; "
+            + (
+                f"that is more than the server lets all streams hold ({self.limit} bytes, max_stream_bytes)"
+                if alone
+                else f"streams under way already hold {self.held} of the server's {self.limit} "
+                "(max_stream_bytes); retry later or elsewhere"
+            ),
+            reason="STREAM_MEMORY_EXHAUSTED",
+            metadata={
+                "requestBytes": str(nbytes),
+                "heldBytes": str(self.held),
+                "maxStreamBytes": str(self.limit),
+            },
+            retry_after=None if alone else 1.0,
+        )
+
+    def give(self, nbytes: int) -> None:
+        self.held -= nbytes
+
+
 class StreamedCall:
-    """Serves one StreamLoss stream; `received` and `sent` count its bytes, `loss` names it."""
+    """Serves one StreamLoss stream; `received` and `sent` count its bytes, `loss` names it,
+    `nonfinite` the fields that held NaN or infinity."""
 
     def __init__(
         self,
@@ -51,6 +90,7 @@ class StreamedCall:
         limits: codec.TensorLimits,
         chunk_bytes: int,
         block_bytes: int = BLOCK_BYTES,
+        budget: ByteBudget | None = None,
     ) -> None:
         self._engine = engine
         self._submit = submit
@@ -58,9 +98,12 @@ class StreamedCall:
         self._limits = limits
         self._chunk_bytes = chunk_bytes
         self._block_bytes = block_bytes
+        self._budget = budget
+        self._held = 0
         self.loss = "unset"
         self.received = 0
         self.sent = 0
+        self.nonfinite: set[str] = set()
         # Computing in blocks:
         self._plan: BlockPlan | None = None
         self._submitted = 0
@@ -93,6 +136,10 @@ class StreamedCall:
         self.loss = request.WhichOneof("loss") or "unset"
         shapes, plan = stream_plan(request, self._limits)
         self._engine.prepare(shapes)  # everything but the values, before any memory is taken
+        if self._budget is not None:
+            needed = sum(nbytes for _, nbytes in plan.values())
+            self._budget.take(needed)
+            self._held = needed
         assembly = chunks.Assembly(
             {slot: nbytes for slot, (_, nbytes) in plan.items()},
             self._engine.staging.host_buffer,
@@ -140,6 +187,7 @@ class StreamedCall:
     # -- whole -----------------------------------------------------------------------------------
 
     async def _answer_whole(self, output: LossOutput) -> None:
+        self.nonfinite.update(output.nonfinite)
         header, gradients = stream_response(output)
         await self._write(chunks.encode_header(header))
         for slot, data in gradients:
@@ -182,6 +230,7 @@ class StreamedCall:
     async def _send_block(self, start: int, output: LossOutput) -> None:
         plan = self._plan
         assert plan is not None
+        self.nonfinite.update(output.nonfinite)
         if not self._header_sent:
             await self._write(chunks.encode_header(self._header()))
             self._header_sent = True
@@ -220,6 +269,12 @@ class StreamedCall:
         for _, _, future in self._running:
             future.cancel()
         self._running.clear()
+
+    def release(self) -> None:
+        """Gives the stream's share of `max_stream_bytes` back (once the call has ended)."""
+        if self._budget is not None and self._held:
+            self._budget.give(self._held)
+            self._held = 0
 
 
 def _tensor_header(shape: Sequence[int], dtype: torch.dtype) -> tensor_pb2.Tensor:

@@ -1,0 +1,62 @@
+"""Client-side balancing: round-robin over several servers, retries of UNAVAILABLE elsewhere."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from lossd.client import LossClient
+from lossd.client.channels import channel_options, resolve_target, service_config
+
+from conftest import RunningServer
+
+LOGITS = np.random.default_rng(6).standard_normal((4, 3)).astype(np.float32)
+LABELS = np.array([0, 2, 1, 1])
+
+
+def _answered(running: RunningServer) -> float:
+    value = running.server.metrics.registry.get_sample_value(
+        "lossd_requests_total", {"loss": "cross_entropy", "code": "OK"}
+    )
+    return value or 0.0
+
+
+def test_calls_spread_over_every_server_and_survive_one_stopping(
+    server_factory: Callable[..., RunningServer],
+) -> None:
+    servers = [server_factory() for _ in range(3)]
+    with LossClient([s.target for s in servers], timeout=30) as client:
+        for _ in range(60):
+            client.cross_entropy(LOGITS, LABELS)
+        counts = [_answered(s) for s in servers]
+        assert sum(counts) == 60
+        assert all(count >= 10 for count in counts), counts  # round-robin: about 20 each
+        servers[1].run(servers[1].server.stop(0))  # one replica goes away
+        for _ in range(60):
+            assert client.cross_entropy(LOGITS, LABELS).loss.shape == ()
+    assert sum(_answered(s) for s in servers) == 120
+    assert _answered(servers[0]) > counts[0] and _answered(servers[2]) > counts[2]
+
+
+def test_a_list_of_addresses_becomes_one_balanced_target() -> None:
+    assert resolve_target("dns:///lossd.ml.svc:50051") == ("dns:///lossd.ml.svc:50051", None)
+    assert resolve_target(["127.0.0.1:1", "localhost:2"]) == ("ipv4:127.0.0.1:1,127.0.0.1:2", "127.0.0.1")
+    assert resolve_target(["[::1]:5", "[::1]:6"]) == ("ipv6:[::1]:5,[::1]:6", "::1")
+    for bad in ([], ["nohost"], ["127.0.0.1:1", "[::1]:2"]):
+        with pytest.raises(ValueError, match=r"target|address"):
+            resolve_target(bad)
+
+
+def test_the_channel_balances_retries_and_keeps_alive() -> None:
+    options = dict(channel_options())
+    config = json.loads(options["grpc.service_config"])
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    policy = config["methodConfig"][0]["retryPolicy"]
+    assert config["methodConfig"][0]["name"] == [{"service": "lossd.v1.LossService"}]
+    assert policy["retryableStatusCodes"] == ["UNAVAILABLE"] and policy["maxAttempts"] == 5
+    assert options["grpc.keepalive_time_ms"] == 30_000 and options["grpc.keepalive_permit_without_calls"] == 1
+    assert "retryPolicy" not in json.loads(service_config(1))["methodConfig"][0]
+    assert dict(channel_options(extra=[("grpc.keepalive_time_ms", 5)]))["grpc.keepalive_time_ms"] == 5

@@ -1,0 +1,137 @@
+"""NaN and infinity: computed exactly as torch does, counted, and refused with --reject-nonfinite."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lossd.client import LossClient, errors
+from lossd.server.calls import LossCall, LossKind, LossOptions
+from lossd.server.finite import nonfinite_fields
+
+from conftest import RunningServer
+
+RNG = np.random.default_rng(11)
+NAN, INF = float("nan"), float("inf")
+
+
+def _logits(value: float, dtype: Any = np.float32, shape: tuple[int, ...] = (4, 5)) -> np.ndarray:
+    x = RNG.standard_normal(shape).astype(dtype)
+    x.flat[3] = value
+    return x
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_cross_entropy_with_nonfinite_logits_matches_torch(
+    exact_client: LossClient, value: float, dtype: Any
+) -> None:
+    logits, labels = _logits(value, dtype), np.array([0, 1, 2, 3])
+    result = exact_client.cross_entropy(logits, labels, reduction="none", return_grad=True)
+    x = torch.from_numpy(logits).requires_grad_()
+    expected = F.cross_entropy(x, torch.from_numpy(labels), reduction="none")
+    (grad,) = torch.autograd.grad(expected, x, torch.ones_like(expected))
+    np.testing.assert_array_equal(result.loss, expected.detach().numpy())  # NaN where torch has NaN
+    np.testing.assert_array_equal(result.grad, grad.numpy())
+
+
+def test_kl_div_with_log_zero_matches_torch(exact_client: LossClient) -> None:
+    """A student that gives a class zero probability (log-prob -inf) where the teacher gives zero too."""
+    with np.errstate(divide="ignore"):
+        student = np.log(np.array([[0.0, 0.5, 0.5], [0.2, 0.3, 0.5]], dtype=np.float32))
+    teacher = np.array([[0.0, 0.5, 0.5], [0.1, 0.1, 0.8]], dtype=np.float32)
+    for reduction in ("none", "batchmean"):
+        result = exact_client.kl_div(student, teacher, reduction=reduction, return_grad=True)
+        x = torch.from_numpy(student).requires_grad_()
+        expected = F.kl_div(x, torch.from_numpy(teacher), reduction=reduction)
+        (grad,) = torch.autograd.grad(expected, x, torch.ones_like(expected))
+        np.testing.assert_array_equal(result.loss, expected.detach().numpy())
+        np.testing.assert_array_equal(result.grad, grad.numpy())
+
+
+def test_bfloat16_nonfinite_logits_match_torch(exact_client: LossClient) -> None:
+    logits = torch.randn(4, 5, dtype=torch.bfloat16)
+    logits[1, 2] = INF
+    labels = torch.tensor([0, 1, 2, 3])
+    result = exact_client.cross_entropy(logits, labels, reduction="none")
+    expected = F.cross_entropy(logits, labels, reduction="none")
+    assert torch.equal(result.loss.isnan(), expected.isnan())
+    assert torch.equal(result.loss.nan_to_num(), expected.nan_to_num())
+
+
+def _nonfinite_count(running: RunningServer, loss: str, field: str) -> float:
+    value = running.server.metrics.registry.get_sample_value(
+        "lossd_nonfinite_requests_total", {"loss": loss, "field": field}
+    )
+    return value or 0.0
+
+
+def test_nonfinite_requests_are_counted_by_field(server_factory: Callable[..., RunningServer]) -> None:
+    running = server_factory()
+    with LossClient(running.target, timeout=30) as client:
+        client.cross_entropy(_logits(NAN), np.array([0, 1, 2, 3]))
+        client.cross_entropy(_logits(0.0), np.array([0, 1, 2, 3]))  # finite: not counted
+        weight = np.array([1.0, INF, 1.0, 1.0, 1.0], np.float32)
+        client.cross_entropy(_logits(INF), np.array([0, 1, 2, 3]), weight=weight)
+        # Streamed (past the client's threshold), in blocks: counted once.
+        big = _logits(-INF, shape=(4096, 512))
+        streamed = LossClient(running.target, timeout=60, stream_threshold_bytes=1 << 20)
+        with streamed:
+            streamed.cross_entropy(big, RNG.integers(0, 512, 4096), return_grad=True)
+    assert _nonfinite_count(running, "cross_entropy", "input") == 3
+    assert _nonfinite_count(running, "cross_entropy", "cross_entropy.weight") == 1
+
+
+def test_reject_nonfinite_refuses_them_with_the_field(server_factory: Callable[..., RunningServer]) -> None:
+    running = server_factory(reject_nonfinite=True)
+    with LossClient(running.target, timeout=30) as client:
+        with pytest.raises(errors.InvalidArgumentError) as refused:
+            client.kl_div(_logits(0.0), _logits(NAN), reduction="batchmean")
+        assert refused.value.reason == "NONFINITE_VALUE"
+        assert refused.value.field == "target"
+        assert "target holds NaN or infinite values" in refused.value.message
+        grad_output = np.ones(4, np.float32)
+        grad_output[2] = INF
+        with pytest.raises(errors.InvalidArgumentError) as upstream:
+            client.cross_entropy(
+                _logits(1.0),
+                np.array([0, 1, 2, 3]),
+                reduction="none",
+                grad_output=grad_output,
+                return_grad=True,
+            )
+        assert upstream.value.field == "gradients.grad_output"
+        assert client.cross_entropy(_logits(1.0), np.array([0, 1, 2, 3])).loss.shape == ()
+        with (
+            LossClient(running.target, timeout=60, stream_threshold_bytes=1 << 20) as streamed,
+            pytest.raises(errors.InvalidArgumentError) as streamed_refusal,
+        ):
+            streamed.cross_entropy(
+                _logits(NAN, shape=(4096, 512)), RNG.integers(0, 512, 4096), return_grad=True
+            )
+        assert streamed_refusal.value.reason == "NONFINITE_VALUE"
+    assert _nonfinite_count(running, "kl_div", "target") == 1
+    assert _nonfinite_count(running, "cross_entropy", "gradients.grad_output") == 1
+    assert _nonfinite_count(running, "cross_entropy", "input") == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("size", [7, 1 << 19], ids=["small", "large"])
+def test_the_check_finds_every_kind_of_nonfinite_value(dtype: torch.dtype, size: int) -> None:
+    for value in (NAN, INF, -INF):
+        x = torch.zeros(size, 3, dtype=dtype)
+        target = torch.zeros(size, 3, dtype=dtype)
+        call = LossCall(LossOptions(LossKind.KL_DIV), x, target)
+        assert nonfinite_fields(call) == ()
+        x[size - 1, 2] = value
+        assert nonfinite_fields(call) == ("input",)
+        target[0, 0] = value
+        assert nonfinite_fields(call) == ("input", "target")
+    # the largest finite values are finite
+    x = torch.full((size, 3), torch.finfo(dtype).max, dtype=dtype)
+    assert nonfinite_fields(LossCall(LossOptions(LossKind.KL_DIV), x, -x)) == ()
