@@ -1,4 +1,4 @@
-"""Client-side balancing: round-robin over several servers, retries of UNAVAILABLE elsewhere."""
+"""Client-side balancing: round-robin over several servers, retries of UNAVAILABLE (counted)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from lossd.client import LossClient
+from lossd.client import LossClient, UnavailableError
 from lossd.client.channels import channel_options, resolve_target, service_config
+from lossd.server.calls import LossCall, LossOutput
+from lossd.server.engine import LossEngine
 
 from conftest import RunningServer
 
@@ -60,3 +62,32 @@ def test_the_channel_balances_retries_and_keeps_alive() -> None:
     assert options["grpc.keepalive_time_ms"] == 30_000 and options["grpc.keepalive_permit_without_calls"] == 1
     assert "retryPolicy" not in json.loads(service_config(1))["methodConfig"][0]
     assert dict(channel_options(extra=[("grpc.keepalive_time_ms", 5)]))["grpc.keepalive_time_ms"] == 5
+
+
+class FlakyEngine(LossEngine):
+    """Fails its first `failures` calls with UNAVAILABLE, as a draining or failed replica would."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__("cpu")
+        self.failures = failures
+
+    def _run(self, call: LossCall) -> LossOutput:
+        if self.failures:
+            self.failures -= 1
+            raise UnavailableError("not now", reason="SHUTTING_DOWN")
+        return super()._run(call)
+
+
+def test_unavailable_calls_are_retried_and_counted(server_factory: Callable[..., RunningServer]) -> None:
+    running = server_factory(engine=FlakyEngine(failures=2), batching=False)
+    with LossClient(running.target, timeout=30) as client:
+        assert client.cross_entropy(LOGITS, LABELS).loss.shape == ()  # the third attempt answers
+    registry = running.server.metrics.registry
+    assert registry.get_sample_value("lossd_retried_requests_total") == 2
+    assert (
+        registry.get_sample_value("lossd_requests_total", {"loss": "cross_entropy", "code": "UNAVAILABLE"})
+        == 2
+    )
+    running.server.engine.failures = 1  # type: ignore[attr-defined]
+    with LossClient(running.target, timeout=30, retry_attempts=1) as client, pytest.raises(UnavailableError):
+        client.cross_entropy(LOGITS, LABELS)

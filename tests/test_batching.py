@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lossd.client import AsyncLossClient, LossClient, errors
 from lossd.server.calls import LossCall, LossKind, LossOptions
@@ -251,3 +252,40 @@ def test_batching_off_computes_each_request_alone(exact_server: RunningServer) -
         buckets = registry.get_sample_value("lossd_batch_requests_bucket", {"le": "1.0"})
         assert buckets == registry.get_sample_value("lossd_batch_requests_count")
         assert client.nll_loss(np.zeros((2, 3), np.float32), np.array([0, 1])).loss == 0.0
+
+
+def test_float16_reductions_that_overflow_in_torch_overflow_in_lossd(
+    server_factory: Callable[..., RunningServer],
+) -> None:
+    """torch sums the label-smoothing term (and probability-target and batchmean losses) in float16
+    before scaling it: past 65504 that is inf. Merged, the float64 reduction would stay finite; such
+    calls are computed alone, and agree with torch."""
+    running = server_factory(max_queue_delay_us=20000)
+    torch.manual_seed(0)
+    x = torch.randn(27, 1000, 3, dtype=torch.float64).to(torch.float16)
+    labels = torch.randint(0, 1000, (27, 3))
+    probabilities = torch.randn(60, 1000, dtype=torch.float64).softmax(1).to(torch.float16)
+    logits = torch.randn(60, 1000, dtype=torch.float16)
+    student = torch.randn(100, 1000, dtype=torch.float64).log_softmax(1).to(torch.float16)
+    teacher = torch.randn(100, 1000, dtype=torch.float64).softmax(1).to(torch.float16)
+    expected = [
+        F.cross_entropy(x, labels, label_smoothing=0.1),
+        F.cross_entropy(x, labels, label_smoothing=0.1, reduction="sum"),
+        F.cross_entropy(logits * 30, probabilities),
+        F.kl_div(student * 30, teacher, reduction="batchmean"),
+    ]
+    assert not expected[0].isfinite(), "the case must overflow in torch"
+
+    async def main() -> list[Any]:
+        async with AsyncLossClient(running.target, timeout=60) as client:
+            calls = [
+                client.cross_entropy(x, labels, label_smoothing=0.1),
+                client.cross_entropy(x, labels, label_smoothing=0.1, reduction="sum"),
+                client.cross_entropy(logits * 30, probabilities),
+                client.kl_div(student * 30, teacher, reduction="batchmean"),
+            ]
+            return list(await asyncio.gather(*(calls * 3)))
+
+    results = asyncio.run(main())
+    for i, result in enumerate(results):
+        assert same_bits(result.loss, expected[i % 4]), (i, result.loss, expected[i % 4])

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from lossd.client import LossClient, chunks, errors
 from lossd.client._calls import prepare_call
@@ -106,3 +107,28 @@ def test_concurrent_streams_per_connection_are_bounded(server_factory: Callable[
         watcher.join()
     assert len(results) == 24
     assert 1 <= peak <= 4, peak
+
+
+def test_a_broadcast_is_held_to_the_tensor_limits(server_factory: Callable[..., RunningServer]) -> None:
+    """A few kilobytes of kl_div operands can broadcast to gigabytes: refused before compute."""
+    running = server_factory(max_tensor_bytes=1 << 30)
+    student = torch.randn(35, 1000, 1, dtype=torch.float64)
+    teacher = torch.rand(70000, dtype=torch.float64)  # broadcasts to (35, 1000, 70000): 19.6 GB
+    with LossClient(running.target, timeout=30) as client:
+        with pytest.raises(errors.ResourceExhaustedError) as refused:
+            client.kl_div(student, teacher, reduction="sum")
+        assert refused.value.reason == "TENSOR_TOO_LARGE"
+        assert refused.value.field == "target.shape"
+        assert refused.value.metadata["shape"] == "[35, 1000, 70000]"
+        assert refused.value.metadata["bytes"] == str(35 * 1000 * 70000 * 8)
+        small = client.kl_div(student[:2, :3], teacher[:5], reduction="sum")  # a modest broadcast
+        expected = torch.nn.functional.kl_div(student[:2, :3], teacher[:5], reduction="sum")
+        assert torch.equal(small.loss, expected)
+
+
+def test_the_default_tensor_byte_limit_is_half_the_machines_memory() -> None:
+    import os
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert ServerConfig().limits.max_bytes == memory // 2
+    assert ServerConfig(max_tensor_bytes=7).limits.max_bytes == 7

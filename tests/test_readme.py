@@ -30,3 +30,15 @@ def test_the_grpcurl_example_answers_as_documented(channel: grpc.Channel) -> Non
     answer = json_format.MessageToDict(response)
     assert f'`loss.data` `"{answer["loss"]["data"]}"`' in README
     assert f'`inputGradient.data`\n`"{answer["inputGradient"]["data"]}"`' in README
+
+
+def test_every_setting_is_in_the_settings_table() -> None:
+    import dataclasses
+
+    from lossd.server.config import ServerConfig
+
+    for spec in dataclasses.fields(ServerConfig):
+        env = f"`{ServerConfig.env_name(spec.name)}`"
+        assert env in README, f"the README's settings table lacks {env}"
+        if not spec.metadata["secret"]:
+            assert f"`--{spec.name.replace('_', '-')}`" in README, f"the README lacks --{spec.name}"

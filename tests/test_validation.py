@@ -382,9 +382,22 @@ def test_every_reason_the_server_emits_is_tested() -> None:
 
     sources = [inspect.getsource(module) for module in (codec, lossd.server.convert, lossd.server.validation)]
     emitted = set(re.findall(r'"([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)"', "\n".join(sources)))
-    tested = {rule.reason for rule in RULES} | {"TENSOR_TOO_LARGE"}
+    tested = {rule.reason for rule in RULES} | {"TENSOR_TOO_LARGE", "REQUEST_MALFORMED"}
     assert emitted <= tested, f"untested reasons: {sorted(emitted - tested)}"
     assert len({rule.id for rule in RULES}) == len(RULES)
+
+
+@pytest.mark.parametrize(
+    "raw", [b"\xff\xff\xff", b"\x0a\x05abc", b"\x08"], ids=["varint", "truncated", "eof"]
+)
+def test_bytes_that_are_no_request_are_invalid_argument(channel: grpc.Channel, raw: bytes) -> None:
+    call = channel.unary_unary("/lossd.v1.LossService/ComputeLoss")
+    with pytest.raises(grpc.RpcError) as caught:
+        call(raw, timeout=10)
+    error = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "not a valid serialized lossd.v1.ComputeLossRequest" in error.details()  # type: ignore[attr-defined]
+    assert details(error)[0].reason == "REQUEST_MALFORMED"
 
 
 def test_client_raises_the_typed_error(client: LossClient) -> None:

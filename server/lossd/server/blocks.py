@@ -71,7 +71,8 @@ class BlockPlan:
 
 def block_plan(call: LossCall) -> BlockPlan | None:
     """The plan for a prepared call whose small tensors are complete, or None if it cannot be split
-    (a single sample, a 1-D classification input, a broadcast kl_div)."""
+    (a single sample, a 1-D classification input, a call that only computes alone: see
+    `lossd.server.merged.merge_key`)."""
     kind = call.options.kind
     if kind is LossKind.KL_DIV:
         if call.input.dim() < 1 or call.target.shape != call.input.shape:
@@ -82,7 +83,8 @@ def block_plan(call: LossCall) -> BlockPlan | None:
     if samples < 2:
         return None
     key = merge_key(call)
-    assert key is not None
+    if key is None:
+        return None
     targets = None if key.probabilities or kind is LossKind.KL_DIV else call.target.reshape(-1).numpy()
     denominator = float(denominators([call], key, [rows_of(call)], targets)[0])
     meta = loss_function(call)(

@@ -46,6 +46,12 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
+def half_memory() -> int:
+    """Half of this machine's physical memory: the default bound on what one request may make the
+    server allocate."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything `lossd serve` can be told."""
@@ -55,7 +61,11 @@ class ServerConfig:
     device: str = _setting("auto", "torch device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     max_message_bytes: int = _setting(_PROTOBUF_MAX, "largest gRPC message received or sent, in bytes")
     max_tensor_elements: int = _setting(2**34, "most elements in one request tensor")
-    max_tensor_bytes: int = _setting(2**36, "most data bytes in one request tensor (StreamLoss passes 2 GiB)")
+    max_tensor_bytes: int = _setting(
+        0,
+        "most bytes in one tensor of a request, or of a loss it broadcasts to (StreamLoss passes 2 GiB); "
+        "0: half of this machine's memory",
+    )
     max_tensor_dims: int = _setting(32, "most dimensions of one request tensor")
     shutdown_grace_s: float = _setting(10.0, "seconds in-flight calls get to finish on SIGTERM / SIGINT")
     max_request_s: float = _setting(
@@ -115,7 +125,9 @@ class ServerConfig:
     @property
     def limits(self) -> TensorLimits:
         """The per-tensor limits the codec enforces on requests."""
-        return TensorLimits(self.max_tensor_elements, self.max_tensor_bytes, self.max_tensor_dims)
+        return TensorLimits(
+            self.max_tensor_elements, self.max_tensor_bytes or half_memory(), self.max_tensor_dims
+        )
 
     @property
     def address(self) -> str:
@@ -170,7 +182,6 @@ class ServerConfig:
         positive = (
             "max_message_bytes",
             "max_tensor_elements",
-            "max_tensor_bytes",
             "max_tensor_dims",
             "max_batch_rows",
             "max_batch_bytes",
@@ -192,8 +203,9 @@ class ServerConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.max_concurrent_streams < 1:
             raise ValueError(f"max_concurrent_streams must be at least 1, got {self.max_concurrent_streams}")
-        if self.max_stream_bytes < 0:
-            raise ValueError(f"max_stream_bytes must not be negative, got {self.max_stream_bytes}")
+        for name in ("max_stream_bytes", "max_tensor_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
         if self.tls_client_ca_file and not self.tls_cert_file:
@@ -202,9 +214,7 @@ class ServerConfig:
     @property
     def stream_budget_bytes(self) -> int:
         """`max_stream_bytes`, with 0 resolved to half of the machine's physical memory."""
-        if self.max_stream_bytes:
-            return self.max_stream_bytes
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        return self.max_stream_bytes or half_memory()
 
     @property
     def tls(self) -> bool:

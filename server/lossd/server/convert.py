@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
+from google.protobuf.message import DecodeError
 
 from lossd.client import codec
 from lossd.client.errors import InvalidArgumentError
@@ -12,7 +13,7 @@ from lossd.server.calls import LossCall, LossKind, LossOptions, LossOutput
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
 
-__all__ = ["call_from_request", "response_from_output", "stream_plan", "stream_response"]
+__all__ = ["call_from_request", "parse_request", "response_from_output", "stream_plan", "stream_response"]
 
 _REDUCTIONS = {
     pb.REDUCTION_UNSPECIFIED: "mean",
@@ -92,6 +93,18 @@ def _call(request: pb.ComputeLossRequest, make: TensorMaker) -> LossCall:
         grad_dtype=_grad_dtype(gradients),
         grad_output=grad_output,
     )
+
+
+def parse_request(raw: bytes, what: str = "the request") -> pb.ComputeLossRequest:
+    """Parses a serialized ComputeLossRequest; bytes that are not one are the caller's error."""
+    try:
+        return pb.ComputeLossRequest.FromString(raw)
+    except DecodeError:
+        raise InvalidArgumentError(
+            f"{what} is not a valid serialized lossd.v1.ComputeLossRequest ({len(raw)} bytes)",
+            reason="REQUEST_MALFORMED",
+            metadata={"bytes": str(len(raw))},
+        ) from None
 
 
 def call_from_request(

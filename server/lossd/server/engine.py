@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import traceback
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,9 @@ from lossd.server.faults import (
 from lossd.server.finite import nonfinite_error, nonfinite_fields
 from lossd.server.merged import MergeKey, Staging, compute_merged, merge_key, rows_of
 from lossd.server.validation import validate
+
+if TYPE_CHECKING:  # the codec imports protobuf, which the engine must not need
+    from lossd.client.codec import TensorLimits
 
 __all__ = ["LossEngine", "loss_function", "resolve_device"]
 
@@ -117,9 +121,10 @@ class LossEngine:
             raise result
         return result
 
-    def prepare(self, call: LossCall) -> LossCall:
-        """Validates a call (on the host, before anything reaches the device) for `compute_batch`."""
-        return validate(call)
+    def prepare(self, call: LossCall, limits: TensorLimits | None = None) -> LossCall:
+        """Validates a call (on the host, before anything reaches the device) for `compute_batch`;
+        `limits` also bound what its tensors broadcast to."""
+        return validate(call, limits)
 
     @staticmethod
     def merge_key(call: LossCall) -> MergeKey | None:

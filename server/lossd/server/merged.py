@@ -73,7 +73,8 @@ def as_float64(tensor: torch.Tensor) -> np.ndarray:
 
 
 def merge_key(call: LossCall) -> MergeKey | None:
-    """The key of a validated call, or None if it must be computed alone (a broadcast kl_div)."""
+    """The key of a validated call, or None if it must be computed alone: a broadcast kl_div, or a
+    float16 call whose torch reduction sums in float16 before it divides (see `_float16_partial_sum`)."""
     options = call.options
     if options.kind is LossKind.KL_DIV:
         if call.target.shape != call.input.shape:
@@ -82,6 +83,8 @@ def merge_key(call: LossCall) -> MergeKey | None:
     else:
         classes = call.input.shape[1] if call.input.dim() >= 2 else call.input.shape[0]
         probabilities = is_probability_target(call)
+    if call.input.dtype == torch.float16 and _float16_partial_sum(call, probabilities):
+        return None
     weight = None
     if call.weight is not None:
         weight = (str(call.weight.dtype), host_array(call.weight).tobytes())
@@ -98,6 +101,18 @@ def merge_key(call: LossCall) -> MergeKey | None:
         input_grad=call.input_grad,
         target_grad=call.target_grad,
     )
+
+
+def _float16_partial_sum(call: LossCall, probabilities: bool) -> bool:
+    """Whether torch reduces this call through a float16 sum that is scaled afterwards: the label
+    smoothing term, probability-target 'mean', kl_div 'batchmean'. Such a sum can overflow to inf
+    where the float64 reduction of the merged path stays finite; alone, the call gets torch's inf."""
+    options = call.options
+    if options.reduction == "none":
+        return False
+    if options.kind is LossKind.KL_DIV:
+        return options.reduction == "batchmean"
+    return options.label_smoothing > 0 or probabilities
 
 
 def rows_of(call: LossCall) -> int:

@@ -113,6 +113,11 @@ class ServerMetrics:
             ["loss", "field"],
             **kw,
         )
+        self.retried_requests = Counter(
+            "lossd_retried_requests",
+            "Loss calls that arrived as a client's retry of an earlier failed attempt (from any server).",
+            **kw,
+        )
         self.auth_refusals = Counter(
             "lossd_auth_refusals",
             "Calls refused for a missing or unaccepted bearer token, by reason.",

@@ -14,6 +14,7 @@ import logging
 import time
 import traceback
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -26,7 +27,7 @@ from lossd.client.errors import (
 )
 from lossd.server.batcher import Batcher
 from lossd.server.calls import LossCall, LossOutput
-from lossd.server.convert import call_from_request, response_from_output
+from lossd.server.convert import call_from_request, parse_request, response_from_output
 from lossd.server.engine import LossEngine
 from lossd.server.metrics import ServerMetrics
 from lossd.server.status import abort
@@ -95,11 +96,11 @@ class LossServicer:
 
     def add_to_server(self, server: grpc.aio.Server, service: str) -> None:
         """Registers both methods; StreamLoss reads and writes raw messages (see `lossd.client.chunks`)."""
-        handlers = {
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+            # Parsed in the handler, so that bytes that are not a request get INVALID_ARGUMENT
+            # (gRPC's own deserialization failure would answer UNKNOWN).
             "ComputeLoss": grpc.unary_unary_rpc_method_handler(
-                self.ComputeLoss,
-                request_deserializer=pb.ComputeLossRequest.FromString,
-                response_serializer=pb.ComputeLossResponse.SerializeToString,
+                self.ComputeLoss, response_serializer=pb.ComputeLossResponse.SerializeToString
             ),
             "StreamLoss": grpc.stream_stream_rpc_method_handler(self.StreamLoss),
         }
@@ -115,30 +116,35 @@ class LossServicer:
             deadline = limit if deadline is None else min(deadline, limit)
         return await self._batcher.submit(call, deadline)
 
-    def _begin(self) -> None:
+    def _begin(self, context: Context) -> None:
         self.active += 1
         self._metrics.in_flight.inc()
+        for key, _ in context.invocation_metadata() or ():
+            if key == "grpc-previous-rpc-attempts":  # gRPC's retry policy sent this call again
+                self._metrics.retried_requests.inc()
 
-    async def ComputeLoss(self, request: pb.ComputeLossRequest, context: Context) -> pb.ComputeLossResponse:
+    async def ComputeLoss(self, raw: bytes, context: Context) -> pb.ComputeLossResponse:
         started = time.perf_counter()
-        loss = request.WhichOneof("loss") or "unset"
-        self._begin()
+        loss = "unset"
+        self._begin(context)
         try:
             async with self._time_limit():
                 self._check_failure()
-                call = self._engine.prepare(call_from_request(request, self._limits))
+                request = parse_request(raw)
+                loss = request.WhichOneof("loss") or "unset"
+                call = self._engine.prepare(call_from_request(request, self._limits), self._limits)
                 output = await self._submit(call, context, started)
                 response = response_from_output(output)
         except BaseException as error:
-            await self._fail(error, context, loss, started, request.ByteSize(), 0)
+            await self._fail(error, context, loss, started, len(raw), 0)
             raise
         self._metrics.nonfinite(loss, output.nonfinite)
-        self._finish(loss, "OK", started, request.ByteSize(), response.ByteSize())
+        self._finish(loss, "OK", started, len(raw), response.ByteSize())
         return response
 
     async def StreamLoss(self, requests: AsyncIterator[bytes], context: Context) -> None:
         started = time.perf_counter()
-        self._begin()
+        self._begin(context)
         call = StreamedCall(
             self._engine,
             lambda call: self._submit(call, context, started),
@@ -157,6 +163,7 @@ class LossServicer:
             # error object does.
             traceback.clear_frames(error.__traceback__)
             await call.close()
+            call.release()  # before the client hears: a retry must find the budget free
             await self._fail(error, context, call.loss, started, call.received, call.sent)
             raise
         finally:

@@ -23,7 +23,7 @@ from lossd.client import chunks, codec
 from lossd.client.errors import InvalidArgumentError, ResourceExhaustedError
 from lossd.server.blocks import BlockPlan, block_plan
 from lossd.server.calls import LossCall, LossOutput
-from lossd.server.convert import call_from_request, stream_plan, stream_response
+from lossd.server.convert import call_from_request, parse_request, stream_plan, stream_response
 from lossd.server.engine import LossEngine
 from lossd.server.merged import as_float64
 from lossd.v1 import loss_service_pb2 as pb
@@ -132,10 +132,10 @@ class StreamedCall:
                 reason="STREAM_HEADER_MISSING",
                 field="header",
             )
-        request = pb.ComputeLossRequest.FromString(bytes(part))
+        request = parse_request(bytes(part), "the stream's header")
         self.loss = request.WhichOneof("loss") or "unset"
         shapes, plan = stream_plan(request, self._limits)
-        self._engine.prepare(shapes)  # everything but the values, before any memory is taken
+        self._engine.prepare(shapes, self._limits)  # everything but the values, before any memory is taken
         if self._budget is not None:
             needed = sum(nbytes for _, nbytes in plan.values())
             self._budget.take(needed)
@@ -161,7 +161,9 @@ class StreamedCall:
             if not input_streams:
                 continue
             if call is None and all(assembly.received[s] == assembly.expected(s) for s in side):
-                call = self._engine.prepare(call_from_request(request, self._limits, assembly.by_field()))
+                call = self._engine.prepare(
+                    call_from_request(request, self._limits, assembly.by_field()), self._limits
+                )
                 self._plan = block_plan(call)
             if self._plan is not None:
                 done = assembly.received[pb.TENSOR_SLOT_INPUT] // self._plan.sample_bytes
@@ -169,7 +171,9 @@ class StreamedCall:
                 await self._finish_blocks(wait=False)
         assembly.check_complete()
         if call is None:
-            call = self._engine.prepare(call_from_request(request, self._limits, assembly.by_field()))
+            call = self._engine.prepare(
+                call_from_request(request, self._limits, assembly.by_field()), self._limits
+            )
         buffers = list(assembly.by_field().values())
         del assembly, shapes, request
         if self._plan is None:

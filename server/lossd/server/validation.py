@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from lossd.client.errors import InvalidArgumentError
+from lossd.client.errors import InvalidArgumentError, ResourceExhaustedError
 from lossd.server.calls import LossCall, LossKind
+
+if TYPE_CHECKING:  # the codec imports protobuf, which the engine must not need
+    from lossd.client.codec import TensorLimits
 
 __all__ = ["loss_shape", "validate"]
 
@@ -212,9 +216,10 @@ def _check_classification(call: LossCall) -> LossCall:
     return dataclasses.replace(call, target=target, weight=weight)
 
 
-def _check_kl(call: LossCall) -> None:
+def _check_kl(call: LossCall, limits: TensorLimits | None) -> None:
     _require_floating(call.target, "target", "kl_div targets")
-    if broadcast_shape(call.input.shape, call.target.shape) is None:
+    broadcast = broadcast_shape(call.input.shape, call.target.shape)
+    if broadcast is None:
         raise _invalid(
             f"target.shape {list(call.target.shape)} does not broadcast with input.shape "
             f"{list(call.input.shape)}",
@@ -222,6 +227,25 @@ def _check_kl(call: LossCall) -> None:
             "target.shape",
             targetShape=list(call.target.shape),
             inputShape=list(call.input.shape),
+        )
+    # A few bytes can broadcast to terabytes: the loss computed over the broadcast shape is a
+    # tensor too, held to the same limits before anything is allocated.
+    elements = math.prod(broadcast)
+    nbytes = elements * max(call.input.element_size(), call.target.element_size())
+    if limits is not None and (elements > limits.max_elements or nbytes > limits.max_bytes):
+        raise ResourceExhaustedError(
+            f"input.shape {list(call.input.shape)} and target.shape {list(call.target.shape)} broadcast "
+            f"to {list(broadcast)}: {elements} elements ({nbytes} bytes) to compute; this server "
+            f"accepts at most {limits.max_elements} elements and {limits.max_bytes} bytes per tensor",
+            reason="TENSOR_TOO_LARGE",
+            field="target.shape",
+            metadata={
+                "shape": str(list(broadcast)),
+                "elements": str(elements),
+                "bytes": str(nbytes),
+                "maxElements": str(limits.max_elements),
+                "maxBytes": str(limits.max_bytes),
+            },
         )
 
 
@@ -250,12 +274,13 @@ def _check_gradients(call: LossCall) -> None:
         )
 
 
-def validate(call: LossCall) -> LossCall:
-    """Returns the call ready for torch (int32 targets widened), or raises `InvalidArgumentError`."""
+def validate(call: LossCall, limits: TensorLimits | None = None) -> LossCall:
+    """Returns the call ready for torch (int32 targets widened), or raises `InvalidArgumentError`
+    (or `ResourceExhaustedError` when a broadcast passes `limits`)."""
     _require_floating(call.input, "input", "the input")
     _check_reduction(call)
     if call.options.kind is LossKind.KL_DIV:
-        _check_kl(call)
+        _check_kl(call, limits)
     else:
         call = _check_classification(call)
     _check_gradients(call)

@@ -1,0 +1,50 @@
+"""The soak and replica-kill runs, in their quick form: their own checks must pass (CI runs these)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(script: str) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick"], capture_output=True, text=True, timeout=240
+    )
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(report))
+    if done.returncode != 0:
+        pytest.fail(f"{script} --quick failed: {json.dumps(report)}\n{done.stderr[-2000:]}")
+    return dict(report)
+
+
+@pytest.mark.slow
+def test_soak_quick() -> None:
+    report = _run("soak.py")
+    assert report["ok"] and report["unexpected_errors"] == 0 and report["wrong_results"] == 0
+    errors = report["errors_by_code"]
+    assert isinstance(errors, dict) and set(errors) <= {"INVALID_ARGUMENT"}
+    assert isinstance(report["rss_growth"], float) and report["rss_growth"] < 0.10
+
+
+@pytest.mark.slow
+def test_replica_kill_quick() -> None:
+    report = _run("replica_kill.py")
+    assert report["ok"] and report["lost"] == 0
+    assert report["server_exits"] == [0, -9, 0]
+
+
+def test_the_gpu_fault_check_says_it_needs_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("runs for real on a CUDA host: scripts/gpu_faults.py")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_faults.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert json.loads(done.stdout) == {"check": "gpu_faults", "skipped": "needs a CUDA device"}
