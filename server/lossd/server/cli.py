@@ -1,4 +1,5 @@
-"""The `lossd` command: `lossd serve [flags]` (see `lossd serve --help`)."""
+"""The `lossd` command: `lossd serve [flags]` runs the server, `lossd health [flags]` checks one
+(see `--help` of each)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lossd.server import probe
     from lossd.server.config import ServerConfig
 
     parser = argparse.ArgumentParser(prog="lossd", description="lossd: PyTorch losses over gRPC.")
@@ -26,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC server")
     ServerConfig.add_arguments(serve)
+    health = commands.add_parser(
+        "health", help="exit 0 if a server's gRPC health check answers SERVING, else 1"
+    )
+    probe.add_arguments(health)
     return parser
 
 
@@ -61,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lossd: the server needs its extra: pip install 'lossd[server]' ({exc})", file=sys.stderr)
         return 2
     args = _parser().parse_args(argv)
+    if args.command == "health":
+        from lossd.server import probe
+
+        return probe.check(args)
     try:
         config = ServerConfig.load(args)
     except ValueError as exc:
