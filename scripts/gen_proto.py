@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Regenerates the committed Python code for proto/lossd/v1 (or, with --check, verifies it).
+"""Regenerates the committed Python code for proto/lossd/v1 and proto/lossd/v1/oip (or, with
+--check, verifies it).
 
 The generator is pinned: gencode stamps the protobuf and grpcio versions it needs at run time,
 so a different grpcio-tools would change what users must install.
@@ -18,10 +19,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-PACKAGE_DIR = PROTO_ROOT / "lossd" / "v1"
+PACKAGES = {
+    "lossd/v1": '"""Generated protobuf and gRPC code for the lossd.v1 API (see proto/lossd/v1/*.proto)."""\n',
+    "lossd/v1/oip": (
+        '"""Generated code for the Open Inference Protocol (KServe v2), as lossd serves it.\n\n'
+        'See proto/lossd/v1/oip/open_inference.proto.\n"""\n'
+    ),
+}
 PINNED = {"grpcio-tools": "1.84.0", "mypy-protobuf": "5.1.0"}
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
-INIT_TEXT = '"""Generated protobuf and gRPC code for the lossd.v1 API (see proto/lossd/v1/*.proto)."""\n'
 
 
 def _check_pins() -> None:
@@ -41,10 +47,10 @@ def _plugin(name: str) -> str:
 
 
 def generate(out: Path) -> list[Path]:
-    """Writes the generated package lossd/v1 under `out` and returns the files written."""
+    """Writes the generated packages under `out`; returns the files written, relative to `out`."""
     from grpc_tools import protoc
 
-    protos = sorted(PACKAGE_DIR.glob("*.proto"))
+    protos = sorted(p for package in PACKAGES for p in (PROTO_ROOT / package).glob("*.proto"))
     well_known = Path(protoc.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",
@@ -60,19 +66,22 @@ def generate(out: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         sys.exit("gen_proto: protoc failed")
-    package = out / "lossd" / "v1"
-    (package / "__init__.py").write_text(INIT_TEXT)
-    (package / "py.typed").write_text("")
-    return sorted(p for p in package.iterdir() if p.is_file())
+    written = []
+    for name, init_text in PACKAGES.items():
+        package = out / name
+        (package / "__init__.py").write_text(init_text)
+        (package / "py.typed").write_text("")
+        written += [p.relative_to(out) for p in package.iterdir() if p.is_file()]
+    return sorted(written)
 
 
-def _expected_names(files: list[Path]) -> set[str]:
-    return {p.name for p in files}
-
-
-def _committed_generated() -> set[str]:
-    names = {p.name for p in PACKAGE_DIR.iterdir() if p.name.endswith(GENERATED_SUFFIXES)}
-    return names | {"__init__.py", "py.typed"}
+def _committed_generated() -> set[Path]:
+    found = set()
+    for name in PACKAGES:
+        package = PROTO_ROOT / name
+        found |= {p.relative_to(PROTO_ROOT) for p in package.iterdir() if p.name.endswith(GENERATED_SUFFIXES)}
+        found |= {Path(name) / "__init__.py", Path(name) / "py.typed"}
+    return found
 
 
 def main() -> int:
@@ -81,17 +90,18 @@ def main() -> int:
     opts = parser.parse_args()
     _check_pins()
     with tempfile.TemporaryDirectory() as tmp:
-        files = generate(Path(tmp))
+        out = Path(tmp)
+        files = generate(out)
         if opts.check:
-            stale = sorted(_expected_names(files) ^ _committed_generated())
+            stale = [str(p) for p in set(files) ^ _committed_generated()]
             for new in files:
-                old = PACKAGE_DIR / new.name
+                old = PROTO_ROOT / new
                 old_text = old.read_text() if old.exists() else ""
-                if old_text != new.read_text():
-                    stale.append(new.name)
+                if old_text != (out / new).read_text():
+                    stale.append(str(new))
                     diff = difflib.unified_diff(
                         old_text.splitlines(),
-                        new.read_text().splitlines(),
+                        (out / new).read_text().splitlines(),
                         str(old),
                         "regenerated",
                         lineterm="",
@@ -104,12 +114,13 @@ def main() -> int:
                 return 1
             print("generated code is up to date")
             return 0
-        for old in PACKAGE_DIR.iterdir():
+        for old in _committed_generated():
             if old.name.endswith(GENERATED_SUFFIXES):
-                old.unlink()
+                (PROTO_ROOT / old).unlink()
         for new in files:
-            shutil.copyfile(new, PACKAGE_DIR / new.name)
-            print(f"wrote {(PACKAGE_DIR / new.name).relative_to(ROOT)}")
+            (PROTO_ROOT / new).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / new, PROTO_ROOT / new)
+            print(f"wrote {(PROTO_ROOT / new).relative_to(ROOT)}")
     return 0
 
 

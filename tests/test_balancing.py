@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -91,3 +92,16 @@ def test_unavailable_calls_are_retried_and_counted(server_factory: Callable[...,
     running.server.engine.failures = 1  # type: ignore[attr-defined]
     with LossClient(running.target, timeout=30, retry_attempts=1) as client, pytest.raises(UnavailableError):
         client.cross_entropy(LOGITS, LABELS)
+
+
+def test_connections_are_renewed_without_losing_calls(server_factory: Callable[..., RunningServer]) -> None:
+    """A server asks clients to reconnect every max_connection_age_s (so that DNS is asked again);
+    calls in progress finish, and later calls go over the new connection."""
+    running = server_factory(max_connection_age_s=0.3)
+    with LossClient(running.target, timeout=30) as client:
+        deadline = time.monotonic() + 2.0
+        calls = 0
+        while time.monotonic() < deadline:
+            assert client.cross_entropy(LOGITS, LABELS).loss.shape == ()
+            calls += 1
+    assert _answered(running) == calls

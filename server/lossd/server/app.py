@@ -37,6 +37,10 @@ _LOGGER = logging.getLogger("lossd.server")
 
 LOSS_SERVICE: str = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 """'lossd.v1.LossService': the name under which health and reflection report the service."""
+OPEN_INFERENCE_PROBES = frozenset(
+    f"/inference.GRPCInferenceService/{method}" for method in ("ServerLive", "ServerReady", "ModelReady")
+)
+"""The Open Inference Protocol's probes, open like health checks (`--health-without-auth`)."""
 
 
 class LossServer:
@@ -93,13 +97,15 @@ class LossServer:
         )
         self._stop_metrics: Callable[[], None] | None = None
         self._health = health_aio.HealthServicer()
+        self._serving = False
         interceptors = []
         tokens = load_tokens(config.auth_token, config.auth_token_file)
         if tokens:
+            probes = HEALTH_METHODS | (OPEN_INFERENCE_PROBES if config.open_inference else frozenset())
             interceptors.append(
                 TokenAuth(
                     tokens,
-                    open_methods=HEALTH_METHODS if config.health_without_auth else (),
+                    open_methods=probes if config.health_without_auth else (),
                     on_refusal=self.metrics.auth_refused,
                 )
             )
@@ -116,6 +122,7 @@ class LossServer:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.http2.max_pings_without_data", 0),
+                *_connection_age(config),
                 # gRPC sets SO_REUSEPORT by default, which would let a second server silently share
                 # (and steal calls from) a port already in use; only workers share on purpose.
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -132,9 +139,16 @@ class LossServer:
             stream_budget=ByteBudget(config.stream_budget_bytes),
         )
         self.servicer.add_to_server(self._server, LOSS_SERVICE)
+        self._services = [LOSS_SERVICE]
+        if config.open_inference:
+            # Imported only when served: its messages share names with other OIP clients' code.
+            from lossd.server.inference import INFERENCE_SERVICE, InferenceServicer
+
+            InferenceServicer(self.servicer, lambda: self._serving).add_to_server(self._server)
+            self._services.append(INFERENCE_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
-            (LOSS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server
+            (*self._services, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server
         )
         self.port = 0
 
@@ -157,12 +171,14 @@ class LossServer:
         self.batcher.start()
         await self._server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._serving = True
         return self.port
 
     async def stop(self, grace: float | None = None) -> int:
         """NOT_SERVING at once and new calls refused, then lets the calls in progress (queued or
         computing) finish for `grace` seconds; returns how many were still unfinished then."""
         grace = self.config.shutdown_grace_s if grace is None else grace
+        self._serving = False
         await self._health.enter_graceful_shutdown()
         stopping = asyncio.ensure_future(self._server.stop(grace))
         deadline = time.monotonic() + grace
@@ -183,6 +199,7 @@ class LossServer:
             return
         _LOGGER.critical("%s; refusing every call and exiting", error.message, exc_info=error.__cause__)
         self.failure = error
+        self._serving = False
         self.servicer.fail(error)
         self.batcher.abort(error)
         asyncio.get_running_loop().create_task(self._health.enter_graceful_shutdown())
@@ -193,8 +210,20 @@ class LossServer:
         await self._server.wait_for_termination()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        for name in ("", LOSS_SERVICE):
+        for name in ("", *self._services):
             await self._health.set(name, status)
+
+
+def _connection_age(config: ServerConfig) -> list[tuple[str, int]]:
+    """GOAWAY after max_connection_age_s (with some jitter from gRPC), then as long as the longest
+    call may take for the calls in progress: clients reconnect and ask DNS again."""
+    if not config.max_connection_age_s:
+        return []
+    grace = config.max_request_s or 3600.0
+    return [
+        ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(grace * 1000)),
+    ]
 
 
 def _read(path: str, setting: str) -> bytes:

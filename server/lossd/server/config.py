@@ -73,6 +73,11 @@ class ServerConfig:
         "longest a call may take inside the server (receiving, queueing, computing, sending) before it "
         "fails DEADLINE_EXCEEDED; the caller's own deadline applies too; 0: no server limit",
     )
+    max_connection_age_s: float = _setting(
+        300.0,
+        "seconds after which a client connection is asked to reconnect (calls in progress finish "
+        "first), so that clients balancing over DNS find new replicas; 0: never",
+    )
     max_concurrent_streams: int = _setting(
         1024,
         "most calls in progress at once on one client connection (HTTP/2 streams); more are refused "
@@ -100,6 +105,9 @@ class ServerConfig:
     )
     max_queue_size: int = _setting(4096, "most requests waiting for compute; beyond it RESOURCE_EXHAUSTED")
     workers: int = _setting(1, "server processes sharing the port (and the device)")
+    open_inference: bool = _setting(
+        True, "also serve the Open Inference Protocol (KServe v2: inference.GRPCInferenceService): on or off"
+    )
     torch_threads: int = _setting(
         0,
         "torch intra-op threads for large computations (small ones use one); 0: every core on the CPU, "
@@ -198,6 +206,7 @@ class ServerConfig:
             "shutdown_grace_s",
             "torch_threads",
             "max_request_s",
+            "max_connection_age_s",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")

@@ -13,7 +13,7 @@ import collections
 import logging
 import time
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -124,23 +124,36 @@ class LossServicer:
                 self._metrics.retried_requests.inc()
 
     async def ComputeLoss(self, raw: bytes, context: Context) -> pb.ComputeLossResponse:
+        return await self.answer(lambda: parse_request(raw), len(raw), context)
+
+    async def answer(
+        self, build: Callable[[], pb.ComputeLossRequest], received: int, context: Context
+    ) -> pb.ComputeLossResponse:
+        """One whole-message call: `build()` makes the request (its errors are the caller's),
+        then it is checked, queued, computed and answered, with limits, metrics and failures as
+        for every call. Other protocols (`lossd.server.inference`) answer through here too."""
         started = time.perf_counter()
         loss = "unset"
         self._begin(context)
         try:
             async with self._time_limit():
                 self._check_failure()
-                request = parse_request(raw)
+                request = build()
                 loss = request.WhichOneof("loss") or "unset"
                 call = self._engine.prepare(call_from_request(request, self._limits), self._limits)
                 output = await self._submit(call, context, started)
                 response = response_from_output(output)
         except BaseException as error:
-            await self._fail(error, context, loss, started, len(raw), 0)
+            await self._fail(error, context, loss, started, received, 0)
             raise
         self._metrics.nonfinite(loss, output.nonfinite)
-        self._finish(loss, "OK", started, len(raw), response.ByteSize())
+        self._finish(loss, "OK", started, received, response.ByteSize())
         return response
+
+    @property
+    def failed(self) -> bool:
+        """Whether the device failed (every call is refused)."""
+        return self._failure is not None
 
     async def StreamLoss(self, requests: AsyncIterator[bytes], context: Context) -> None:
         started = time.perf_counter()

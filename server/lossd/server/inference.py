@@ -1,0 +1,303 @@
+"""The Open Inference Protocol (KServe v2) in front of the same loss service.
+
+Triton's and KServe's clients (C++, Python, Java, Go) speak `inference.GRPCInferenceService`; this
+servicer answers them with lossd's losses, one model per loss: `nll_loss`, `cross_entropy` and
+`kl_div`, version "1". Inputs carry torch's argument names (`input`, `target`, `weight`,
+`grad_output`), options come as request parameters, and the outputs are `loss`, `input_grad` and
+`target_grad`; requesting a gradient output is what asks for the gradient. A ModelInferRequest is
+translated into a `lossd.v1.ComputeLossRequest` (the tensors' bytes are not decoded, only moved)
+and answered by `LossServicer.answer`, so validation, limits, batching, metrics and failure
+handling are exactly those of `ComputeLoss`; the answer's tensors go back as raw output contents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+import numpy as np
+
+from lossd.client._version import __version__
+from lossd.client.errors import InvalidArgumentError, NotFoundError
+from lossd.server.servicer import Context, LossServicer
+from lossd.server.status import abort
+from lossd.v1 import loss_service_pb2 as pb
+from lossd.v1 import tensor_pb2
+from lossd.v1.oip import open_inference_pb2 as oip
+from lossd.v1.oip import open_inference_pb2_grpc as oip_grpc
+
+__all__ = ["INFERENCE_SERVICE", "MODELS", "InferenceServicer"]
+
+INFERENCE_SERVICE: str = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+MODELS = ("nll_loss", "cross_entropy", "kl_div")
+VERSION = "1"
+
+_DATATYPES = {
+    "FP32": tensor_pb2.DATA_TYPE_FLOAT32,
+    "FP64": tensor_pb2.DATA_TYPE_FLOAT64,
+    "FP16": tensor_pb2.DATA_TYPE_FLOAT16,
+    "BF16": tensor_pb2.DATA_TYPE_BFLOAT16,
+    "INT64": tensor_pb2.DATA_TYPE_INT64,
+    "INT32": tensor_pb2.DATA_TYPE_INT32,
+    "UINT8": tensor_pb2.DATA_TYPE_UINT8,
+}
+_NAMES = {dtype: name for name, dtype in _DATATYPES.items()}
+# Typed contents: the field holding each datatype's values, and the little-endian dtype they pack to.
+_CONTENTS = {
+    "FP32": ("fp32_contents", "<f4"),
+    "FP64": ("fp64_contents", "<f8"),
+    "INT64": ("int64_contents", "<i8"),
+    "INT32": ("int_contents", "<i4"),
+    "UINT8": ("uint_contents", "u1"),
+}
+_REDUCTIONS = {
+    "none": pb.REDUCTION_NONE,
+    "mean": pb.REDUCTION_MEAN,
+    "sum": pb.REDUCTION_SUM,
+    "batchmean": pb.REDUCTION_BATCHMEAN,
+}
+_OPTIONS = {  # the parameters each model takes, besides reduction and grad_dtype
+    "nll_loss": ("ignore_index",),
+    "cross_entropy": ("ignore_index", "label_smoothing"),
+    "kl_div": ("log_target",),
+}
+# Scheduling parameters Triton's clients may send; they mean nothing to a loss and are ignored.
+_IGNORED = frozenset({"priority", "timeout", "sequence_id", "sequence_start", "sequence_end"})
+_OUTPUTS = ("loss", "input_grad", "target_grad")
+
+
+def _invalid(message: str, reason: str, field: str, **metadata: object) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        message, reason=reason, field=field, metadata={k: str(v) for k, v in metadata.items()}
+    )
+
+
+def _model(name: str, version: str) -> str:
+    if name not in MODELS:
+        raise NotFoundError(
+            f"model {name!r} does not exist; lossd serves {', '.join(MODELS)}",
+            reason="MODEL_NOT_FOUND",
+            metadata={"model": name},
+        )
+    if version not in ("", VERSION):
+        raise NotFoundError(
+            f"model {name!r} has no version {version!r}; it has version {VERSION}",
+            reason="MODEL_VERSION_NOT_FOUND",
+            metadata={"model": name, "version": version},
+        )
+    return name
+
+
+def _parameter(parameters: Mapping[str, oip.InferParameter], name: str) -> Any:
+    value = parameters[name]
+    kind = value.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(value, kind)
+
+
+def _tensor(given: oip.ModelInferRequest.InferInputTensor, raw: bytes | None, out: tensor_pb2.Tensor) -> None:
+    """Fills a lossd.v1 Tensor from one OIP input (raw bytes or typed contents)."""
+    dtype = _DATATYPES.get(given.datatype)
+    if dtype is None:
+        raise _invalid(
+            f"{given.name}.datatype {given.datatype!r} is not one of {', '.join(_DATATYPES)}",
+            "DTYPE_UNKNOWN",
+            given.name,
+            datatype=given.datatype,
+        )
+    out.dtype = dtype
+    out.shape.extend(given.shape)
+    if raw is not None:
+        out.data = raw
+        return
+    if given.datatype not in _CONTENTS:
+        raise _invalid(
+            f"{given.name} is {given.datatype}: 16-bit floats travel only in raw_input_contents",
+            "RAW_CONTENTS_REQUIRED",
+            given.name,
+            datatype=given.datatype,
+        )
+    field, wire = _CONTENTS[given.datatype]
+    values = getattr(given.contents, field)
+    if given.datatype == "UINT8" and any(v > 255 for v in values):
+        raise _invalid(f"{given.name} holds a UINT8 value over 255", "VALUE_OUT_OF_RANGE", given.name)
+    out.data = np.asarray(values).astype(wire).tobytes()
+
+
+def loss_request(request: oip.ModelInferRequest) -> tuple[pb.ComputeLossRequest, list[str]]:
+    """The lossd.v1 request a ModelInferRequest means, and the outputs to return in order."""
+    model = _model(request.model_name, request.model_version)
+    message = pb.ComputeLossRequest()
+    options = getattr(message, model)
+    options.SetInParent()
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise _invalid(
+            f"raw_input_contents holds {len(raw)} entries for {len(request.inputs)} inputs",
+            "RAW_CONTENTS_MISMATCH",
+            "raw_input_contents",
+        )
+    if raw and any(given.HasField("contents") for given in request.inputs):
+        raise _invalid(
+            "an input sets contents while raw_input_contents is used; use one form",
+            "RAW_CONTENTS_MISMATCH",
+            "raw_input_contents",
+        )
+    targets: dict[str, tensor_pb2.Tensor] = {
+        "input": message.input,
+        "target": message.target,
+        "grad_output": message.gradients.grad_output,
+    }
+    if model != "kl_div":
+        targets["weight"] = options.weight
+    seen = set()
+    for i, given in enumerate(request.inputs):
+        if given.name not in targets or given.name in seen:
+            raise _invalid(
+                f"input {given.name!r} is unknown or repeated; {model} takes {', '.join(targets)}",
+                "INPUT_UNKNOWN",
+                given.name,
+                input=given.name,
+            )
+        seen.add(given.name)
+        _tensor(given, raw[i] if raw else None, targets[given.name])
+    for required in ("input", "target"):
+        if required not in seen:
+            raise _invalid(f"input {required!r} is missing", "FIELD_MISSING", required)
+    allowed = {"reduction", "grad_dtype", *_OPTIONS[model]}
+    for name in request.parameters:
+        if name in _IGNORED:
+            continue
+        if name not in allowed:
+            raise _invalid(
+                f"parameter {name!r} is unknown to {model}; it takes {', '.join(sorted(allowed))}",
+                "PARAMETER_UNKNOWN",
+                f"parameters.{name}",
+                parameter=name,
+            )
+        _apply(message, options, name, _parameter(request.parameters, name))
+    outputs = [wanted.name for wanted in request.outputs] or ["loss"]
+    for name in outputs:
+        if name not in _OUTPUTS or outputs.count(name) > 1:
+            raise _invalid(
+                f"output {name!r} is unknown or repeated; the outputs are {', '.join(_OUTPUTS)}",
+                "OUTPUT_UNKNOWN",
+                f"outputs.{name}",
+                output=name,
+            )
+    message.gradients.input = "input_grad" in outputs
+    message.gradients.target = "target_grad" in outputs
+    return message, outputs
+
+
+def _apply(message: pb.ComputeLossRequest, options: Any, name: str, value: Any) -> None:
+    field = f"parameters.{name}"
+    try:
+        if name == "reduction":
+            message.reduction = _REDUCTIONS[str(value)]
+        elif name == "grad_dtype":
+            message.gradients.dtype = _DATATYPES[str(value)]
+        elif name == "ignore_index":
+            if isinstance(value, (bool, float)) or not isinstance(value, int):
+                raise TypeError
+            options.ignore_index = value
+        elif name == "label_smoothing":
+            if isinstance(value, bool):
+                raise TypeError
+            options.label_smoothing = float(value)
+        elif name == "log_target":
+            if not isinstance(value, bool):
+                raise TypeError
+            options.log_target = value
+    except (KeyError, TypeError, ValueError):
+        raise _invalid(
+            f"parameter {name!r} = {value!r} is not valid here", "PARAMETER_INVALID", field, value=value
+        ) from None
+
+
+def infer_response(
+    request: oip.ModelInferRequest, response: pb.ComputeLossResponse, outputs: list[str]
+) -> oip.ModelInferResponse:
+    answer = oip.ModelInferResponse(model_name=request.model_name, model_version=VERSION, id=request.id)
+    tensors = {
+        "loss": response.loss,
+        "input_grad": response.input_gradient,
+        "target_grad": response.target_gradient,
+    }
+    for name in outputs:
+        tensor = tensors[name]
+        answer.outputs.add(name=name, datatype=_NAMES[tensor.dtype], shape=tensor.shape)
+        answer.raw_output_contents.append(tensor.data)
+    return answer
+
+
+def _metadata(model: str) -> oip.ModelMetadataResponse:
+    tensor = oip.ModelMetadataResponse.TensorMetadata
+    target = tensor(
+        name="target",
+        datatype="FP32" if model == "kl_div" else "INT64",
+        shape=[-1, -1][: 2 if model == "kl_div" else 1],
+    )
+    inputs = [tensor(name="input", datatype="FP32", shape=[-1, -1]), target]
+    if model != "kl_div":
+        inputs.append(tensor(name="weight", datatype="FP32", shape=[-1]))
+    inputs.append(tensor(name="grad_output", datatype="FP32", shape=[-1]))
+    outputs = [
+        tensor(name="loss", datatype="FP32", shape=[]),
+        tensor(name="input_grad", datatype="FP32", shape=[-1, -1]),
+    ]
+    if model != "nll_loss":
+        outputs.append(tensor(name="target_grad", datatype="FP32", shape=[-1, -1]))
+    return oip.ModelMetadataResponse(
+        name=model, versions=[VERSION], platform="pytorch", inputs=inputs, outputs=outputs
+    )
+
+
+class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+    """`inference.GRPCInferenceService` on a `LossServicer`; `ready()` says whether the server
+    takes calls (started, not draining, device working)."""
+
+    def __init__(self, losses: LossServicer, ready: Callable[[], bool]) -> None:
+        self._losses = losses
+        self._ready = ready
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(self, server)
+
+    async def ServerLive(self, request: oip.ServerLiveRequest, context: Context) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=not self._losses.failed)
+
+    async def ServerReady(self, request: oip.ServerReadyRequest, context: Context) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=self._ready())
+
+    async def ModelReady(self, request: oip.ModelReadyRequest, context: Context) -> oip.ModelReadyResponse:
+        try:
+            _model(request.name, request.version)
+        except NotFoundError as error:
+            await abort(context, error)
+        return oip.ModelReadyResponse(ready=self._ready())
+
+    async def ServerMetadata(
+        self, request: oip.ServerMetadataRequest, context: Context
+    ) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(name="lossd", version=__version__, extensions=[])
+
+    async def ModelMetadata(
+        self, request: oip.ModelMetadataRequest, context: Context
+    ) -> oip.ModelMetadataResponse:
+        try:
+            model = _model(request.name, request.version)
+        except NotFoundError as error:
+            await abort(context, error)
+        return _metadata(model)
+
+    async def ModelInfer(self, request: oip.ModelInferRequest, context: Context) -> oip.ModelInferResponse:
+        outputs: list[str] = []
+
+        def build() -> pb.ComputeLossRequest:
+            message, wanted = loss_request(request)
+            outputs.extend(wanted)
+            return message
+
+        response = await self._losses.answer(build, request.ByteSize(), context)
+        return infer_response(request, response, outputs)
