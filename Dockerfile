@@ -2,13 +2,16 @@
 #   docker build -t lossd .
 #   docker run --gpus all -p 50051:50051 -p 9464:9464 lossd
 # Settings are LOSSD_* environment variables (see the README); extra arguments go to `lossd serve`.
+# HOME is /tmp: the user has no home, and caches (CUDA's kernel cache) need a writable place, also
+# under a read-only root filesystem where /tmp is a volume (deploy/kubernetes).
 # The base image's torch is kept (it is the CUDA build); everything else is pinned by constraints.txt.
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOME=/tmp
 
 WORKDIR /opt/lossd
 COPY pyproject.toml README.md constraints.txt ./

@@ -232,12 +232,13 @@ def infer_response(
 
 
 def _metadata(model: str) -> oip.ModelMetadataResponse:
+    """What a model takes and gives. The protocol has one datatype per tensor: FP32 stands for
+    every float type lossd takes (FP64, FP16 and BF16 work too), INT64 for class indices."""
     tensor = oip.ModelMetadataResponse.TensorMetadata
-    target = tensor(
-        name="target",
-        datatype="FP32" if model == "kl_div" else "INT64",
-        shape=[-1, -1][: 2 if model == "kl_div" else 1],
-    )
+    if model == "kl_div":
+        target = tensor(name="target", datatype="FP32", shape=[-1, -1])
+    else:
+        target = tensor(name="target", datatype="INT64", shape=[-1])
     inputs = [tensor(name="input", datatype="FP32", shape=[-1, -1]), target]
     if model != "kl_div":
         inputs.append(tensor(name="weight", datatype="FP32", shape=[-1]))
