@@ -5,7 +5,8 @@ client must balance them itself. The channel this module builds balances per cal
 over every address the target resolves to: a `dns:///name:port` target (a Kubernetes headless
 Service, say: DNS answers every pod, and is asked again when connections fail) or a list of
 `host:port` addresses. Calls that fail `UNAVAILABLE` (a server stopping, killed, or its device
-failed) are retried on another server by gRPC's retry policy: loss calls are idempotent. Keepalive
+failed), or that a shutting-down server cancelled, are retried on another server by gRPC's retry
+policy: loss calls are idempotent. Keepalive
 pings find a dead server on an idle connection without waiting for a call to time out.
 """
 
@@ -48,7 +49,8 @@ Options = Sequence[tuple[str, Any]]
 
 
 def service_config(retry_attempts: int = DEFAULT_RETRY_ATTEMPTS) -> str:
-    """The gRPC service config: round_robin, and retries of UNAVAILABLE (none if attempts < 2)."""
+    """The gRPC service config: round_robin, and retries of UNAVAILABLE and of a server's CANCELLED
+    (none if attempts < 2)."""
     method: dict[str, Any] = {"name": [{"service": SERVICE}]}
     if retry_attempts >= 2:
         method["retryPolicy"] = {
@@ -56,7 +58,10 @@ def service_config(retry_attempts: int = DEFAULT_RETRY_ATTEMPTS) -> str:
             "initialBackoff": "0.05s",
             "maxBackoff": "2s",
             "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
+            # UNAVAILABLE: a server draining, gone, or whose device failed. CANCELLED from a server
+            # (a client's own cancellation is never retried) means it shut down with the call
+            # received but not yet started, or past its drain grace: safe to send elsewhere.
+            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
         }
     return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]})
 
