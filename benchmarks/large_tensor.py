@@ -38,15 +38,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _servers import free_port
 
 CASES = [("float32", 1024, 32000, torch.float32), ("bfloat16", 4096, 32000, torch.bfloat16)]
 OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- peers in their own processes -------------------------------------------------------------------
@@ -257,7 +252,7 @@ def main() -> int:
         run_echo_server(args.echo_server)
         return 0
     repeat = args.repeat or (1 if args.quick else 3)
-    ports = {"tcp": _free_port(), "echo": _free_port(), "lossd": _free_port()}
+    ports = {"tcp": free_port(), "echo": free_port(), "lossd": free_port()}
     print(
         json.dumps(
             {

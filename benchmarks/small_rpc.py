@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from _servers import free_port
 
 METHOD = "/lossd.v1.LossService/ComputeLoss"
 IN_FLIGHT = (1, 16, 64)
@@ -125,12 +126,6 @@ def run_load(target: str, in_flight: int, seconds: float, warmup: float) -> None
 # -- orchestration ----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def _server(command: list[str], ready: str) -> Iterator[subprocess.Popen[str]]:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -221,8 +216,8 @@ def main() -> int:
         "lossd": (["--batching", "on"], "serving"),
     }
     for name, (flags, ready) in servers.items():
-        port = _free_port()
-        metrics_port = _free_port()
+        port = free_port()
+        metrics_port = free_port()
         if name == "echo":
             command = [sys.executable, __file__, "--echo-server", str(port), str(response_size)]
         else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +14,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for metrics ports and processes that need a number)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
 
 INJECTED = str(Path(__file__).with_name("injected_server.py"))
 """`python INJECTED [--delay S] [--poison] -- serve flags`: lossd serve with a fault-injecting engine."""

@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -37,12 +38,6 @@ def _exec_form(args: str) -> list[str]:
     import json
 
     return list(json.loads(args[args.index("[") :]))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_hadolint_finds_nothing() -> None:
@@ -74,8 +69,8 @@ def test_the_entrypoint_and_healthcheck_work_with_the_images_environment() -> No
     instructions = dict(_instructions())
     healthcheck = _exec_form(instructions["HEALTHCHECK"])
     assert healthcheck[:2] == ["lossd", "health"]
-    port = str(_free_port())
-    env = {**os.environ, **_env(), "LOSSD_PORT": port, "LOSSD_METRICS_PORT": str(_free_port())}
+    port = str(free_port())
+    env = {**os.environ, **_env(), "LOSSD_PORT": port, "LOSSD_METRICS_PORT": str(free_port())}
     env |= {"LOSSD_DEVICE": "cpu", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     server = subprocess.Popen(
         _exec_form(instructions["ENTRYPOINT"]), env=env, stderr=subprocess.PIPE, text=True

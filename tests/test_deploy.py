@@ -22,7 +22,8 @@ from kubernetes_validate import validate
 from lossd.client import LossClient
 
 from conftest import RunningServer
-from test_metrics import _free_port, _promql, prometheus  # noqa: F401 (a fixture)
+from processes import free_port
+from test_metrics import _promql, prometheus  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -104,7 +105,7 @@ def test_every_dashboard_query_runs_against_a_live_lossd(
     server_factory: Callable[..., RunningServer],
     prometheus: Callable[[int], str],  # noqa: F811
 ) -> None:
-    metrics_port = _free_port()
+    metrics_port = free_port()
     running = server_factory(metrics_port=metrics_port)
     base = prometheus(metrics_port)
     stop = threading.Event()

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2
 
 from certificates import Pki, make_pki
 from conftest import RunningServer
+from processes import free_port
 
 
 def _health(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
@@ -43,11 +44,7 @@ def test_the_default_target_follows_lossd_port(server_factory: Callable[..., Run
 
 
 def test_an_unreachable_server_is_one_within_the_timeout() -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     code, out = _health("--target", f"127.0.0.1:{port}", "--timeout", "1")
     assert (code == 1 and "UNAVAILABLE" in out) or "DEADLINE_EXCEEDED" in out
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,10 @@ import pytest
 from lossd.client import LossClient, errors
 
 from conftest import RunningServer
+from processes import free_port
 
 LOGITS = np.random.default_rng(5).standard_normal((8, 4)).astype(np.float32)
 LABELS = np.array([0, 1, 2, 3, 0, 1, 2, 3])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _scrape(port: int) -> str:
@@ -93,7 +87,7 @@ def test_request_batch_and_byte_metrics(server_factory: Callable[..., RunningSer
 
 
 def test_metrics_endpoint_serves_them(server_factory: Callable[..., RunningServer]) -> None:
-    port = _free_port()
+    port = free_port()
     running = server_factory(metrics_port=port)
     with LossClient(running.target, timeout=30) as client:
         client.cross_entropy(LOGITS, LABELS)
@@ -124,7 +118,7 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[int], str]]:
             "scrape_configs:\n"
             f"  - job_name: lossd\n    static_configs: [{{targets: ['127.0.0.1:{target_port}']}}]\n"
         )
-        port = _free_port()
+        port = free_port()
         processes.append(
             subprocess.Popen(
                 [
@@ -183,7 +177,7 @@ def _expected_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
 def test_prometheus_scrapes_lossd_and_answers_promql(
     server_factory: Callable[..., RunningServer], prometheus: Callable[[int], str]
 ) -> None:
-    metrics_port = _free_port()
+    metrics_port = free_port()
     running = server_factory(metrics_port=metrics_port)
     with LossClient(running.target, timeout=30) as client:
         for _ in range(7):
@@ -217,7 +211,7 @@ def test_prometheus_scrapes_lossd_and_answers_promql(
 
 
 def test_workers_share_the_port_and_their_metrics_add_up(tmp_path: Path) -> None:
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
         [
             sys.executable,

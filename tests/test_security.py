@@ -20,7 +20,7 @@ from lossd.server.auth import TokenAuth, load_tokens
 
 from certificates import Pki, make_pki
 from conftest import RunningServer
-from processes import ServeProcess
+from processes import ServeProcess, free_port
 
 LOGITS = np.random.default_rng(4).standard_normal((4, 3)).astype(np.float32)
 LABELS = np.array([0, 2, 1, 1])
@@ -199,11 +199,7 @@ def test_the_token_is_an_environment_setting_never_a_flag_nor_logged(
 def test_the_metrics_port_is_separate_and_carries_no_tensor_data(
     server_factory: Callable[..., RunningServer], pki: Pki
 ) -> None:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        metrics_port = probe.getsockname()[1]
+    metrics_port = free_port()
     running = server_factory(
         tls_cert_file=pki.server_cert, tls_key_file=pki.server_key, auth_token="t", metrics_port=metrics_port
     )

@@ -194,12 +194,13 @@ class ServerConfig:
             "max_batch_rows",
             "max_batch_bytes",
             "max_queue_size",
+            "max_concurrent_streams",
             "workers",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in (
+        non_negative = (  # 0 means none, off, any port, or a default worked out at start-up
             "max_queue_delay_us",
             "port",
             "metrics_port",
@@ -207,12 +208,10 @@ class ServerConfig:
             "torch_threads",
             "max_request_s",
             "max_connection_age_s",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        if self.max_concurrent_streams < 1:
-            raise ValueError(f"max_concurrent_streams must be at least 1, got {self.max_concurrent_streams}")
-        for name in ("max_stream_bytes", "max_tensor_bytes"):
+            "max_stream_bytes",
+            "max_tensor_bytes",
+        )
+        for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

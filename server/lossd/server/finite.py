@@ -14,16 +14,16 @@ import torch
 
 from lossd.client.errors import InvalidArgumentError
 from lossd.server.calls import LossCall
+from lossd.server.validation import FLOATING
 
 __all__ = ["nonfinite_error", "nonfinite_fields"]
 
 _SMALL = 1 << 18
 _BF16_EXPONENT = 0x7F80
-_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _has_nonfinite(tensor: torch.Tensor) -> bool:
-    if tensor.dtype not in _FLOATING or tensor.numel() == 0:
+    if tensor.dtype not in FLOATING or tensor.numel() == 0:
         return False
     if tensor.numel() >= _SMALL or tensor.device.type != "cpu":
         return not bool(torch.isfinite(tensor).all())

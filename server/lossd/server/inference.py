@@ -18,10 +18,13 @@ from typing import Any
 import grpc
 import numpy as np
 
+from lossd.client import codec
 from lossd.client._version import __version__
-from lossd.client.errors import InvalidArgumentError, NotFoundError
+from lossd.client.errors import NotFoundError
+from lossd.server.calls import LossOutput
 from lossd.server.servicer import Context, LossServicer
 from lossd.server.status import abort
+from lossd.server.validation import invalid_argument
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
 from lossd.v1.oip import open_inference_pb2 as oip
@@ -42,7 +45,7 @@ _DATATYPES = {
     "INT32": tensor_pb2.DATA_TYPE_INT32,
     "UINT8": tensor_pb2.DATA_TYPE_UINT8,
 }
-_NAMES = {dtype: name for name, dtype in _DATATYPES.items()}
+_NAMES: dict[int, str] = {dtype: name for name, dtype in _DATATYPES.items()}
 # Typed contents: the field holding each datatype's values, and the little-endian dtype they pack to.
 _CONTENTS = {
     "FP32": ("fp32_contents", "<f4"),
@@ -65,12 +68,6 @@ _OPTIONS = {  # the parameters each model takes, besides reduction and grad_dtyp
 # Scheduling parameters Triton's clients may send; they mean nothing to a loss and are ignored.
 _IGNORED = frozenset({"priority", "timeout", "sequence_id", "sequence_start", "sequence_end"})
 _OUTPUTS = ("loss", "input_grad", "target_grad")
-
-
-def _invalid(message: str, reason: str, field: str, **metadata: object) -> InvalidArgumentError:
-    return InvalidArgumentError(
-        message, reason=reason, field=field, metadata={k: str(v) for k, v in metadata.items()}
-    )
 
 
 def _model(name: str, version: str) -> str:
@@ -99,7 +96,7 @@ def _tensor(given: oip.ModelInferRequest.InferInputTensor, raw: bytes | None, ou
     """Fills a lossd.v1 Tensor from one OIP input (raw bytes or typed contents)."""
     dtype = _DATATYPES.get(given.datatype)
     if dtype is None:
-        raise _invalid(
+        raise invalid_argument(
             f"{given.name}.datatype {given.datatype!r} is not one of {', '.join(_DATATYPES)}",
             "DTYPE_UNKNOWN",
             given.name,
@@ -111,7 +108,7 @@ def _tensor(given: oip.ModelInferRequest.InferInputTensor, raw: bytes | None, ou
         out.data = raw
         return
     if given.datatype not in _CONTENTS:
-        raise _invalid(
+        raise invalid_argument(
             f"{given.name} is {given.datatype}: 16-bit floats travel only in raw_input_contents",
             "RAW_CONTENTS_REQUIRED",
             given.name,
@@ -120,7 +117,7 @@ def _tensor(given: oip.ModelInferRequest.InferInputTensor, raw: bytes | None, ou
     field, wire = _CONTENTS[given.datatype]
     values = getattr(given.contents, field)
     if given.datatype == "UINT8" and any(v > 255 for v in values):
-        raise _invalid(f"{given.name} holds a UINT8 value over 255", "VALUE_OUT_OF_RANGE", given.name)
+        raise invalid_argument(f"{given.name} holds a UINT8 value over 255", "VALUE_OUT_OF_RANGE", given.name)
     out.data = np.asarray(values).astype(wire).tobytes()
 
 
@@ -132,13 +129,13 @@ def loss_request(request: oip.ModelInferRequest) -> tuple[pb.ComputeLossRequest,
     options.SetInParent()
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
-        raise _invalid(
+        raise invalid_argument(
             f"raw_input_contents holds {len(raw)} entries for {len(request.inputs)} inputs",
             "RAW_CONTENTS_MISMATCH",
             "raw_input_contents",
         )
     if raw and any(given.HasField("contents") for given in request.inputs):
-        raise _invalid(
+        raise invalid_argument(
             "an input sets contents while raw_input_contents is used; use one form",
             "RAW_CONTENTS_MISMATCH",
             "raw_input_contents",
@@ -153,7 +150,7 @@ def loss_request(request: oip.ModelInferRequest) -> tuple[pb.ComputeLossRequest,
     seen = set()
     for i, given in enumerate(request.inputs):
         if given.name not in targets or given.name in seen:
-            raise _invalid(
+            raise invalid_argument(
                 f"input {given.name!r} is unknown or repeated; {model} takes {', '.join(targets)}",
                 "INPUT_UNKNOWN",
                 given.name,
@@ -163,13 +160,13 @@ def loss_request(request: oip.ModelInferRequest) -> tuple[pb.ComputeLossRequest,
         _tensor(given, raw[i] if raw else None, targets[given.name])
     for required in ("input", "target"):
         if required not in seen:
-            raise _invalid(f"input {required!r} is missing", "FIELD_MISSING", required)
+            raise invalid_argument(f"input {required!r} is missing", "FIELD_MISSING", required)
     allowed = {"reduction", "grad_dtype", *_OPTIONS[model]}
     for name in request.parameters:
         if name in _IGNORED:
             continue
         if name not in allowed:
-            raise _invalid(
+            raise invalid_argument(
                 f"parameter {name!r} is unknown to {model}; it takes {', '.join(sorted(allowed))}",
                 "PARAMETER_UNKNOWN",
                 f"parameters.{name}",
@@ -179,7 +176,7 @@ def loss_request(request: oip.ModelInferRequest) -> tuple[pb.ComputeLossRequest,
     outputs = [wanted.name for wanted in request.outputs] or ["loss"]
     for name in outputs:
         if name not in _OUTPUTS or outputs.count(name) > 1:
-            raise _invalid(
+            raise invalid_argument(
                 f"output {name!r} is unknown or repeated; the outputs are {', '.join(_OUTPUTS)}",
                 "OUTPUT_UNKNOWN",
                 f"outputs.{name}",
@@ -210,24 +207,23 @@ def _apply(message: pb.ComputeLossRequest, options: Any, name: str, value: Any) 
                 raise TypeError
             options.log_target = value
     except (KeyError, TypeError, ValueError):
-        raise _invalid(
+        raise invalid_argument(
             f"parameter {name!r} = {value!r} is not valid here", "PARAMETER_INVALID", field, value=value
         ) from None
 
 
 def infer_response(
-    request: oip.ModelInferRequest, response: pb.ComputeLossResponse, outputs: list[str]
+    request: oip.ModelInferRequest, output: LossOutput, outputs: list[str]
 ) -> oip.ModelInferResponse:
+    """The engine's result as OIP outputs, each tensor's bytes copied once into the message."""
     answer = oip.ModelInferResponse(model_name=request.model_name, model_version=VERSION, id=request.id)
-    tensors = {
-        "loss": response.loss,
-        "input_grad": response.input_gradient,
-        "target_grad": response.target_gradient,
-    }
+    tensors = {"loss": output.loss, "input_grad": output.input_grad, "target_grad": output.target_grad}
     for name in outputs:
-        tensor = tensors[name]
-        answer.outputs.add(name=name, datatype=_NAMES[tensor.dtype], shape=tensor.shape)
-        answer.raw_output_contents.append(tensor.data)
+        value = tensors[name]
+        assert value is not None, f"{name} was requested, so it was computed"
+        array, dtype = codec.to_wire(value, name)
+        answer.outputs.add(name=name, datatype=_NAMES[dtype], shape=array.shape)
+        answer.raw_output_contents.append(codec.wire_view(array).tobytes())
     return answer
 
 
@@ -300,5 +296,6 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             outputs.extend(wanted)
             return message
 
-        response = await self._losses.answer(build, request.ByteSize(), context)
-        return infer_response(request, response, outputs)
+        return await self._losses.answer(
+            build, request.ByteSize(), context, lambda output: infer_response(request, output, outputs)
+        )

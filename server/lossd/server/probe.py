@@ -60,14 +60,19 @@ def check(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from lossd.client.channels import tls_credentials
+    from lossd.client.channels import auth_metadata, tls_credentials
+    from lossd.server.auth import load_tokens
 
     target = args.target or _default_target()
-    token = os.environ.get("LOSSD_AUTH_TOKEN", "")
     if args.token_file:
-        with open(args.token_file, encoding="utf-8") as lines:
-            token = next((line.strip() for line in lines if line.strip() and not line.startswith("#")), "")
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        try:
+            token = load_tokens("", args.token_file)[0]
+        except ValueError as exc:
+            print(f"lossd health: {exc}", file=sys.stderr)
+            return 1
+    else:
+        token = os.environ.get("LOSSD_AUTH_TOKEN", "")
+    metadata = auth_metadata(token)
     options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
     if args.tls_ca_file:
         credentials = tls_credentials(args.tls_ca_file, args.tls_cert_file, args.tls_key_file)

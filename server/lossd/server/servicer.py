@@ -14,9 +14,10 @@ import logging
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from lossd.client import chunks, codec
 from lossd.client.errors import (
@@ -39,6 +40,7 @@ __all__ = ["LossServicer"]
 _LOGGER = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[object, object]
+Answer = TypeVar("Answer", bound=Message)
 
 
 class LossServicer:
@@ -124,14 +126,19 @@ class LossServicer:
                 self._metrics.retried_requests.inc()
 
     async def ComputeLoss(self, raw: bytes, context: Context) -> pb.ComputeLossResponse:
-        return await self.answer(lambda: parse_request(raw), len(raw), context)
+        return await self.answer(lambda: parse_request(raw), len(raw), context, response_from_output)
 
     async def answer(
-        self, build: Callable[[], pb.ComputeLossRequest], received: int, context: Context
-    ) -> pb.ComputeLossResponse:
+        self,
+        build: Callable[[], pb.ComputeLossRequest],
+        received: int,
+        context: Context,
+        encode: Callable[[LossOutput], Answer],
+    ) -> Answer:
         """One whole-message call: `build()` makes the request (its errors are the caller's),
-        then it is checked, queued, computed and answered, with limits, metrics and failures as
-        for every call. Other protocols (`lossd.server.inference`) answer through here too."""
+        then it is checked, queued, computed, and `encode`d into the response message, with
+        limits, metrics and failures as for every call. Other protocols (`lossd.server.inference`)
+        answer through here too, each encoding the engine's output straight into its own message."""
         started = time.perf_counter()
         loss = "unset"
         self._begin(context)
@@ -142,7 +149,7 @@ class LossServicer:
                 loss = request.WhichOneof("loss") or "unset"
                 call = self._engine.prepare(call_from_request(request, self._limits), self._limits)
                 output = await self._submit(call, context, started)
-                response = response_from_output(output)
+                response = encode(output)
         except BaseException as error:
             await self._fail(error, context, loss, started, received, 0)
             raise
@@ -176,11 +183,8 @@ class LossServicer:
             # error object does.
             traceback.clear_frames(error.__traceback__)
             await call.close()
-            call.release()  # before the client hears: a retry must find the budget free
             await self._fail(error, context, call.loss, started, call.received, call.sent)
             raise
-        finally:
-            call.release()
         self._metrics.nonfinite(call.loss, tuple(call.nonfinite))
         self._finish(call.loss, "OK", started, call.received, call.sent)
 

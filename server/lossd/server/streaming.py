@@ -116,7 +116,17 @@ class StreamedCall:
         await self._write_message(message)
 
     async def serve(self, stream: AsyncIterator[bytes]) -> None:
-        """Reads the whole request stream and writes the whole answer; raises `LossdError`s."""
+        """Reads the whole request stream and writes the whole answer; raises `LossdError`s.
+
+        Its share of `max_stream_bytes` is given back when this returns or raises, before the
+        caller answers the client: a retry must find the budget free.
+        """
+        try:
+            await self._serve(stream)
+        finally:
+            self._release()
+
+    async def _serve(self, stream: AsyncIterator[bytes]) -> None:
         messages = stream.__aiter__()
         try:
             first = await messages.__anext__()
@@ -274,8 +284,7 @@ class StreamedCall:
             future.cancel()
         self._running.clear()
 
-    def release(self) -> None:
-        """Gives the stream's share of `max_stream_bytes` back (once the call has ended)."""
+    def _release(self) -> None:
         if self._budget is not None and self._held:
             self._budget.give(self._held)
             self._held = 0

@@ -25,9 +25,9 @@ from lossd.server.calls import LossCall, LossKind
 if TYPE_CHECKING:  # the codec imports protobuf, which the engine must not need
     from lossd.client.codec import TensorLimits
 
-__all__ = ["loss_shape", "validate"]
+__all__ = ["FLOATING", "invalid_argument", "loss_shape", "validate"]
 
-_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int64, torch.uint8, torch.int32)
 
 
@@ -35,15 +35,16 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _invalid(message: str, reason: str, field: str, **metadata: object) -> InvalidArgumentError:
+def invalid_argument(message: str, reason: str, field: str, **metadata: object) -> InvalidArgumentError:
+    """The error for a bad request field; metadata values become strings (ErrorInfo carries strings)."""
     return InvalidArgumentError(
         message, reason=reason, field=field, metadata={k: str(v) for k, v in metadata.items()}
     )
 
 
 def _require_floating(tensor: torch.Tensor, field: str, role: str) -> None:
-    if tensor.dtype not in _FLOATING:
-        raise _invalid(
+    if tensor.dtype not in FLOATING:
+        raise invalid_argument(
             f"{field}.dtype is {_name(tensor.dtype)}; {role} must be float32, float64, float16 or bfloat16",
             "DTYPE_NOT_SUPPORTED",
             f"{field}.dtype",
@@ -82,7 +83,7 @@ def loss_shape(call: LossCall, reduction: str | None = None) -> tuple[int, ...]:
 def _check_reduction(call: LossCall) -> None:
     kind, reduction = call.options.kind, call.options.reduction
     if reduction == "batchmean" and kind is not LossKind.KL_DIV:
-        raise _invalid(
+        raise invalid_argument(
             f"reduction 'batchmean' is only defined for kl_div, not {kind.value}; use none, mean or sum",
             "REDUCTION_NOT_SUPPORTED",
             "reduction",
@@ -96,7 +97,7 @@ def _check_class_targets(call: LossCall, classes: int) -> torch.Tensor:
     input, target = call.input, call.target
     ignore_index = call.options.ignore_index
     if target.dtype not in _INDEX_DTYPES:
-        raise _invalid(
+        raise invalid_argument(
             f"target.dtype is {_name(target.dtype)}; class-index targets must be int64, uint8 or int32 "
             f"(class probabilities need target.shape == input.shape {list(input.shape)})",
             "DTYPE_NOT_SUPPORTED",
@@ -107,7 +108,7 @@ def _check_class_targets(call: LossCall, classes: int) -> torch.Tensor:
     if input.dim() == 1 and tuple(target.shape) == (1,):
         target = target.reshape(())  # torch takes a one-element target for a (C) input too
     if tuple(target.shape) != expected:
-        raise _invalid(
+        raise invalid_argument(
             f"target.shape is {list(target.shape)}; for input.shape {list(input.shape)} class-index "
             f"targets must have shape {list(expected)} (or {list(input.shape)} for class probabilities)",
             "TARGET_SHAPE_MISMATCH",
@@ -127,7 +128,7 @@ def _check_class_targets(call: LossCall, classes: int) -> torch.Tensor:
     if bad is not None and bad.any():
         position = [int(i) for i in np.argwhere(bad)[0]] if bad.ndim else []
         value = int(values[tuple(position)])
-        raise _invalid(
+        raise invalid_argument(
             f"target{position} is {value}, outside [0, {classes}) for {classes} classes and not "
             f"ignore_index ({ignore_index}); {int(bad.sum())} target(s) are out of range",
             "TARGET_OUT_OF_RANGE",
@@ -152,7 +153,7 @@ def _check_weight(call: LossCall, classes: int, probabilities: bool) -> torch.Te
     if weight is None:
         return None
     if weight.numel() != classes:
-        raise _invalid(
+        raise invalid_argument(
             f"{field}.shape is {list(weight.shape)}; it must be [{classes}], one weight per class",
             "WEIGHT_SHAPE_MISMATCH",
             f"{field}.shape",
@@ -160,7 +161,7 @@ def _check_weight(call: LossCall, classes: int, probabilities: bool) -> torch.Te
             classes=classes,
         )
     if not probabilities and weight.dtype != call.input.dtype:
-        raise _invalid(
+        raise invalid_argument(
             f"{field}.dtype is {_name(weight.dtype)} but input.dtype is {_name(call.input.dtype)}; "
             "with class-index targets torch needs class weights in the input's dtype",
             "WEIGHT_DTYPE_MISMATCH",
@@ -175,7 +176,7 @@ def _check_classification(call: LossCall) -> LossCall:
     """nll_loss and cross_entropy: input (C), (N, C) or (N, C, d1, ..., dk)."""
     input, options = call.input, call.options
     if input.dim() == 0:
-        raise _invalid(
+        raise invalid_argument(
             "input.shape is [] (0-d); nll_loss and cross_entropy need (C), (N, C) or (N, C, d1, ..., dk)",
             "SHAPE_INVALID",
             "input.shape",
@@ -185,7 +186,7 @@ def _check_classification(call: LossCall) -> LossCall:
     probabilities = is_probability_target(call)
     smoothing, field = options.label_smoothing, f"{options.kind.value}.label_smoothing"
     if not (math.isfinite(smoothing) and 0.0 <= smoothing <= 1.0):
-        raise _invalid(
+        raise invalid_argument(
             f"{field} is {smoothing}; it must be in [0.0, 1.0]",
             "LABEL_SMOOTHING_OUT_OF_RANGE",
             field,
@@ -194,7 +195,7 @@ def _check_classification(call: LossCall) -> LossCall:
     if probabilities:
         _require_floating(call.target, "target", "class-probability targets (target.shape == input.shape)")
         if options.ignore_index >= 0:
-            raise _invalid(
+            raise invalid_argument(
                 f"{options.kind.value}.ignore_index is {options.ignore_index}; with class-probability "
                 "targets torch allows only a negative ignore_index (it is not applied)",
                 "IGNORE_INDEX_NOT_SUPPORTED",
@@ -205,7 +206,7 @@ def _check_classification(call: LossCall) -> LossCall:
     else:
         target = _check_class_targets(call, classes)
         if call.target_grad:
-            raise _invalid(
+            raise invalid_argument(
                 f"gradients.target was requested, but {options.kind.value} with class-index targets "
                 "has no gradient w.r.t. the target; only class-probability targets and kl_div do",
                 "TARGET_GRADIENT_NOT_SUPPORTED",
@@ -220,7 +221,7 @@ def _check_kl(call: LossCall, limits: TensorLimits | None) -> None:
     _require_floating(call.target, "target", "kl_div targets")
     broadcast = broadcast_shape(call.input.shape, call.target.shape)
     if broadcast is None:
-        raise _invalid(
+        raise invalid_argument(
             f"target.shape {list(call.target.shape)} does not broadcast with input.shape "
             f"{list(call.input.shape)}",
             "TARGET_SHAPE_MISMATCH",
@@ -250,8 +251,8 @@ def _check_kl(call: LossCall, limits: TensorLimits | None) -> None:
 
 
 def _check_gradients(call: LossCall) -> None:
-    if call.grad_dtype is not None and call.grad_dtype not in _FLOATING:
-        raise _invalid(
+    if call.grad_dtype is not None and call.grad_dtype not in FLOATING:
+        raise invalid_argument(
             f"gradients.dtype is {_name(call.grad_dtype)}; gradients must be float32, float64, float16 "
             "or bfloat16",
             "DTYPE_NOT_SUPPORTED",
@@ -264,7 +265,7 @@ def _check_gradients(call: LossCall) -> None:
     _require_floating(upstream, "gradients.grad_output", "the upstream gradient")
     expected = loss_shape(call)
     if tuple(upstream.shape) != expected:
-        raise _invalid(
+        raise invalid_argument(
             f"gradients.grad_output.shape is {list(upstream.shape)}; it must be the loss's shape "
             f"{list(expected)}",
             "GRAD_OUTPUT_SHAPE_MISMATCH",
