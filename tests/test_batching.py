@@ -167,7 +167,7 @@ def test_concurrent_mixed_requests_each_get_their_own_numbers(
     server_factory: Callable[..., RunningServer],
 ) -> None:
     """Many concurrent requests of every loss and option through one batching server."""
-    running = server_factory(max_queue_delay_us=20000)
+    running = server_factory(max_queue_delay_us=20000, max_concurrent_streams=1024)
     # Every sixth case, four times with different data: mixed, yet mergeable in fours and more.
     cases = [
         dataclasses.replace(case, seed=case.seed * 10 + k) for case in all_cases()[::6] for k in range(4)
@@ -260,7 +260,7 @@ def test_float16_reductions_that_overflow_in_torch_overflow_in_lossd(
     """torch sums the label-smoothing term (and probability-target and batchmean losses) in float16
     before scaling it: past 65504 that is inf. Merged, the float64 reduction would stay finite; such
     calls are computed alone, and agree with torch."""
-    running = server_factory(max_queue_delay_us=20000)
+    running = server_factory(max_queue_delay_us=20000, max_concurrent_streams=1024)
     torch.manual_seed(0)
     x = torch.randn(27, 1000, 3, dtype=torch.float64).to(torch.float16)
     labels = torch.randint(0, 1000, (27, 3))

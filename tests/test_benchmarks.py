@@ -1,4 +1,5 @@
-"""The soak and replica-kill runs, in their quick form: their own checks must pass (CI runs these)."""
+"""The soak, replica-kill and hostile-client runs, in their quick form: their own checks must pass
+(CI runs these)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,24 @@ def test_replica_kill_quick() -> None:
     report = _run("replica_kill.py")
     assert report["ok"] and report["lost"] == 0
     assert report["server_exits"] == [0, -9, 0]
+
+
+@pytest.mark.slow
+def test_hostile_quick() -> None:
+    """Every attack runs against a 2 GiB budget; memory is the bound checked here (latencies are
+    the benchmark's to report, not a test's to assert on a busy machine)."""
+    report = _run("hostile.py")
+    assert report["budget_bytes"] == 2 << 30
+    assert isinstance(report["peak_rss_growth_bytes"], int)
+    assert report["peak_rss_growth_bytes"] <= report["budget_bytes"] + (256 << 20)
+    assert isinstance(report["legit_calls"], int) and report["legit_calls"] > 0
+    for key in (
+        "legit_success_ratio",
+        "health_max_ms",
+        "small_call_p99_ms_idle",
+        "small_call_p99_ms_under_attack",
+    ):
+        assert isinstance(report[key], float), key
 
 
 def test_the_gpu_fault_check_says_it_needs_cuda() -> None:

@@ -1,5 +1,5 @@
-"""Limits enforced before memory is taken: the streams' byte budget, concurrent streams per
-connection; each answered with ErrorInfo, and RetryInfo where waiting helps."""
+"""Limits enforced before memory is taken: the memory budget, concurrent streams per connection;
+each answered with ErrorInfo, and RetryInfo where waiting helps."""
 
 from __future__ import annotations
 
@@ -24,61 +24,97 @@ STREAM = "/lossd.v1.LossService/StreamLoss"
 RNG = np.random.default_rng(2)
 
 
-def _header(rows: int, classes: int) -> bytes:
-    call = prepare_call("cross_entropy", np.ones((rows, classes), np.float32), np.zeros(rows, np.int64))
+def _header(rows: int, classes: int, loss: str = "cross_entropy") -> bytes:
+    call = prepare_call(loss, np.ones((rows, classes), np.float32), np.zeros(rows, np.int64))  # type: ignore[arg-type]
     call.request.target.data = np.zeros(rows, np.int64).tobytes()
     return chunks.encode_header(call.request)
 
 
-def test_a_stream_bigger_than_the_budget_is_refused_before_allocation(
+def _budget_server(server_factory: Callable[..., RunningServer], **overrides: object) -> RunningServer:
+    """A server with a small memory budget: 96 MiB, 2 MiB messages, 4 connections of 16 calls."""
+    settings: dict[str, object] = {
+        "max_memory_bytes": 96 << 20,
+        "max_message_bytes": 2 << 20,
+        "max_connections": 4,
+        "max_concurrent_streams": 16,
+        **overrides,
+    }
+    return server_factory(**settings)
+
+
+def test_a_stream_bigger_than_a_clients_share_is_refused_before_allocation(
     server_factory: Callable[..., RunningServer],
 ) -> None:
-    running = server_factory(max_stream_bytes=1 << 20)
+    running = _budget_server(server_factory)
+    budget = running.server.budget
     with LossClient(running.target, timeout=30, stream_threshold_bytes=0) as client:
         with pytest.raises(errors.ResourceExhaustedError) as refused:
-            client.cross_entropy(np.ones((1024, 512), np.float32), np.zeros(1024, np.int64))
-        assert refused.value.reason == "STREAM_MEMORY_EXHAUSTED"
+            client.cross_entropy(np.ones((8192, 1024), np.float32), np.zeros(8192, np.int64))
+        assert refused.value.reason == "MEMORY_EXHAUSTED"
         assert refused.value.retry_after is None  # it will never fit: waiting does not help
-        assert refused.value.metadata["maxStreamBytes"] == str(1 << 20)
+        assert refused.value.metadata["maxClientBytes"] == str(budget.peer_limit)
         assert client.cross_entropy(np.ones((64, 512), np.float32), np.zeros(64, np.int64)).loss.shape == ()
-    assert running.server.servicer._stream_budget.held == 0
+    assert budget.held == 0
 
 
-def test_streams_share_the_budget_and_give_it_back(server_factory: Callable[..., RunningServer]) -> None:
-    running = server_factory(max_stream_bytes=3 << 20)
-    rows, classes = 1024, 512  # 2 MiB of logits: one stream fits, two do not
-    with grpc.insecure_channel(running.target) as channel:
-        held: queue.Queue[bytes | None] = queue.Queue()
-        held.put(_header(rows, classes))
+def test_a_stalled_stream_is_evicted_for_a_client_that_waits(
+    server_factory: Callable[..., RunningServer],
+) -> None:
+    running = _budget_server(server_factory, admission_wait_s=10.0)
+    budget = running.server.budget
+    rows, classes = 4096, 1024  # 16 MiB of logits: two such streams fit, three do not
+    # A connection each (gRPC would otherwise share one between channels to the same target).
+    channels = [
+        grpc.insecure_channel(running.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(2)
+    ]
+    held: list[queue.Queue[bytes | None]] = [queue.Queue(), queue.Queue()]
+    streams = []
+    try:
+        for channel, pending in zip(channels, held, strict=True):
+            pending.put(_header(rows, classes, "nll_loss"))
 
-        def messages() -> Iterator[bytes]:
-            while (message := held.get()) is not None:
-                yield message
+            def messages(pending: queue.Queue[bytes | None] = pending) -> Iterator[bytes]:
+                while (message := pending.get()) is not None:
+                    yield message
 
-        first = channel.stream_stream(STREAM)(messages(), timeout=30)
+            streams.append(channel.stream_stream(STREAM)(messages(), timeout=30))
         deadline = time.monotonic() + 10
-        while running.server.servicer._stream_budget.held == 0 and time.monotonic() < deadline:
+        while len(budget._by_peer) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert running.server.servicer._stream_budget.held == rows * classes * 4
+        first_held = budget.held
+        assert first_held >= 2 * rows * classes * 4
         with LossClient(running.target, timeout=30, stream_threshold_bytes=0, retry_attempts=1) as client:
-            with pytest.raises(errors.ResourceExhaustedError) as refused:
-                client.cross_entropy(np.ones((rows, classes), np.float32), np.zeros(rows, np.int64))
-            assert refused.value.reason == "STREAM_MEMORY_EXHAUSTED"
-            assert refused.value.retry_after == 1.0  # others hold it: retry later
-            held.put(None)  # the first stream ends, incomplete
-            with pytest.raises(grpc.RpcError) as incomplete:
-                list(first)
-            assert from_rpc_error(incomplete.value).reason == "STREAM_INCOMPLETE"
-            assert running.server.servicer._stream_budget.held == 0
-            client.cross_entropy(np.ones((rows, classes), np.float32), np.zeros(rows, np.int64))
+            labels = np.zeros(rows, np.int64)
+            result = client.nll_loss(np.ones((rows, classes), np.float32), labels)
+            assert float(result.loss) == -1.0
+        evicted = 0
+        for stream, pending in zip(streams, held, strict=True):
+            pending.put(None)
+            with pytest.raises(grpc.RpcError) as ended:
+                list(stream)
+            error = from_rpc_error(ended.value)
+            evicted += error.reason == "MEMORY_EXHAUSTED"
+            assert error.reason in ("MEMORY_EXHAUSTED", "STREAM_INCOMPLETE"), error
+        assert evicted >= 1
+        assert budget.evictions >= 1
+        assert budget.held == 0
+    finally:
+        for channel in channels:
+            channel.close()
 
 
-def test_the_default_budget_is_half_the_machines_memory() -> None:
-    import os
+def test_the_default_budget_is_a_quarter_of_the_machines_memory() -> None:
+    from lossd.server.config import machine_memory
 
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    assert ServerConfig().stream_budget_bytes == memory // 2
-    assert ServerConfig(max_stream_bytes=5).stream_budget_bytes == 5
+    assert ServerConfig().memory_bytes == machine_memory() // 4
+    assert ServerConfig(max_memory_bytes=5 << 30).memory_bytes == 5 << 30
+    config = ServerConfig(max_memory_bytes=2 << 30)
+    # What unadmitted connections may buffer comes out of the budget, a quarter at most.
+    assert config.connections * config.stream_bytes_per_connection <= (2 << 30) // 4
+    assert config.admitted_bytes >= (2 << 30) * 3 // 4
+    with pytest.raises(ValueError, match="max_memory_bytes"):
+        ServerConfig(max_memory_bytes=16 << 20).check()
 
 
 def test_concurrent_streams_per_connection_are_bounded(server_factory: Callable[..., RunningServer]) -> None:
@@ -126,9 +162,6 @@ def test_a_broadcast_is_held_to_the_tensor_limits(server_factory: Callable[..., 
         assert torch.equal(small.loss, expected)
 
 
-def test_the_default_tensor_byte_limit_is_half_the_machines_memory() -> None:
-    import os
-
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    assert ServerConfig().limits.max_bytes == memory // 2
+def test_the_default_tensor_byte_limit_is_half_the_budget() -> None:
+    assert ServerConfig().limits.max_bytes == ServerConfig().memory_bytes // 2
     assert ServerConfig(max_tensor_bytes=7).limits.max_bytes == 7

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from lossd.client import LossClient, errors
+from lossd.client._client import DEFAULT_STREAM_THRESHOLD
 from lossd.server.config import ServerConfig
 from lossd.server.engine import LossEngine, resolve_device
 
@@ -97,7 +98,9 @@ def test_config_precedence_flag_env_default() -> None:
     assert ServerConfig.parse([], environ={}) == ServerConfig()
     config = ServerConfig.parse(["--port", "7000"], environ=env)
     assert (config.port, config.device, config.max_message_bytes) == (7000, "cpu", 1234)
-    assert ServerConfig().port == 50051 and ServerConfig().max_message_bytes > 1024 * 2**20
+    # Small by default: gRPC reads a whole message before lossd sees it; the client streams above 4 MiB.
+    assert ServerConfig().port == 50051 and ServerConfig().max_message_bytes == 8 * 2**20
+    assert ServerConfig().max_message_bytes >= 2 * DEFAULT_STREAM_THRESHOLD
     with pytest.raises(ValueError, match="LOSSD_PORT='x'"):
         ServerConfig.parse([], environ={"LOSSD_PORT": "x"})
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
@@ -84,6 +86,26 @@ class PreparedCall:
     def nbytes(self) -> int:
         """The tensor bytes still to place."""
         return sum(data.nbytes for _, _, data in self.pending)
+
+    @property
+    def answer_nbytes(self) -> int:
+        """The answer's tensor bytes as the shapes tell them (a `none` kl_div loss broadcasts):
+        a call whose answer would not fit one message streams too."""
+        request = self.request
+        input_shape, target_shape = tuple(request.input.shape), tuple(request.target.shape)
+        itemsize = codec.itemsize(request.input.dtype)
+        nbytes = itemsize
+        if request.reduction == pb.REDUCTION_NONE:
+            shape = input_shape
+            if request.WhichOneof("loss") == "kl_div":
+                with contextlib.suppress(ValueError):  # the server names the fault
+                    shape = tuple(np.broadcast_shapes(input_shape, target_shape))
+            nbytes = math.prod(shape) * itemsize
+        gradients = request.gradients
+        for wanted, tensor in ((gradients.input, request.input), (gradients.target, request.target)):
+            if wanted:
+                nbytes += math.prod(tensor.shape) * codec.itemsize(gradients.dtype or tensor.dtype)
+        return nbytes
 
     def put(
         self,

@@ -21,6 +21,7 @@ from lossd.client._calls import (
 )
 from lossd.client._rpc_errors import from_rpc_error
 from lossd.client.channels import DEFAULT_RETRY_ATTEMPTS, auth_metadata, make_aio_channel, make_channel
+from lossd.client.errors import ResourceExhaustedError
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -56,8 +57,9 @@ class _Losses(Generic[R]):
         raise NotImplementedError
 
     def _streams(self, call: PreparedCall) -> bool:
-        """Whether a call goes as a StreamLoss stream: when its tensors outgrow the threshold."""
-        return call.nbytes > self._stream_threshold
+        """Whether a call goes as a StreamLoss stream: when its tensors, or its answer's, outgrow
+        the threshold (a server refuses a unary answer that no message could carry)."""
+        return call.nbytes > self._stream_threshold or call.answer_nbytes > self._stream_threshold
 
     def nll_loss(
         self,
@@ -235,7 +237,12 @@ class LossClient(_Losses[LossResult[Any]]):
     def _send(self, build: Callable[[], PreparedCall], like: Any, timeout: float | None) -> LossResult[Any]:
         call = build()
         if not self._streams(call):
-            return decode_response(self.compute(call.unary(), timeout=timeout), like)
+            try:
+                return decode_response(self.compute(call.unary(), timeout=timeout), like)
+            except ResourceExhaustedError as refused:
+                if refused.reason != "RESPONSE_TOO_LARGE":
+                    raise
+                call = build()  # this server's messages are smaller than the answer: stream it
         receiver = StreamReceiver(like)
         try:
             stream = self._stream_call(
@@ -318,7 +325,12 @@ class AsyncLossClient(_Losses[Awaitable[LossResult[Any]]]):
         async def send() -> LossResult[Any]:
             call = build()
             if not self._streams(call):
-                return decode_response(await self.compute(call.unary(), timeout=timeout), like)
+                try:
+                    return decode_response(await self.compute(call.unary(), timeout=timeout), like)
+                except ResourceExhaustedError as refused:
+                    if refused.reason != "RESPONSE_TOO_LARGE":
+                        raise
+                    call = build()  # this server's messages are smaller than the answer: stream it
             receiver = StreamReceiver(like)
             try:
                 stream = self._stream_call(

@@ -99,6 +99,12 @@ class TensorLimits:
 _NO_LIMITS = TensorLimits()
 
 
+def itemsize(dtype: int) -> int:
+    """Bytes per element of a DataType (0 for an unknown one)."""
+    info = _INFO.get(dtype)
+    return info.itemsize if info is not None else 0
+
+
 def data_type_name(dtype: int) -> str:
     """'float32' for DATA_TYPE_FLOAT32 and so on; the raw number for unknown values."""
     info = _INFO.get(dtype)
@@ -162,6 +168,18 @@ def check(
                 "maxElements": str(limits.max_elements),
                 "maxBytes": str(limits.max_bytes),
             },
+        )
+    # A dimension may be huge while another is 0: no elements, but no array library can hold the
+    # shape (numpy's "array is too big"). Every dimension is held to the element limit.
+    if not elements and (
+        any(d > limits.max_elements for d in shape) or math.prod(d for d in shape if d) >= 2**62
+    ):
+        raise InvalidArgumentError(
+            f"{field}.shape {list(shape)} has no elements but a dimension over {limits.max_elements}, "
+            "or dimensions whose product no array can index",
+            reason="SHAPE_INVALID",
+            field=f"{field}.shape",
+            metadata={"shape": str(list(shape)), "maxElements": str(limits.max_elements)},
         )
     expected = elements * info.itemsize
     size = len(msg.data) if data_bytes is None else data_bytes

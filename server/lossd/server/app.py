@@ -16,22 +16,27 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 from prometheus_client import CollectorRegistry
 
 from lossd.client._version import __version__
 from lossd.server.auth import HEALTH_METHODS, TokenAuth, load_tokens
 from lossd.server.batcher import Batcher, BatchLimits
 from lossd.server.calls import LossCall, LossOutput
-from lossd.server.config import ServerConfig
+from lossd.server.config import RECEIVE_WINDOW, ServerConfig
 from lossd.server.engine import LossEngine, resolve_device
 from lossd.server.faults import DeviceFailure
+from lossd.server.guard import HandlerCollector, guarded
+from lossd.server.memory import MemoryBudget
 from lossd.server.metrics import ServerMetrics, multiprocess_enabled, serve_metrics
 from lossd.server.servicer import LossServicer
-from lossd.server.streaming import ByteBudget
 from lossd.v1 import loss_service_pb2 as pb
 
 __all__ = ["LOSS_SERVICE", "LossServer", "serve"]
+
+CONTROL_MESSAGES = 16
+"""Messages that health checks, reflection and metadata calls may be receiving at once."""
 
 _LOGGER = logging.getLogger("lossd.server")
 
@@ -79,6 +84,14 @@ class LossServer:
             device_memory=_memory_probe(self.engine.device),
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lossd-compute")
+        self._large_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lossd-compute-large")
+        # Decoding and encoding large messages: off the event loop, which must stay free.
+        self._wire = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lossd-wire")
+        # Probes and metadata calls (health, reflection, Open Inference metadata) get a budget of
+        # their own, so that they answer while loss calls fill theirs.
+        control = min(CONTROL_MESSAGES * config.max_message_bytes, config.admitted_bytes // 8)
+        self.control_budget = MemoryBudget(control, admission_wait_s=config.admission_wait_s)
+        self.budget = MemoryBudget(config.admitted_bytes - control, admission_wait_s=config.admission_wait_s)
         engine_ = self.engine
         self.batcher: Batcher[LossCall, LossOutput] = Batcher(
             run=lambda calls: engine_.compute_batch(calls, merge=config.batching),
@@ -92,6 +105,7 @@ class LossServer:
                 max_queue_size=config.max_queue_size,
             ),
             executor=self._executor,
+            large_executor=self._large_executor,
             observer=self.metrics,
             on_failure=self._on_batch_failure,
         )
@@ -115,6 +129,13 @@ class LossServer:
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+                # What a client can make gRPC hold before lossd admits its call: with window probing
+                # off, RECEIVE_WINDOW per call, for max_concurrent_streams calls on each of at most
+                # `connections` connections (see ServerConfig.admitted_bytes). Once lossd reads a
+                # call, the window opens to the message being read.
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW),
+                ("grpc.max_allowed_incoming_connections", config.connections),
                 # Find dead clients (ping every minute), and let live ones ping us every 10 s or
                 # more, idle or not, as lossd's client does to find dead servers.
                 ("grpc.keepalive_time_ms", 60_000),
@@ -136,7 +157,10 @@ class LossServer:
             config.stream_chunk_bytes,
             config.stream_block_bytes,
             max_request_s=config.max_request_s,
-            stream_budget=ByteBudget(config.stream_budget_bytes),
+            idle_timeout_s=config.idle_timeout_s,
+            budget=self.budget,
+            max_message_bytes=config.max_message_bytes,
+            wire=self._wire,
         )
         self.servicer.add_to_server(self._server, LOSS_SERVICE)
         self._services = [LOSS_SERVICE]
@@ -144,11 +168,19 @@ class LossServer:
             # Imported only when served: its messages share names with other OIP clients' code.
             from lossd.server.inference import INFERENCE_SERVICE, InferenceServicer
 
-            InferenceServicer(self.servicer, lambda: self._serving).add_to_server(self._server)
+            InferenceServicer(self.servicer, lambda: self._serving, self.control_budget).add_to_server(
+                self._server
+            )
             self._services.append(INFERENCE_SERVICE)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (*self._services, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server
+        # Health and reflection under the same budget and idle timeout as every other call.
+        collector = HandlerCollector()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, collector)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            ReflectionServicer((*self._services, HEALTH_SERVICE, reflection.SERVICE_NAME)),
+            collector,
+        )
+        self._server.add_generic_rpc_handlers(
+            (guarded(self.servicer, collector.handlers, self.control_budget),)
         )
         self.port = 0
 
@@ -182,12 +214,15 @@ class LossServer:
         await self._health.enter_graceful_shutdown()
         stopping = asyncio.ensure_future(self._server.stop(grace))
         deadline = time.monotonic() + grace
+        self.servicer.grace_ends = deadline
         while self.servicer.active and not stopping.done() and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
-        unfinished = self.servicer.active
         await stopping
+        # Calls cancelled at the end of the grace period have finished (CANCELLED) by now.
+        unfinished = self.servicer.cut_off + self.servicer.active
         await self.batcher.close()
-        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        for executor in (self._executor, self._large_executor, self._wire):
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
         if self._stop_metrics is not None:
             await asyncio.to_thread(self._stop_metrics)
             self._stop_metrics = None
@@ -246,13 +281,14 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
 
 
 def torch_threads(config: ServerConfig) -> int:
-    """Intra-op threads for large computations: the setting, or by default every core on the CPU
+    """Intra-op threads for large computations: the setting, or by default every core but one on
+    the CPU (that one keeps the event loop and small calls going while a large computation runs)
     and one with CUDA (small computations always use one; see `LossEngine`)."""
     if config.torch_threads:
         return config.torch_threads
     if resolve_device(config.device).type == "cuda":
         return 1
-    return os.cpu_count() or 1
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def _build_info(device: torch.device) -> dict[str, str]:
@@ -323,7 +359,7 @@ async def serve(config: ServerConfig, *, worker: str = "", engine: LossEngine | 
     unfinished = await server.stop()
     answered = server.servicer.answered
     _LOGGER.info(
-        "lossd stopped: %d calls answered (%s); %d unfinished at the end of the grace period",
+        "lossd stopped: %d calls ended (%s); %d of them cut off at the end of the grace period",
         sum(answered.values()),
         ", ".join(f"{code} {count}" for code, count in sorted(answered.items())) or "none",
         unfinished,

@@ -8,6 +8,9 @@ While one batch computes, the next ones grow. Items whose deadline has passed or
 cancelled are dropped before compute and never computed. Groups never wait behind each other's
 heads: they only take turns for the compute thread.
 
+Two lanes, each with its own queue and compute thread: items of at least `large_bytes` go to the
+large lane, so that a long computation never makes small calls wait behind it.
+
 Generic: it knows nothing of protobuf, gRPC or torch; the engine supplies `run`, `key` and `cost`.
 """
 
@@ -39,6 +42,7 @@ class BatchLimits:
     max_bytes: int = 64 * 2**20
     max_queue_delay_s: float = 0.0
     max_queue_size: int = 4096
+    large_bytes: int = 1 << 20
 
 
 class BatchObserver(Protocol):
@@ -49,6 +53,17 @@ class BatchObserver(Protocol):
     def batch(self, requests: int, rows: int, compute_s: float, queue_waits_s: Sequence[float]) -> None: ...
 
     def dropped(self, reason: str) -> None: ...
+
+
+class _Lane(Generic[T, R]):
+    """One queue of groups and the thread that computes them."""
+
+    def __init__(self, name: str, executor: Executor) -> None:
+        self.name = name
+        self.executor = executor
+        self.groups: dict[Hashable, collections.deque[_Item[T, R]]] = {}
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
 
 
 @dataclass(eq=False)
@@ -68,7 +83,8 @@ class Batcher(Generic[T, R]):
 
     `run(items)` returns one result or exception per item, in order; `key(item)` says which items
     may be computed together (None: alone); `cost(item)` is (rows, bytes). If `run` raises
-    instead, the whole batch fails with that error and `on_failure(error)` is told.
+    instead, the whole batch fails with that error and `on_failure(error)` is told. Items of at
+    least `limits.large_bytes` run on `large_executor` (default: `executor`), in a lane of their own.
     """
 
     def __init__(
@@ -80,21 +96,21 @@ class Batcher(Generic[T, R]):
         executor: Executor,
         observer: BatchObserver | None = None,
         on_failure: Callable[[Exception], None] | None = None,
+        large_executor: Executor | None = None,
     ) -> None:
         self._run = run
         self._key = key
         self._cost = cost
         self.limits = limits
-        self._executor = executor
+        self._small: _Lane[T, R] = _Lane("small", executor)
+        self._large: _Lane[T, R] = _Lane("large", large_executor or executor)
+        self._lanes = (self._small, self._large)
         self._observer = observer
         self._on_failure = on_failure
         self._refusal: Exception | None = None
         self._item_seconds = 0.0  # moving average of compute time per item, for retry hints
-        self._groups: dict[Hashable, collections.deque[_Item[T, R]]] = {}
         self._depth = 0
-        self._wake = asyncio.Event()
         self._alone = itertools.count()
-        self._task: asyncio.Task[None] | None = None
         self._closing = False
 
     @property
@@ -104,15 +120,19 @@ class Batcher(Generic[T, R]):
 
     def start(self) -> None:
         """Starts dispatching; call from the event loop that will submit."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="lossd-batcher")
+        for lane in self._lanes:
+            if lane.task is None:
+                lane.task = asyncio.get_running_loop().create_task(
+                    self._dispatch(lane), name=f"lossd-batcher-{lane.name}"
+                )
 
     async def close(self) -> None:
         """Stops taking items, computes everything already queued, then stops."""
         self._closing = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
+        for lane in self._lanes:
+            lane.wake.set()
+            if lane.task is not None:
+                await lane.task
 
     def abort(self, error: Exception) -> None:
         """Stops at once: every queued item fails with `error`, and so does every later submit.
@@ -121,12 +141,13 @@ class Batcher(Generic[T, R]):
         """
         self._refusal = error
         self._closing = True
-        for group in self._groups.values():
-            for item in group:
-                if not item.future.done():
-                    item.future.set_exception(error)
-        self._groups.clear()
-        self._wake.set()
+        for lane in self._lanes:
+            for group in lane.groups.values():
+                for item in group:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+            lane.groups.clear()
+            lane.wake.set()
 
     async def submit(self, value: T, deadline: float | None = None) -> R:
         """Queues `value` and waits for its result. `deadline` is a `time.monotonic()` instant.
@@ -161,11 +182,12 @@ class Batcher(Generic[T, R]):
             deadline,
             asyncio.get_running_loop().create_future(),
         )
-        self._groups.setdefault(item.key, collections.deque()).append(item)
+        lane = self._large if nbytes >= self.limits.large_bytes else self._small
+        lane.groups.setdefault(item.key, collections.deque()).append(item)
         self._depth += 1
         item.future.add_done_callback(lambda _: self._dequeue(item))
         self._report_depth()
-        self._wake.set()
+        lane.wake.set()
         return await item.future
 
     def _dequeue(self, item: _Item[T, R]) -> None:
@@ -179,14 +201,15 @@ class Batcher(Generic[T, R]):
         if self._observer:
             self._observer.queue_depth(self._depth)
 
-    def _oldest_group(self) -> collections.deque[_Item[T, R]] | None:
+    @staticmethod
+    def _oldest_group(lane: _Lane[T, R]) -> collections.deque[_Item[T, R]] | None:
         oldest: collections.deque[_Item[T, R]] | None = None
-        for key in list(self._groups):
-            group = self._groups[key]
+        for key in list(lane.groups):
+            group = lane.groups[key]
             while group and group[0].future.done():  # cancelled while queued
                 group.popleft()
             if not group:
-                del self._groups[key]
+                del lane.groups[key]
             elif oldest is None or group[0].arrived < oldest[0].arrived:
                 oldest = group
         return oldest
@@ -215,23 +238,23 @@ class Batcher(Generic[T, R]):
             rows, nbytes = rows + item.rows, nbytes + item.nbytes
         return taken
 
-    async def _dispatch(self) -> None:
+    async def _dispatch(self, lane: _Lane[T, R]) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            group = self._oldest_group()
+            group = self._oldest_group(lane)
             if group is None:
                 if self._closing:
                     return
-                self._wake.clear()
-                await self._wake.wait()
+                lane.wake.clear()
+                await lane.wake.wait()
                 continue
             delay = self.limits.max_queue_delay_s
             if delay > 0 and self.limits.merge and not self._closing and not self._full(group):
                 remaining = group[0].arrived + delay - time.monotonic()
                 if remaining > 0:
-                    self._wake.clear()
+                    lane.wake.clear()
                     try:
-                        await asyncio.wait_for(self._wake.wait(), remaining)
+                        await asyncio.wait_for(lane.wake.wait(), remaining)
                     except TimeoutError:
                         pass
                     else:
@@ -241,9 +264,7 @@ class Batcher(Generic[T, R]):
                 continue
             started = time.monotonic()
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self._run, [item.value for item in items]
-                )
+                results = await loop.run_in_executor(lane.executor, self._run, [item.value for item in items])
             except Exception as error:  # run (or the executor) failed as a whole: fail this batch
                 results = [error] * len(items)
                 if self._on_failure is not None:

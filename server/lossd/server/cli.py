@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -79,7 +81,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.workers > 1:
         configure(config)
         return run_workers(config)
-    return run_server(config)
+    if not config.metrics_port or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return run_server(config)
+    # Metrics from another process: a scrape flood must not take the gRPC port's CPU or GIL. The
+    # files this process records into must be named before prometheus_client is first imported.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="lossd-metrics-")
+    from lossd.server.metrics import start_exporter
+
+    configure(config)
+    try:
+        stop_exporter = start_exporter(config.host, config.metrics_port)
+    except OSError as exc:
+        logging.getLogger("lossd.server").error("cannot serve: %s", exc)
+        return 1
+    try:
+        return run_server(config)
+    finally:
+        stop_exporter()
 
 
 if __name__ == "__main__":

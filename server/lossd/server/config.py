@@ -46,10 +46,31 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
+RECEIVE_WINDOW = 64 * 1024
+"""HTTP/2 bytes a client may send on one call before lossd reads it (gRPC's lookahead, with its
+window probing off): what a call costs before it is admitted."""
+CONNECTION_OVERHEAD = 256 * 1024
+"""What gRPC holds per open connection besides its calls' windows (buffers, HPACK tables), about."""
+
+
+def machine_memory() -> int:
+    """The memory this process may use: the machine's physical memory, or the container's cgroup
+    limit when that is lower."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as file:
+                text = file.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < physical:
+            return int(text)
+    return physical
+
+
 def half_memory() -> int:
-    """Half of this machine's physical memory: the default bound on what one request may make the
-    server allocate."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    """Half of the memory this process may use."""
+    return machine_memory() // 2
 
 
 @dataclass(frozen=True)
@@ -59,12 +80,16 @@ class ServerConfig:
     host: str = _setting("[::]", "address to bind; [::] is every interface, IPv4 and IPv6")
     port: int = _setting(50051, "gRPC port; 0 picks a free one")
     device: str = _setting("auto", "torch device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
-    max_message_bytes: int = _setting(_PROTOBUF_MAX, "largest gRPC message received or sent, in bytes")
+    max_message_bytes: int = _setting(
+        8 * 2**20,
+        "largest gRPC message received or sent, in bytes (lossd's client streams calls over 4 MiB; "
+        "raise it for large unary calls, up to 2147483647)",
+    )
     max_tensor_elements: int = _setting(2**34, "most elements in one request tensor")
     max_tensor_bytes: int = _setting(
         0,
         "most bytes in one tensor of a request, or of a loss it broadcasts to (StreamLoss passes 2 GiB); "
-        "0: half of this machine's memory",
+        "0: what one client may hold of max_memory_bytes",
     )
     max_tensor_dims: int = _setting(32, "most dimensions of one request tensor")
     shutdown_grace_s: float = _setting(10.0, "seconds in-flight calls get to finish on SIGTERM / SIGINT")
@@ -79,15 +104,29 @@ class ServerConfig:
         "first), so that clients balancing over DNS find new replicas; 0: never",
     )
     max_concurrent_streams: int = _setting(
-        1024,
+        128,
         "most calls in progress at once on one client connection (HTTP/2 streams); more are refused "
         "UNAVAILABLE before any work (lossd's client retries them)",
     )
-    max_stream_bytes: int = _setting(
+    max_memory_bytes: int = _setting(
         0,
-        "most bytes all StreamLoss calls together may hold while they are received; a stream whose "
-        "header would pass it is refused with RESOURCE_EXHAUSTED before anything is allocated; "
-        "0: half of this machine's memory",
+        "memory budget for everything held for calls not yet answered (messages being received, "
+        "stream buffers, computation temporaries, answers not yet read, and what unadmitted "
+        "connections may buffer); one client connection may hold half; 0: a quarter of this "
+        "machine's (or container's) memory",
+    )
+    max_connections: int = _setting(
+        0,
+        "most client connections at once (each may buffer max_concurrent_streams x 64 KiB before lossd "
+        "reads a call); 0: as many as fit in a quarter of max_memory_bytes",
+    )
+    idle_timeout_s: float = _setting(
+        10.0,
+        "seconds a call may go without sending its next message, or without reading lossd's answer, "
+        "before it fails DEADLINE_EXCEEDED and its memory is freed; 0: none",
+    )
+    admission_wait_s: float = _setting(
+        5.0, "longest a call waits for memory under max_memory_bytes before RESOURCE_EXHAUSTED"
     )
     reject_nonfinite: bool = _setting(
         False,
@@ -110,8 +149,8 @@ class ServerConfig:
     )
     torch_threads: int = _setting(
         0,
-        "torch intra-op threads for large computations (small ones use one); 0: every core on the CPU, "
-        "one with CUDA",
+        "torch intra-op threads for large computations (small ones use one); 0: every core but one on "
+        "the CPU, one with CUDA",
     )
     metrics_port: int = _setting(9464, "Prometheus metrics HTTP port; 0 turns metrics off")
     log_level: str = _setting("INFO", "logging level: DEBUG, INFO, WARNING or ERROR")
@@ -134,7 +173,7 @@ class ServerConfig:
     def limits(self) -> TensorLimits:
         """The per-tensor limits the codec enforces on requests."""
         return TensorLimits(
-            self.max_tensor_elements, self.max_tensor_bytes or half_memory(), self.max_tensor_dims
+            self.max_tensor_elements, self.max_tensor_bytes or self.memory_bytes // 2, self.max_tensor_dims
         )
 
     @property
@@ -197,6 +236,8 @@ class ServerConfig:
             "max_concurrent_streams",
             "workers",
         )
+        if self.max_message_bytes > _PROTOBUF_MAX:
+            raise ValueError(f"max_message_bytes must be at most {_PROTOBUF_MAX} (protobuf's limit)")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -208,7 +249,10 @@ class ServerConfig:
             "torch_threads",
             "max_request_s",
             "max_connection_age_s",
-            "max_stream_bytes",
+            "max_memory_bytes",
+            "max_connections",
+            "idle_timeout_s",
+            "admission_wait_s",
             "max_tensor_bytes",
         )
         for name in non_negative:
@@ -218,11 +262,35 @@ class ServerConfig:
             raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if self.admitted_bytes < 4 * self.max_message_bytes:
+            raise ValueError(
+                f"max_memory_bytes {self.memory_bytes} leaves {self.admitted_bytes} bytes for calls after "
+                f"{self.connections} connections x {self.stream_bytes_per_connection} bytes each "
+                f"(max_connections x max_concurrent_streams); it must cover 4 x max_message_bytes "
+                f"({self.max_message_bytes}): raise max_memory_bytes or lower the others"
+            )
 
     @property
-    def stream_budget_bytes(self) -> int:
-        """`max_stream_bytes`, with 0 resolved to half of the machine's physical memory."""
-        return self.max_stream_bytes or half_memory()
+    def memory_bytes(self) -> int:
+        """`max_memory_bytes`, with 0 resolved to a quarter of the machine's (container's) memory."""
+        return self.max_memory_bytes or machine_memory() // 4
+
+    @property
+    def stream_bytes_per_connection(self) -> int:
+        """What one connection may make gRPC buffer before lossd admits any of its calls."""
+        return self.max_concurrent_streams * RECEIVE_WINDOW + CONNECTION_OVERHEAD
+
+    @property
+    def connections(self) -> int:
+        """`max_connections`, with 0 resolved to as many as a quarter of the budget covers (at least 4)."""
+        if self.max_connections:
+            return self.max_connections
+        return max(4, self.memory_bytes // 4 // self.stream_bytes_per_connection)
+
+    @property
+    def admitted_bytes(self) -> int:
+        """The budget for admitted calls: `memory_bytes` less what unadmitted connections may buffer."""
+        return self.memory_bytes - self.connections * self.stream_bytes_per_connection
 
     @property
     def tls(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 from google.protobuf.message import DecodeError
@@ -24,6 +25,9 @@ _REDUCTIONS = {
 }
 _DEFAULT_IGNORE_INDEX = -100
 
+
+INLINE_LOSS_BYTES = 64 * 1024
+"""A StreamLoss answer carries its loss in the header up to this size, else in chunks."""
 
 TensorMaker = Callable[[tensor_pb2.Tensor, str], torch.Tensor]
 
@@ -95,16 +99,24 @@ def _call(request: pb.ComputeLossRequest, make: TensorMaker) -> LossCall:
     )
 
 
-def parse_request(raw: bytes, what: str = "the request") -> pb.ComputeLossRequest:
-    """Parses a serialized ComputeLossRequest; bytes that are not one are the caller's error."""
+M = TypeVar("M")
+
+
+def parse_message(parse: Callable[[bytes], M], raw: bytes, what: str, kind: str = "message") -> M:
+    """`parse(raw)`; bytes it cannot parse are the caller's error (`REQUEST_MALFORMED`)."""
     try:
-        return pb.ComputeLossRequest.FromString(raw)
-    except DecodeError:
+        return parse(raw)
+    except (DecodeError, ValueError, TypeError):
         raise InvalidArgumentError(
-            f"{what} is not a valid serialized lossd.v1.ComputeLossRequest ({len(raw)} bytes)",
+            f"{what} is not a valid serialized {kind} ({len(raw)} bytes)",
             reason="REQUEST_MALFORMED",
             metadata={"bytes": str(len(raw))},
         ) from None
+
+
+def parse_request(raw: bytes, what: str = "the request") -> pb.ComputeLossRequest:
+    """Parses a serialized ComputeLossRequest; bytes that are not one are the caller's error."""
+    return parse_message(pb.ComputeLossRequest.FromString, raw, what, "lossd.v1.ComputeLossRequest")
 
 
 def call_from_request(
@@ -157,8 +169,13 @@ def stream_response(output: LossOutput) -> tuple[pb.ComputeLossResponse, list[tu
     """The StreamLoss answer: a header with the loss and the gradients' dtypes and shapes, and each
     gradient's bytes (slot, view) to send in chunks."""
     response = pb.ComputeLossResponse()
-    codec.encode(output.loss, "loss", out=response.loss)
     chunks: list[tuple[int, memoryview]] = []
+    loss, loss_dtype = codec.to_wire(output.loss)
+    if loss.nbytes <= INLINE_LOSS_BYTES:  # a reduced loss: inline
+        codec.encode(output.loss, "loss", out=response.loss)
+    else:  # a `none` loss can outgrow any message: in chunks like the gradients
+        response.loss.CopyFrom(codec.header(loss.shape, loss_dtype))
+        chunks.append((int(pb.TENSOR_SLOT_LOSS), codec.wire_view(loss)))
     for slot, value, message in (
         (pb.TENSOR_SLOT_INPUT_GRADIENT, output.input_grad, response.input_gradient),
         (pb.TENSOR_SLOT_TARGET_GRADIENT, output.target_grad, response.target_gradient),

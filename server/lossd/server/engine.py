@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -27,7 +28,7 @@ from lossd.server.faults import (
 )
 from lossd.server.finite import nonfinite_error, nonfinite_fields
 from lossd.server.merged import MergeKey, Staging, compute_merged, merge_key, rows_of
-from lossd.server.validation import validate
+from lossd.server.validation import loss_shape, validate
 
 if TYPE_CHECKING:  # the codec imports protobuf, which the engine must not need
     from lossd.client.codec import TensorLimits
@@ -76,6 +77,9 @@ def loss_function(
         )
     return lambda x, t, _: F.kl_div(x, t, reduction=options.reduction, log_target=options.log_target)
 
+
+MERGE_COPY_BYTES = 64 << 20
+"""The most request bytes one merged computation copies together (`--max-batch-bytes`' default)."""
 
 SMALL_ELEMENTS = 1 << 18
 """Computations on fewer input elements run on one torch thread: torch's parallel regions cost them
@@ -135,6 +139,36 @@ class LossEngine:
     def cost(call: LossCall) -> tuple[int, int]:
         """(rows, bytes) a prepared call adds to a merged computation."""
         return rows_of(call), call.input.nbytes + call.target.nbytes
+
+    @staticmethod
+    def answer_bytes(call: LossCall) -> int:
+        """Bytes of a prepared call's answer tensors: the loss and the requested gradients."""
+        nbytes = math.prod(loss_shape(call)) * call.input.element_size()
+        for wanted, tensor in ((call.input_grad, call.input), (call.target_grad, call.target)):
+            if wanted:
+                itemsize = call.grad_dtype.itemsize if call.grad_dtype is not None else tensor.element_size()
+                nbytes += tensor.numel() * itemsize
+        return nbytes
+
+    @staticmethod
+    def footprint(call: LossCall) -> int:
+        """Host memory a prepared call's computation may take besides its request and answer,
+        estimated from the shapes: the loss's own temporaries (cross-entropy's log-probabilities
+        and softmax, a kl_div broadcast's per-element losses and gradients, at 32 bits at least),
+        a merged computation's concatenated rows (a merge is at most `MERGE_COPY_BYTES`), and its
+        per-row float64 sums."""
+        options = call.options
+        grads = call.input_grad or call.target_grad
+        if options.kind is LossKind.CROSS_ENTROPY:
+            factor = 2 + (options.label_smoothing > 0)
+        elif options.kind is LossKind.KL_DIV:
+            factor = 2 if grads or options.reduction == "none" else 1
+        else:
+            factor = 1 if grads else 0
+        elements = max(call.input.numel(), math.prod(loss_shape(call, "none")))
+        temporaries = factor * elements * max(call.input.element_size(), 4)
+        merged = min(call.input.nbytes + call.target.nbytes, MERGE_COPY_BYTES) + 16 * rows_of(call)
+        return temporaries + merged + 4096
 
     def compute_batch(self, calls: Sequence[LossCall], merge: bool = True) -> list[LossOutput | Exception]:
         """Prepared calls that share one merge key, computed together; each result or error in order.

@@ -12,7 +12,7 @@ handling are exactly those of `ComputeLoss`; the answer's tensors go back as raw
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -22,6 +22,9 @@ from lossd.client import codec
 from lossd.client._version import __version__
 from lossd.client.errors import NotFoundError
 from lossd.server.calls import LossOutput
+from lossd.server.convert import parse_message
+from lossd.server.guard import HandlerCollector, guarded
+from lossd.server.memory import MemoryBudget
 from lossd.server.servicer import Context, LossServicer
 from lossd.server.status import abort
 from lossd.server.validation import invalid_argument
@@ -54,6 +57,14 @@ _CONTENTS = {
     "INT32": ("int_contents", "<i4"),
     "UINT8": ("uint_contents", "u1"),
 }
+# The protobuf type of each typed-contents field, as numpy reads it.
+_CONTENT_DTYPES = {
+    "fp32_contents": np.float32,
+    "fp64_contents": np.float64,
+    "int64_contents": np.int64,
+    "int_contents": np.int32,
+    "uint_contents": np.uint32,
+}
 _REDUCTIONS = {
     "none": pb.REDUCTION_NONE,
     "mean": pb.REDUCTION_MEAN,
@@ -70,18 +81,27 @@ _IGNORED = frozenset({"priority", "timeout", "sequence_id", "sequence_start", "s
 _OUTPUTS = ("loss", "input_grad", "target_grad")
 
 
+ECHO_CHARS = 64
+"""Client-supplied strings are echoed in errors only up to this many characters."""
+
+
+def shown(text: str) -> str:
+    """A bounded prefix of a client's string, for an error message or its metadata."""
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + f"... ({len(text)} characters)"
+
+
 def _model(name: str, version: str) -> str:
     if name not in MODELS:
         raise NotFoundError(
-            f"model {name!r} does not exist; lossd serves {', '.join(MODELS)}",
+            f"model {shown(name)!r} does not exist; lossd serves {', '.join(MODELS)}",
             reason="MODEL_NOT_FOUND",
-            metadata={"model": name},
+            metadata={"model": shown(name)},
         )
     if version not in ("", VERSION):
         raise NotFoundError(
-            f"model {name!r} has no version {version!r}; it has version {VERSION}",
+            f"model {name!r} has no version {shown(version)!r}; it has version {VERSION}",
             reason="MODEL_VERSION_NOT_FOUND",
-            metadata={"model": name, "version": version},
+            metadata={"model": name, "version": shown(version)},
         )
     return name
 
@@ -97,10 +117,10 @@ def _tensor(given: oip.ModelInferRequest.InferInputTensor, raw: bytes | None, ou
     dtype = _DATATYPES.get(given.datatype)
     if dtype is None:
         raise invalid_argument(
-            f"{given.name}.datatype {given.datatype!r} is not one of {', '.join(_DATATYPES)}",
+            f"{shown(given.name)}.datatype {shown(given.datatype)!r} is not one of {', '.join(_DATATYPES)}",
             "DTYPE_UNKNOWN",
-            given.name,
-            datatype=given.datatype,
+            shown(given.name),
+            datatype=shown(given.datatype),
         )
     out.dtype = dtype
     out.shape.extend(given.shape)
@@ -116,9 +136,10 @@ def _tensor(given: oip.ModelInferRequest.InferInputTensor, raw: bytes | None, ou
         )
     field, wire = _CONTENTS[given.datatype]
     values = getattr(given.contents, field)
-    if given.datatype == "UINT8" and any(v > 255 for v in values):
+    array = np.array(values, dtype=_CONTENT_DTYPES[field])  # in C: ~2 ns per value
+    if given.datatype == "UINT8" and array.size and int(array.max()) > 255:
         raise invalid_argument(f"{given.name} holds a UINT8 value over 255", "VALUE_OUT_OF_RANGE", given.name)
-    out.data = np.asarray(values).astype(wire).tobytes()
+    out.data = array.astype(wire, copy=False).tobytes()
 
 
 def loss_request(request: oip.ModelInferRequest) -> tuple[pb.ComputeLossRequest, list[str]]:
@@ -151,10 +172,10 @@ def loss_request(request: oip.ModelInferRequest) -> tuple[pb.ComputeLossRequest,
     for i, given in enumerate(request.inputs):
         if given.name not in targets or given.name in seen:
             raise invalid_argument(
-                f"input {given.name!r} is unknown or repeated; {model} takes {', '.join(targets)}",
+                f"input {shown(given.name)!r} is unknown or repeated; {model} takes {', '.join(targets)}",
                 "INPUT_UNKNOWN",
-                given.name,
-                input=given.name,
+                shown(given.name),
+                input=shown(given.name),
             )
         seen.add(given.name)
         _tensor(given, raw[i] if raw else None, targets[given.name])
@@ -167,20 +188,20 @@ def loss_request(request: oip.ModelInferRequest) -> tuple[pb.ComputeLossRequest,
             continue
         if name not in allowed:
             raise invalid_argument(
-                f"parameter {name!r} is unknown to {model}; it takes {', '.join(sorted(allowed))}",
+                f"parameter {shown(name)!r} is unknown to {model}; it takes {', '.join(sorted(allowed))}",
                 "PARAMETER_UNKNOWN",
-                f"parameters.{name}",
-                parameter=name,
+                f"parameters.{shown(name)}",
+                parameter=shown(name),
             )
         _apply(message, options, name, _parameter(request.parameters, name))
     outputs = [wanted.name for wanted in request.outputs] or ["loss"]
     for name in outputs:
         if name not in _OUTPUTS or outputs.count(name) > 1:
             raise invalid_argument(
-                f"output {name!r} is unknown or repeated; the outputs are {', '.join(_OUTPUTS)}",
+                f"output {shown(name)!r} is unknown or repeated; the outputs are {', '.join(_OUTPUTS)}",
                 "OUTPUT_UNKNOWN",
-                f"outputs.{name}",
-                output=name,
+                f"outputs.{shown(name)}",
+                output=shown(name),
             )
     message.gradients.input = "input_grad" in outputs
     message.gradients.target = "target_grad" in outputs
@@ -208,7 +229,10 @@ def _apply(message: pb.ComputeLossRequest, options: Any, name: str, value: Any) 
             options.log_target = value
     except (KeyError, TypeError, ValueError):
         raise invalid_argument(
-            f"parameter {name!r} = {value!r} is not valid here", "PARAMETER_INVALID", field, value=value
+            f"parameter {name!r} = {shown(repr(value))} is not valid here",
+            "PARAMETER_INVALID",
+            field,
+            value=shown(str(value)),
         ) from None
 
 
@@ -252,14 +276,21 @@ def _metadata(model: str) -> oip.ModelMetadataResponse:
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     """`inference.GRPCInferenceService` on a `LossServicer`; `ready()` says whether the server
-    takes calls (started, not draining, device working)."""
+    takes calls (started, not draining, device working); `budget` holds the metadata calls."""
 
-    def __init__(self, losses: LossServicer, ready: Callable[[], bool]) -> None:
+    def __init__(self, losses: LossServicer, ready: Callable[[], bool], budget: MemoryBudget) -> None:
         self._losses = losses
         self._ready = ready
+        self._budget = budget
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(self, server)
+        """ModelInfer reads its raw message like ComputeLoss; the other methods are guarded."""
+        infer = grpc.method_handlers_generic_handler(
+            INFERENCE_SERVICE, {"ModelInfer": grpc.stream_stream_rpc_method_handler(self.ModelInfer)}
+        )
+        collector = HandlerCollector()
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(self, collector)  # type: ignore[arg-type]
+        server.add_generic_rpc_handlers((infer, guarded(self._losses, collector.handlers, self._budget)))
 
     async def ServerLive(self, request: oip.ServerLiveRequest, context: Context) -> oip.ServerLiveResponse:
         return oip.ServerLiveResponse(live=not self._losses.failed)
@@ -288,14 +319,18 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             await abort(context, error)
         return _metadata(model)
 
-    async def ModelInfer(self, request: oip.ModelInferRequest, context: Context) -> oip.ModelInferResponse:
-        outputs: list[str] = []
+    async def ModelInfer(self, requests: AsyncIterator[bytes], context: Context) -> None:  # type: ignore[override]
+        state: dict[str, Any] = {}
 
-        def build() -> pb.ComputeLossRequest:
+        def build(raw: bytes) -> pb.ComputeLossRequest:
+            request = parse_message(
+                oip.ModelInferRequest.FromString, raw, "the request", "inference.ModelInferRequest"
+            )
             message, wanted = loss_request(request)
-            outputs.extend(wanted)
+            state["request"], state["outputs"] = request, wanted
             return message
 
-        return await self._losses.answer(
-            build, request.ByteSize(), context, lambda output: infer_response(request, output, outputs)
-        )
+        def encode(output: LossOutput) -> bytes:
+            return infer_response(state.pop("request"), output, state["outputs"]).SerializeToString()
+
+        await self._losses.answer(requests, context, build, encode)

@@ -8,14 +8,22 @@ processes: counters and histograms add up, gauges sum over the live workers.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import shutil
+import signal
+import socket
+import threading
+import time
 from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import multiprocess as prometheus_multiprocess
+from prometheus_client.exposition import MetricsHandler
 
-__all__ = ["MULTIPROCESS_ENV", "ServerMetrics", "multiprocess_registry", "serve_metrics"]
+__all__ = ["MULTIPROCESS_ENV", "ServerMetrics", "multiprocess_registry", "serve_metrics", "start_exporter"]
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 """prometheus_client's switch to multiprocess mode; `lossd serve --workers N` sets it."""
@@ -199,14 +207,99 @@ def multiprocess_enabled() -> bool:
     return bool(os.environ.get(MULTIPROCESS_ENV))
 
 
+class _Handler(MetricsHandler):
+    timeout = 10.0  # a client that stalls mid-request is dropped (socket timeout)
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """prometheus_client's HTTP server with bounds: at most `MAX_SCRAPES` connections handled at
+    once (more are closed at once), each with a socket timeout, so stalled or flooding clients
+    cannot pile up threads."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], family: int) -> None:
+        self.address_family = family
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+MAX_SCRAPES = 8
+"""Scrapes served at once by the metrics port; Prometheus needs one."""
+
+
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> Callable[[], None]:
     """Serves `registry` over HTTP at host:port/metrics; returns the function that stops it."""
     address = host.strip("[]") if host not in ("[::]", "::") else "::"
-    server, thread = start_http_server(port, addr=address, registry=registry)
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    server = _BoundedServer((address, port), _Handler.factory(registry), family)
+    thread = threading.Thread(target=server.serve_forever, name="lossd-metrics", daemon=True)
+    thread.start()
 
     def stop() -> None:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+    return stop
+
+
+def _export(host: str, port: int, directory: str, parent: int, ready: Any) -> None:
+    """The exporter process: serves the multiprocess files in `directory` until `parent` is gone."""
+    os.environ[MULTIPROCESS_ENV] = directory
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops it, after its last scrape
+    try:
+        stop = serve_metrics(multiprocess_registry(), host, port)
+    except OSError as exc:
+        ready.send(str(exc))
+        return
+    ready.send("")
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    stop()
+
+
+def start_exporter(host: str, port: int) -> Callable[[], None]:
+    """Serves this process's metrics from a separate process, so that scrapes (whatever their
+    number or speed) never take the server's CPU time or its interpreter lock; this process records
+    into prometheus_client's multiprocess files, in the directory that `MULTIPROCESS_ENV` names (set
+    before prometheus_client was imported). Returns the function that stops the exporter and
+    removes the files."""
+    directory = os.environ[MULTIPROCESS_ENV]
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(
+        target=_export, args=(host, port, directory, os.getpid(), send), name="lossd-metrics", daemon=True
+    )
+    process.start()
+    failure = receive.recv() if receive.poll(60) else "the metrics exporter did not start"
+    if failure:
+        process.kill()
+        shutil.rmtree(directory, ignore_errors=True)
+        raise OSError(f"metrics port {port}: {failure}")
+
+    def stop() -> None:
+        process.terminate()
+        process.join(5)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.environ.pop(MULTIPROCESS_ENV, None)
 
     return stop

@@ -4,25 +4,34 @@
 is checked (every dtype, shape, limit and option) and each tensor's memory allocated once before any
 data arrives; chunks are copied straight into place (see `lossd.client.chunks`), and the gradients
 go back in chunks the same way.
+
+Every method reads and writes raw messages through a streaming handler, unary ones included (on the
+wire a unary call is a stream of one message each way): lossd's code runs before gRPC reads a
+request's message, so that memory is reserved (`lossd.server.memory`) before it is taken, a client
+that stalls mid-message is cut off after `idle_timeout_s`, and every call the server saw is counted.
+Decoding and encoding of large messages run on a wire thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import Message
 
 from lossd.client import chunks, codec
+from lossd.client.errors import CancelledError as ClientGoneError
 from lossd.client.errors import (
     DeadlineExceededError,
     InternalError,
+    InvalidArgumentError,
     LossdError,
     ResourceExhaustedError,
 )
@@ -30,17 +39,24 @@ from lossd.server.batcher import Batcher
 from lossd.server.calls import LossCall, LossOutput
 from lossd.server.convert import call_from_request, parse_request, response_from_output
 from lossd.server.engine import LossEngine
+from lossd.server.memory import MemoryBudget, Reservation
 from lossd.server.metrics import ServerMetrics
 from lossd.server.status import abort
-from lossd.server.streaming import BLOCK_BYTES, ByteBudget, StreamedCall
+from lossd.server.streaming import BLOCK_BYTES, StreamedCall
 from lossd.v1 import loss_service_pb2 as pb
 
-__all__ = ["LossServicer"]
+__all__ = ["WIRE_INLINE_BYTES", "LossServicer"]
 
 _LOGGER = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[object, object]
-Answer = TypeVar("Answer", bound=Message)
+T = TypeVar("T")
+
+WIRE_INLINE_BYTES = 256 * 1024
+"""Messages up to this size are decoded and encoded on the event loop (a thread hop costs more);
+larger ones on the wire thread."""
+_MESSAGE_OVERHEAD = 64 * 1024
+"""Room for a response's protobuf framing besides its tensors' bytes."""
 
 
 class LossServicer:
@@ -49,10 +65,12 @@ class LossServicer:
     Validation runs here, before the request is queued, so a bad request is answered at once and
     never reaches the device; compute runs on the batcher's executor, off the event loop.
 
-    `max_request_s` (0: none) bounds each call's whole time in the server; `stream_budget` the
-    bytes all streams being received may hold. `active` counts calls in progress and `answered`
-    the finished ones by status code (for the drain report); once `fail()` is called, every call
-    still reading or arriving fails with that error.
+    `max_request_s` (0: none) bounds each call's whole time in the server, `idle_timeout_s` (0:
+    none) each wait for a client's next message or for it to read an answer; `budget` holds every
+    call's memory; `max_message_bytes` is gRPC's message limit (each call reserves that much before
+    its message is read). `active` counts calls in progress, `answered` the finished ones by status
+    code, and `cut_off` those cancelled by the end of a drain's grace period (the drain report);
+    once `fail()` is called, every call still reading or arriving fails with that error.
     """
 
     def __init__(
@@ -65,23 +83,37 @@ class LossServicer:
         block_bytes: int = BLOCK_BYTES,
         *,
         max_request_s: float = 0.0,
-        stream_budget: ByteBudget | None = None,
+        idle_timeout_s: float = 0.0,
+        budget: MemoryBudget | None = None,
+        max_message_bytes: int = 2**31 - 1,
+        wire: Executor | None = None,
     ) -> None:
         self._engine = engine
         self._batcher = batcher
         self._limits = limits
         self._metrics = metrics
-        self._chunk_bytes = chunk_bytes
+        # An answer chunk and its framing fit in one message.
+        self._chunk_bytes = max(min(chunk_bytes, max_message_bytes - _MESSAGE_OVERHEAD), 4096)
         self._block_bytes = block_bytes
         self._max_request_s = max_request_s
-        self._stream_budget = stream_budget if stream_budget is not None else ByteBudget(2**62)
+        self._idle_timeout_s = idle_timeout_s
+        self.budget = budget if budget is not None else MemoryBudget(2**62)
+        self.max_message_bytes = max_message_bytes
+        self._wire_executor = wire
         self._failure: LossdError | None = None
         self.active = 0
         self.answered: collections.Counter[str] = collections.Counter()
+        self.cut_off = 0
+        self.grace_ends: float | None = None
 
     def fail(self, error: LossdError) -> None:
         """From now on every call fails with `error` (the device is gone)."""
         self._failure = error
+
+    @property
+    def failed(self) -> bool:
+        """Whether the device failed (every call is refused)."""
+        return self._failure is not None
 
     def _time_limit(self) -> asyncio.Timeout:
         return asyncio.timeout(self._max_request_s or None)
@@ -90,33 +122,97 @@ class LossServicer:
         if self._failure is not None:
             raise self._failure
 
-    async def _unless_failed(self, requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """The stream's messages, cut short with the failure once the server has failed."""
-        async for message in requests:
-            self._check_failure()
-            yield message
-
     def add_to_server(self, server: grpc.aio.Server, service: str) -> None:
-        """Registers both methods; StreamLoss reads and writes raw messages (see `lossd.client.chunks`)."""
+        """Registers both methods, reading and writing raw messages (parsed in the handler, so that
+        bytes that are not a request get INVALID_ARGUMENT; gRPC's own failure would answer UNKNOWN)."""
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-            # Parsed in the handler, so that bytes that are not a request get INVALID_ARGUMENT
-            # (gRPC's own deserialization failure would answer UNKNOWN).
-            "ComputeLoss": grpc.unary_unary_rpc_method_handler(
-                self.ComputeLoss, response_serializer=pb.ComputeLossResponse.SerializeToString
-            ),
+            "ComputeLoss": grpc.stream_stream_rpc_method_handler(self.ComputeLoss),
             "StreamLoss": grpc.stream_stream_rpc_method_handler(self.StreamLoss),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
-    async def _submit(self, call: LossCall, context: Context, started: float) -> LossOutput:
-        """Queues a prepared call for compute, with the caller's deadline or the server's limit."""
+    # -- shared steps ----------------------------------------------------------------------------
+
+    def _deadline(self, context: Context, started: float) -> float | None:
+        """The call's deadline as a `time.monotonic()` instant: the caller's or the server's limit."""
         remaining = context.time_remaining()
         now = time.monotonic()
         deadline = now + remaining if remaining is not None else None
         if self._max_request_s:
             limit = now + self._max_request_s - (time.perf_counter() - started)
             deadline = limit if deadline is None else min(deadline, limit)
-        return await self._batcher.submit(call, deadline)
+        return deadline
+
+    async def _wire(self, nbytes: int, work: Callable[[], T]) -> T:
+        """Runs decoding or encoding work on `nbytes`: inline when small, else on the wire thread."""
+        if nbytes <= WIRE_INLINE_BYTES or self._wire_executor is None:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._wire_executor, work)
+
+    async def _idle(self, waiting: Awaitable[T], what: str) -> T:
+        """Awaits a client (its next message, or room for our answer) at most `idle_timeout_s`."""
+        if not self._idle_timeout_s:
+            return await waiting
+        try:
+            async with asyncio.timeout(self._idle_timeout_s):
+                return await waiting
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"the client sent nothing for {self._idle_timeout_s:g} s while lossd waited for {what} "
+                "(idle_timeout_s)",
+                reason="IDLE_TIMEOUT",
+                metadata={"idleTimeoutSeconds": f"{self._idle_timeout_s:g}"},
+            ) from None
+
+    async def messages(self, requests: AsyncIterator[bytes], *, failing: bool = True) -> AsyncIterator[bytes]:
+        """The call's messages, each awaited at most `idle_timeout_s`; with `failing`, cut short once
+        the server failed."""
+        iterator = requests.__aiter__()
+        while True:
+            try:
+                message = await self._idle(iterator.__anext__(), "the call's next message")
+            except StopAsyncIteration:
+                return
+            if failing:
+                self._check_failure()
+            yield message
+
+    async def write(self, context: Context, message: bytes) -> None:
+        """Sends one message, waiting at most `idle_timeout_s` for the client to make room."""
+        try:
+            await self._idle(context.write(message), "the client to read its answer")
+        except (LossdError, asyncio.CancelledError):
+            raise
+        except Exception:  # gRPC could not send: the call was cancelled or its connection is gone
+            raise ClientGoneError(
+                "the call ended while its answer was being sent", reason="CLIENT_GONE"
+            ) from None
+
+    def _open(self, context: Context) -> Reservation:
+        task = asyncio.current_task()
+        assert task is not None
+
+        def evicted(_: ResourceExhaustedError) -> None:
+            task.cancel()
+
+        return self.budget.open(context.peer() or "unknown", evicted)
+
+    def _check_answer(self, call: LossCall) -> int:
+        """The answer's size; refused before computing when no message could carry it."""
+        answer = self._engine.answer_bytes(call)
+        if answer + _MESSAGE_OVERHEAD > self.max_message_bytes:
+            raise ResourceExhaustedError(
+                f"the answer would hold {answer} bytes of tensors, more than one message may carry "
+                f"({self.max_message_bytes} bytes, max_message_bytes): call StreamLoss instead "
+                "(lossd's Python client does so by itself)",
+                reason="RESPONSE_TOO_LARGE",
+                metadata={"answerBytes": str(answer), "maxMessageBytes": str(self.max_message_bytes)},
+            )
+        return answer
+
+    async def _submit(self, call: LossCall, context: Context, started: float) -> LossOutput:
+        """Queues a prepared call for compute, with the caller's deadline or the server's limit."""
+        return await self._batcher.submit(call, self._deadline(context, started))
 
     def _begin(self, context: Context) -> None:
         self.active += 1
@@ -125,72 +221,134 @@ class LossServicer:
             if key == "grpc-previous-rpc-attempts":  # gRPC's retry policy sent this call again
                 self._metrics.retried_requests.inc()
 
-    async def ComputeLoss(self, raw: bytes, context: Context) -> pb.ComputeLossResponse:
-        return await self.answer(lambda: parse_request(raw), len(raw), context, response_from_output)
+    # -- whole messages --------------------------------------------------------------------------
+
+    async def ComputeLoss(self, requests: AsyncIterator[bytes], context: Context) -> None:
+        def encode(output: LossOutput) -> bytes:
+            return response_from_output(output).SerializeToString()
+
+        await self.answer(requests, context, parse_request, encode)
 
     async def answer(
         self,
-        build: Callable[[], pb.ComputeLossRequest],
-        received: int,
+        requests: AsyncIterator[bytes],
         context: Context,
-        encode: Callable[[LossOutput], Answer],
-    ) -> Answer:
-        """One whole-message call: `build()` makes the request (its errors are the caller's),
-        then it is checked, queued, computed, and `encode`d into the response message, with
-        limits, metrics and failures as for every call. Other protocols (`lossd.server.inference`)
-        answer through here too, each encoding the engine's output straight into its own message."""
+        build: Callable[[bytes], pb.ComputeLossRequest],
+        encode: Callable[[LossOutput], bytes],
+    ) -> None:
+        """One whole-message call: reserves memory for the message, reads it, `build`s the request
+        from its bytes (its errors are the caller's), checks, queues, computes, `encode`s and writes
+        the answer, with limits, metrics and failures as for every call. Other protocols
+        (`lossd.server.inference`) answer through here too, each with its own message types."""
         started = time.perf_counter()
-        loss = "unset"
+        loss, received, sent = "unset", 0, 0
         self._begin(context)
+        reservation = self._open(context)
         try:
             async with self._time_limit():
                 self._check_failure()
-                request = build()
-                loss = request.WhichOneof("loss") or "unset"
-                call = self._engine.prepare(call_from_request(request, self._limits), self._limits)
-                output = await self._submit(call, context, started)
-                response = encode(output)
-        except BaseException as error:
-            await self._fail(error, context, loss, started, received, 0)
-            raise
-        self._metrics.nonfinite(loss, output.nonfinite)
-        self._finish(loss, "OK", started, received, response.ByteSize())
-        return response
+                deadline = self._deadline(context, started)
+                await reservation.grow_to(self.max_message_bytes, deadline, "receiving this call's message")
+                try:
+                    raw = await self._idle(requests.__aiter__().__anext__(), "the call's request message")
+                except StopAsyncIteration:
+                    raise InvalidArgumentError(
+                        "the call ended without a request message", reason="REQUEST_MALFORMED"
+                    ) from None
+                self._check_failure()
+                received = len(raw)
+                reservation.receiving = False
 
-    @property
-    def failed(self) -> bool:
-        """Whether the device failed (every call is refused)."""
-        return self._failure is not None
+                named: list[str] = []
+
+                def decode() -> tuple[pb.ComputeLossRequest, LossCall]:
+                    request = build(raw)
+                    named.append(request.WhichOneof("loss") or "unset")
+                    return request, self._engine.prepare(
+                        call_from_request(request, self._limits), self._limits
+                    )
+
+                try:
+                    request, call = await self._wire(received, decode)
+                finally:
+                    loss = named[0] if named else loss
+                answer = self._check_answer(call)
+                # The message, and for a view-less decode (OIP typed contents) its tensors, the
+                # computation, and the answer twice (tensors, then serialized).
+                need = 2 * received + self._engine.footprint(call) + 2 * answer + _MESSAGE_OVERHEAD
+                await reservation.grow_to(need, deadline, "this call")
+                reservation.shrink_to(need)
+                del request
+                output = await self._submit(call, context, started)
+                del call
+                data = await self._wire(answer, functools.partial(encode, output))
+                nonfinite = output.nonfinite
+                del output
+                sent = len(data)
+                await self.write(context, data)
+        except BaseException as error:
+            reservation.close()
+            await self._fail(self._evicted(error, reservation), context, loss, started, received, sent)
+            raise
+        reservation.close()
+        self._metrics.nonfinite(loss, nonfinite)
+        self._finish(loss, "OK", started, received, sent)
+
+    # -- streams ---------------------------------------------------------------------------------
 
     async def StreamLoss(self, requests: AsyncIterator[bytes], context: Context) -> None:
         started = time.perf_counter()
         self._begin(context)
+        reservation = self._open(context)
+        deadline = self._deadline(context, started)
         call = StreamedCall(
             self._engine,
             lambda call: self._submit(call, context, started),
-            context.write,
+            lambda message: self.write(context, message),
             self._limits,
             self._chunk_bytes,
             self._block_bytes,
-            self._stream_budget,
+            reservation=reservation,
+            deadline=deadline,
+            message_bytes=self.max_message_bytes,
+            wire=self._wire,
         )
         try:
             async with self._time_limit():
                 self._check_failure()
-                await call.serve(self._unless_failed(requests))
+                await reservation.grow_to(self.max_message_bytes, deadline, "receiving this stream's header")
+                await call.serve(self.messages(requests))
         except BaseException as error:
             # The traceback's frames hold the stream's buffers; they must go now, not whenever the
             # error object does.
             traceback.clear_frames(error.__traceback__)
             await call.close()
-            await self._fail(error, context, call.loss, started, call.received, call.sent)
+            reservation.close()  # before the client hears: a retry must find the memory free
+            await self._fail(
+                self._evicted(error, reservation), context, call.loss, started, call.received, call.sent
+            )
             raise
+        reservation.close()
         self._metrics.nonfinite(call.loss, tuple(call.nonfinite))
         self._finish(call.loss, "OK", started, call.received, call.sent)
+
+    # -- endings ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _evicted(error: BaseException, reservation: Reservation) -> BaseException:
+        """The eviction behind a cancellation, if the budget evicted this call."""
+        if isinstance(error, asyncio.CancelledError) and reservation.evicted is not None:
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            return reservation.evicted
+        return error
 
     def _finish(self, loss: str, code: str, started: float, received: int, sent: int) -> None:
         self.active -= 1
         self.answered[code] += 1
+        if code == "CANCELLED" and self.grace_ends is not None and time.monotonic() >= self.grace_ends - 0.05:
+            self.cut_off += 1
         self._metrics.in_flight.dec()
         self._metrics.request(loss, code, time.perf_counter() - started, received, sent)
 
@@ -199,17 +357,21 @@ class LossServicer:
     ) -> None:
         """Counts the failed call, then ends it with its status (the client hears at once, so the
         count comes first); cancellations and aborts under way pass through."""
-        code, status = self._status(error)
+        code, status = self._status(error, context)
         if status is not None and status.reason == "NONFINITE_VALUE":
             self._metrics.nonfinite(loss, tuple(status.metadata["fields"].split(",")))
         self._finish(loss, code, started, received, sent)
         if status is not None:
             await abort(context, status)
 
-    def _status(self, error: BaseException) -> tuple[str, LossdError | None]:
+    def _status(self, error: BaseException, context: Context) -> tuple[str, LossdError | None]:
         """The status code a failure ends the call with, and the error to send (None: let it pass:
         a cancellation, or an abort already under way)."""
-        if isinstance(error, asyncio.CancelledError):
+        grace_over = self.grace_ends is not None and time.monotonic() >= self.grace_ends - 0.05
+        gone = isinstance(error, (asyncio.CancelledError, ClientGoneError))
+        if gone or context.cancelled() or grace_over:
+            # The client cancelled (or its deadline passed), or the server is stopping; a write
+            # or read that failed for that reason is no bug of ours.
             return "CANCELLED", None
         if isinstance(error, grpc.aio.AbortError) or not isinstance(error, Exception):
             return "UNKNOWN", None

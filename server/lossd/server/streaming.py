@@ -14,22 +14,25 @@ import asyncio
 import collections
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from lossd.client import chunks, codec
-from lossd.client.errors import InvalidArgumentError, ResourceExhaustedError
+from lossd.client.errors import InvalidArgumentError
 from lossd.server.blocks import BlockPlan, block_plan
 from lossd.server.calls import LossCall, LossOutput
 from lossd.server.convert import call_from_request, parse_request, stream_plan, stream_response
 from lossd.server.engine import LossEngine
+from lossd.server.memory import Reservation
 from lossd.server.merged import as_float64
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
 
-__all__ = ["ByteBudget", "StreamedCall"]
+__all__ = ["StreamedCall"]
+
+T = TypeVar("T")
 
 BLOCK_BYTES = 8 << 20
 """Input bytes per block computed while the stream is still arriving."""
@@ -38,44 +41,6 @@ BLOCK_BYTES = 8 << 20
 def _float64_sum(value: Any) -> float:
     array = as_float64(value) if isinstance(value, torch.Tensor) else np.asarray(value, dtype=np.float64)
     return float(array.sum())
-
-
-class ByteBudget:
-    """The bytes that all streams being received may hold together (`max_stream_bytes`).
-
-    A stream takes its share from its header, before any allocation, and gives it back when it
-    ends; the event loop is the only user, so no lock.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-
-    def take(self, nbytes: int) -> None:
-        """Reserves `nbytes` or raises `ResourceExhaustedError` (with a retry hint when waiting helps)."""
-        if self.held + nbytes <= self.limit:
-            self.held += nbytes
-            return
-        alone = nbytes > self.limit
-        raise ResourceExhaustedError(
-            f"this stream's tensors need {nbytes} bytes; "
-            + (
-                f"that is more than the server lets all streams hold ({self.limit} bytes, max_stream_bytes)"
-                if alone
-                else f"streams under way already hold {self.held} of the server's {self.limit} "
-                "(max_stream_bytes); retry later or elsewhere"
-            ),
-            reason="STREAM_MEMORY_EXHAUSTED",
-            metadata={
-                "requestBytes": str(nbytes),
-                "heldBytes": str(self.held),
-                "maxStreamBytes": str(self.limit),
-            },
-            retry_after=None if alone else 1.0,
-        )
-
-    def give(self, nbytes: int) -> None:
-        self.held -= nbytes
 
 
 class StreamedCall:
@@ -90,7 +55,11 @@ class StreamedCall:
         limits: codec.TensorLimits,
         chunk_bytes: int,
         block_bytes: int = BLOCK_BYTES,
-        budget: ByteBudget | None = None,
+        *,
+        reservation: Reservation | None = None,
+        deadline: float | None = None,
+        message_bytes: int = 0,
+        wire: Callable[[int, Callable[[], Any]], Awaitable[Any]] | None = None,
     ) -> None:
         self._engine = engine
         self._submit = submit
@@ -98,8 +67,10 @@ class StreamedCall:
         self._limits = limits
         self._chunk_bytes = chunk_bytes
         self._block_bytes = block_bytes
-        self._budget = budget
-        self._held = 0
+        self._reservation = reservation
+        self._deadline = deadline
+        self._message_bytes = message_bytes
+        self._wire = wire
         self.loss = "unset"
         self.received = 0
         self.sent = 0
@@ -118,13 +89,17 @@ class StreamedCall:
     async def serve(self, stream: AsyncIterator[bytes]) -> None:
         """Reads the whole request stream and writes the whole answer; raises `LossdError`s.
 
-        Its share of `max_stream_bytes` is given back when this returns or raises, before the
-        caller answers the client: a retry must find the budget free.
+        Memory is reserved before it is taken: the caller reserved one message before the header;
+        the header, the streamed tensors, the computation and the answer are reserved from the
+        header's shapes, before anything is allocated for them.
         """
-        try:
-            await self._serve(stream)
-        finally:
-            self._release()
+        await self._serve(stream)
+
+    async def _decode(self, nbytes: int, work: Callable[[], T]) -> T:
+        if self._wire is None:
+            return work()
+        result: T = await self._wire(nbytes, work)
+        return result
 
     async def _serve(self, stream: AsyncIterator[bytes]) -> None:
         messages = stream.__aiter__()
@@ -142,14 +117,32 @@ class StreamedCall:
                 reason="STREAM_HEADER_MISSING",
                 field="header",
             )
-        request = parse_request(bytes(part), "the stream's header")
+
+        header = bytes(part)
+
+        def decode_header() -> tuple[pb.ComputeLossRequest, LossCall, dict[int, tuple[str, int]]]:
+            request = parse_request(header, "the stream's header")
+            shapes, plan = stream_plan(request, self._limits)
+            # Everything but the values, before any memory is taken.
+            return request, self._engine.prepare(shapes, self._limits), plan
+
+        request, shapes, plan = await self._decode(len(first), decode_header)
         self.loss = request.WhichOneof("loss") or "unset"
-        shapes, plan = stream_plan(request, self._limits)
-        self._engine.prepare(shapes, self._limits)  # everything but the values, before any memory is taken
-        if self._budget is not None:
-            needed = sum(nbytes for _, nbytes in plan.values())
-            self._budget.take(needed)
-            self._held = needed
+        if self._reservation is not None:
+            streamed = sum(nbytes for _, nbytes in plan.values())
+            answer = self._engine.answer_bytes(shapes)
+            need = (
+                2 * len(first)  # the header as received, and its inline tensors decoded
+                + streamed
+                + (self._message_bytes if plan else 0)  # the chunk being received
+                + self._engine.footprint(shapes)
+                + answer
+                + 2 * self._chunk_bytes  # an answer chunk being encoded and sent
+            )
+            await self._reservation.grow_to(need, self._deadline, "this stream")
+            self._reservation.shrink_to(need)
+            if not plan:
+                self._reservation.receiving = False
         assembly = chunks.Assembly(
             {slot: nbytes for slot, (_, nbytes) in plan.items()},
             self._engine.staging.host_buffer,
@@ -180,6 +173,8 @@ class StreamedCall:
                 self._start_blocks(done, final=False)
                 await self._finish_blocks(wait=False)
         assembly.check_complete()
+        if self._reservation is not None:
+            self._reservation.receiving = False
         if call is None:
             call = self._engine.prepare(
                 call_from_request(request, self._limits, assembly.by_field()), self._limits
@@ -283,11 +278,6 @@ class StreamedCall:
         for _, _, future in self._running:
             future.cancel()
         self._running.clear()
-
-    def _release(self) -> None:
-        if self._budget is not None and self._held:
-            self._budget.give(self._held)
-            self._held = 0
 
 
 def _tensor_header(shape: Sequence[int], dtype: torch.dtype) -> tensor_pb2.Tensor:

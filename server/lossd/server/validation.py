@@ -106,6 +106,17 @@ def _check_class_targets(call: LossCall, classes: int) -> torch.Tensor:
         )
     expected = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
     if input.dim() == 1 and tuple(target.shape) == (1,):
+        if call.input_grad or call.target_grad:
+            # torch computes the loss but its backward refuses the shapes: so does lossd.
+            raise invalid_argument(
+                f"target.shape is [1] for input.shape {list(input.shape)}: torch computes this loss but "
+                'not its gradient ("size mismatch"); give the target shape [] to get a gradient',
+                "TARGET_SHAPE_MISMATCH",
+                "target.shape",
+                targetShape=[1],
+                inputShape=list(input.shape),
+                expectedShape=[],
+            )
         target = target.reshape(())  # torch takes a one-element target for a (C) input too
     if tuple(target.shape) != expected:
         raise invalid_argument(

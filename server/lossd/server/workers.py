@@ -83,7 +83,9 @@ def run_workers(config: ServerConfig) -> int:
     from lossd.server.metrics import MULTIPROCESS_ENV, multiprocess_registry, serve_metrics
 
     port = config.port or _free_port(config.host)
-    config = dataclasses.replace(config, port=port)
+    # The workers share the machine: each gets its share of the memory budget.
+    config = dataclasses.replace(config, port=port, max_memory_bytes=config.memory_bytes // config.workers)
+    config.check()
     metrics_dir = tempfile.mkdtemp(prefix="lossd-metrics-")
     os.environ[MULTIPROCESS_ENV] = metrics_dir  # inherited by the workers: record into shared files
     context = multiprocessing.get_context("spawn")

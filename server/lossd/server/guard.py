@@ -1,0 +1,145 @@
+"""Standard services (health, reflection, the Open Inference Protocol's metadata methods) under a
+memory budget and the idle timeout, like lossd's own methods.
+
+gRPC reads a unary request's whole message before it calls a handler, up to `max_message_bytes`,
+outside any budget. Here every method of those services is served as a raw stream instead: the call
+reserves one message in a budget of its own (so that probes answer while loss calls fill theirs),
+its messages are read with the idle timeout and parsed by the method's own deserializer, and its
+answers are serialized and written as for lossd's calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from lossd.client.errors import InvalidArgumentError, LossdError
+from lossd.server.convert import parse_message
+from lossd.server.memory import MemoryBudget
+from lossd.server.servicer import Context, LossServicer
+from lossd.server.status import abort
+
+__all__ = ["HandlerCollector", "guarded"]
+
+
+class HandlerCollector:
+    """Stands in for a server when generated `add_..._to_server` functions register handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.handlers.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        """Registered methods would bypass the guard; the generic handlers serve them."""
+
+
+class _Context:
+    """The call's context for the wrapped method: its writes are serialized and bounded."""
+
+    def __init__(self, context: Context, losses: LossServicer, serialize: Callable[[Any], bytes]) -> None:
+        self._context = context
+        self._losses = losses
+        self._serialize = serialize
+
+    async def write(self, message: Any) -> None:
+        await self._losses.write(self._context, self._serialize(message))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+class _Guard(grpc.GenericRpcHandler):
+    def __init__(
+        self, losses: LossServicer, inner: Sequence[grpc.GenericRpcHandler], budget: MemoryBudget
+    ) -> None:
+        self._losses = losses
+        self._inner = inner
+        self._budget = budget
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        for inner in self._inner:
+            handler = inner.service(handler_call_details)
+            if handler is not None:
+                return self._wrap(handler)
+        return None
+
+    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        losses = self._losses
+        budget = self._budget
+        parse = handler.request_deserializer or (lambda raw: raw)
+        serialize = handler.response_serializer or (lambda message: message)
+        method: Callable[..., Any] | None = (
+            handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        )
+        assert method is not None, "a method handler has a behaviour"
+        behaviour: Callable[..., Any] = method
+
+        async def requests(raw: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+            async for message in losses.messages(raw, failing=False):
+                yield _parse(parse, message)
+
+        async def serve(raw: AsyncIterator[bytes], context: Context) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+
+            def evicted(_: LossdError) -> None:
+                task.cancel()
+
+            reservation = budget.open(context.peer() or "unknown", evicted)
+            proxy = _Context(context, losses, serialize)
+            try:
+                await reservation.grow_to(losses.max_message_bytes, None, "receiving this call's message")
+                if handler.request_streaming:
+                    argument: Any = requests(raw)
+                else:
+                    try:
+                        first = await losses.messages(raw, failing=False).__anext__()
+                    except StopAsyncIteration:
+                        raise InvalidArgumentError(
+                            "the call ended without a request message", reason="REQUEST_MALFORMED"
+                        ) from None
+                    argument = _parse(parse, first)
+                    reservation.receiving = False
+                result = behaviour(argument, proxy)
+                if inspect.isasyncgen(result):
+                    async for response in result:
+                        await proxy.write(response)
+                    return
+                if inspect.isawaitable(result):
+                    result = await result
+                if handler.response_streaming:
+                    if result is not None:  # a synchronous iterator
+                        for response in result:
+                            await proxy.write(response)
+                    return
+                await proxy.write(result)
+            except asyncio.CancelledError:
+                if reservation.evicted is None:
+                    raise
+                task.uncancel()
+                await abort(context, reservation.evicted)
+            except LossdError as error:
+                await abort(context, error)
+            finally:
+                reservation.close()
+
+        return grpc.stream_stream_rpc_method_handler(serve)
+
+
+def _parse(parse: Callable[[bytes], Any], raw: bytes) -> Any:
+    return parse_message(parse, raw, "the request")
+
+
+def guarded(
+    losses: LossServicer, handlers: Sequence[grpc.GenericRpcHandler], budget: MemoryBudget
+) -> grpc.GenericRpcHandler:
+    """`handlers`, served under `budget` and `losses`' idle timeout and message limit."""
+    return _Guard(losses, handlers, budget)
