@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +28,9 @@ INJECTED = str(Path(__file__).with_name("injected_server.py"))
 
 
 class ServeProcess:
+    """A server process whose log is read by a thread as it comes (so that no line waits in a
+    buffer that `select` cannot see)."""
+
     def __init__(
         self, *args: str, env: dict[str, str] | None = None, command: list[str] | None = None
     ) -> None:
@@ -38,22 +41,38 @@ class ServeProcess:
             env={**os.environ, **(env or {})},
         )
         self.lines: list[str] = []
+        self._seen = 0
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self.lines.append("")  # the end of the log
+            self._changed.notify_all()
 
     def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
-        assert self.process.stderr is not None
+        """The first match of `pattern` in a log line not yet searched."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.process.stderr], [], [], max(deadline - time.monotonic(), 0))
-            if not ready:
-                break
-            line = self.process.stderr.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            found = re.search(pattern, line)
-            if found:
-                return found
-        raise AssertionError(f"no {pattern!r} in the server's log:\n{''.join(self.lines)}")
+        with self._changed:
+            while True:
+                while self._seen < len(self.lines):
+                    line = self.lines[self._seen]
+                    self._seen += 1
+                    if line == "":
+                        raise AssertionError(f"no {pattern!r} in the server's log:\n{''.join(self.lines)}")
+                    found = re.search(pattern, line)
+                    if found:
+                        return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no {pattern!r} in the server's log:\n{''.join(self.lines)}")
+                self._changed.wait(remaining)
 
     def serving(self, timeout: float = 60) -> str:
         """Waits for the start-up line; the target to call (host:port)."""
@@ -61,8 +80,11 @@ class ServeProcess:
         return f"{found.group(1)}:{found.group(2)}"
 
     def finish(self, timeout: float = 30) -> tuple[int, str]:
-        _, rest = self.process.communicate(timeout=timeout)
-        return self.process.returncode, "".join(self.lines) + rest
+        self.process.wait(timeout)
+        self._reader.join(timeout)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+        return self.process.returncode, "".join(self.lines)
 
 
 @pytest.fixture
@@ -79,4 +101,4 @@ def serve_process() -> Iterator[Callable[..., ServeProcess]]:
     for item in started:
         if item.process.poll() is None:
             item.process.kill()
-            item.process.wait()
+        item.finish()

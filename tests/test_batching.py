@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -166,8 +169,12 @@ def test_staging_concatenates_every_dtype_on_the_cpu() -> None:
 def test_concurrent_mixed_requests_each_get_their_own_numbers(
     server_factory: Callable[..., RunningServer],
 ) -> None:
-    """Many concurrent requests of every loss and option through one batching server."""
-    running = server_factory(max_queue_delay_us=20000, max_concurrent_streams=1024)
+    """Many concurrent requests of every loss and option through one batching server.
+
+    The compute threads are held until every request is queued, so that merging does not depend on
+    how fast a (busy) machine delivers them."""
+    engine = GatedEngine()
+    running = server_factory(engine=engine, max_concurrent_streams=1024)
     # Every sixth case, four times with different data: mixed, yet mergeable in fours and more.
     cases = [
         dataclasses.replace(case, seed=case.seed * 10 + k) for case in all_cases()[::6] for k in range(4)
@@ -177,7 +184,13 @@ def test_concurrent_mixed_requests_each_get_their_own_numbers(
         async with AsyncLossClient(running.target, timeout=120) as client:
             return await asyncio.gather(*(_remote_async(client, case) for case in cases))
 
-    results = asyncio.run(main())
+    with ThreadPoolExecutor(1) as pool:
+        calls = pool.submit(asyncio.run, main())
+        deadline = time.monotonic() + 120
+        while running.server.batcher.depth + engine.held < len(cases) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine.release.set()
+        results = calls.result(120)
     for case, (tensors, result) in zip(cases, results, strict=True):
         check_result(result, reference(case, tensors), case)
     registry = running.server.metrics.registry
@@ -185,6 +198,22 @@ def test_concurrent_mixed_requests_each_get_their_own_numbers(
     requests = registry.get_sample_value("lossd_batch_requests_sum")
     assert requests == len(cases)
     assert batches is not None and batches < len(cases) / 2, "concurrent compatible requests must merge"
+
+
+class GatedEngine(LossEngine):
+    """Holds each compute thread's first batch until `release` is set; `held` counts the requests
+    held."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu")
+        self.release = threading.Event()
+        self.held = 0
+
+    def compute_batch(self, calls: Any, merge: bool = True) -> Any:
+        if not self.release.is_set():
+            self.held += len(calls)
+            self.release.wait(120)
+        return super().compute_batch(calls, merge)
 
 
 async def _remote_async(client: AsyncLossClient, case: Case) -> tuple[dict[str, Any], Any]:

@@ -73,11 +73,15 @@ def test_bfloat16_from_numpy_rounds_like_torch() -> None:
     assert torch.isnan(nan).all()
 
 
-def test_bfloat16_widens_exactly_for_numpy() -> None:
+def test_bfloat16_comes_back_as_ml_dtypes_bfloat16_for_numpy() -> None:
+    import ml_dtypes
+
     value = torch.randn(5, 7).to(torch.bfloat16)
     decoded = codec.decode_numpy(codec.encode(value))
-    assert decoded.dtype == np.float32
-    np.testing.assert_array_equal(decoded, value.float().numpy())
+    assert decoded.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(decoded.astype(np.float32), value.float().numpy())
+    again = codec.decode_torch(codec.encode(decoded))  # and it goes back as bfloat16
+    assert again.dtype == torch.bfloat16 and torch.equal(again, value)
 
 
 def test_bfloat16_wire_bits_are_the_high_half_of_float32() -> None:

@@ -1,4 +1,4 @@
-"""The README's promises: its two commands exist and CI runs the test one; its example request works."""
+"""The README's promises: its two commands exist and CI runs the test one; its examples work."""
 
 from __future__ import annotations
 
@@ -6,10 +6,14 @@ import re
 from pathlib import Path
 
 import grpc
+import pytest
+import torch
 from google.protobuf import json_format
 
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
+
+from conftest import RunningServer
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -42,3 +46,19 @@ def test_every_setting_is_in_the_settings_table() -> None:
         assert env in README, f"the README's settings table lacks {env}"
         if not spec.metadata["secret"]:
             assert f"`--{spec.name.replace('_', '-')}`" in README, f"the README lacks --{spec.name}"
+
+
+def test_the_python_examples_run_in_order(server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every Python block of the README, pasted in order into one session against a real server;
+    only blocks marked `tests/test_readme.py: not run` (with the reason) are left out."""
+    blocks = re.findall(r"(<!-- tests/test_readme\.py: not run[^>]*-->\n)?```python\n(.*?)```", README, re.S)
+    run = [code for marker, code in blocks if not marker]
+    assert len(run) >= 4, "the README's Python examples are gone"
+    namespace: dict[str, object] = {}
+    for code in run:
+        exec(compile(code.replace("localhost:50051", server.target), "README.md", "exec"), namespace)
+    assert "TARGET_OUT_OF_RANGE target" in capsys.readouterr().out
+    model = namespace["model"]
+    assert isinstance(model, torch.nn.Linear) and model.weight.grad is not None
+    kd = namespace["kd"]
+    assert kd.grad.dtype == torch.bfloat16  # type: ignore[attr-defined]

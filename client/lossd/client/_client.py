@@ -21,7 +21,7 @@ from lossd.client._calls import (
 )
 from lossd.client._rpc_errors import from_rpc_error
 from lossd.client.channels import DEFAULT_RETRY_ATTEMPTS, auth_metadata, make_aio_channel, make_channel
-from lossd.client.errors import ResourceExhaustedError
+from lossd.client.errors import FailedPreconditionError, ResourceExhaustedError
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -39,16 +39,26 @@ ChannelOptions = Sequence[tuple[str, Any]]
 R = TypeVar("R")
 
 
-class _Losses(Generic[R]):
-    """The per-loss methods, written once; `_send` makes them blocking or awaitable."""
+class LossMethods(Generic[R]):
+    """The per-loss methods, written once, with torch's signatures (`weight` is positional, as in
+    `torch.nn.functional`); `_send` makes them blocking or awaitable."""
 
     def __init__(
         self, timeout: float | None, stream_threshold_bytes: int, stream_chunk_bytes: int, token: str | None
     ) -> None:
         self._timeout = timeout
+        self._closed = False
         self._metadata = auth_metadata(token)
         self._stream_threshold = stream_threshold_bytes
         self._chunk_bytes = stream_chunk_bytes
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FailedPreconditionError(
+                f"this {type(self).__name__} is closed (its `with` block ended, or close() was "
+                "called); make a new one",
+                reason="CLIENT_CLOSED",
+            )
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self._timeout if timeout is None else timeout
@@ -65,8 +75,8 @@ class _Losses(Generic[R]):
         self,
         input: ArrayT,
         target: codec.TensorLike,
-        *,
         weight: codec.TensorLike | None = None,
+        *,
         ignore_index: int = DEFAULT_IGNORE_INDEX,
         reduction: ReductionName = "mean",
         return_grad: bool = False,
@@ -99,8 +109,8 @@ class _Losses(Generic[R]):
         self,
         input: ArrayT,
         target: codec.TensorLike,
-        *,
         weight: codec.TensorLike | None = None,
+        *,
         ignore_index: int = DEFAULT_IGNORE_INDEX,
         reduction: ReductionName = "mean",
         label_smoothing: float = 0.0,
@@ -169,7 +179,7 @@ class _Losses(Generic[R]):
         )
 
 
-class LossClient(_Losses[LossResult[Any]]):
+class LossClient(LossMethods[LossResult[Any]]):
     """A blocking lossd client.
 
     ```python
@@ -229,12 +239,14 @@ class LossClient(_Losses[LossResult[Any]]):
         self, request: pb.ComputeLossRequest, *, timeout: float | None = None
     ) -> pb.ComputeLossResponse:
         """Sends a raw request; for callers that build `lossd.v1` messages themselves."""
+        self._check_open()
         try:
             return self._stub.ComputeLoss(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
     def _send(self, build: Callable[[], PreparedCall], like: Any, timeout: float | None) -> LossResult[Any]:
+        self._check_open()
         call = build()
         if not self._streams(call):
             try:
@@ -255,7 +267,8 @@ class LossClient(_Losses[LossResult[Any]]):
         return receiver.result()
 
     def close(self) -> None:
-        """Closes the channel, unless it was passed in."""
+        """Closes the channel, unless it was passed in; later calls raise `FailedPreconditionError`."""
+        self._closed = True
         if self._owns_channel:
             self._channel.close()
 
@@ -268,7 +281,7 @@ class LossClient(_Losses[LossResult[Any]]):
         self.close()
 
 
-class AsyncLossClient(_Losses[Awaitable[LossResult[Any]]]):
+class AsyncLossClient(LossMethods[Awaitable[LossResult[Any]]]):
     """The asyncio twin of `LossClient`: the same loss methods, awaited.
 
     ```python
@@ -312,6 +325,7 @@ class AsyncLossClient(_Losses[Awaitable[LossResult[Any]]]):
         self, request: pb.ComputeLossRequest, *, timeout: float | None = None
     ) -> pb.ComputeLossResponse:
         """Sends a raw request; for callers that build `lossd.v1` messages themselves."""
+        self._check_open()
         try:
             return await self._stub.ComputeLoss(
                 request, timeout=self._deadline(timeout), metadata=self._metadata
@@ -323,6 +337,7 @@ class AsyncLossClient(_Losses[Awaitable[LossResult[Any]]]):
         self, build: Callable[[], PreparedCall], like: Any, timeout: float | None
     ) -> Awaitable[LossResult[Any]]:
         async def send() -> LossResult[Any]:
+            self._check_open()
             call = build()
             if not self._streams(call):
                 try:
@@ -345,7 +360,8 @@ class AsyncLossClient(_Losses[Awaitable[LossResult[Any]]]):
         return send()
 
     async def close(self) -> None:
-        """Closes the channel, unless it was passed in."""
+        """Closes the channel, unless it was passed in; later calls raise `FailedPreconditionError`."""
+        self._closed = True
         if self._owns_channel:
             await self._channel.close()
 

@@ -6,7 +6,8 @@ so a message claiming a huge shape costs nothing. Torch is imported only when a 
 involved: the client works with numpy alone.
 
 Wire layout: row-major, little-endian, no padding (see proto/lossd/v1/tensor.proto). numpy has no
-bfloat16, so `decode_numpy` widens bfloat16 to float32, which is exact.
+bfloat16 of its own: `decode_numpy` returns `ml_dtypes.bfloat16` arrays (the numpy bfloat16 JAX and
+TensorFlow use), which widen to float32 exactly with `.astype(np.float32)`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeGuard, Union
 
+import ml_dtypes
 import numpy as np
 
 from lossd.client.errors import InvalidArgumentError, ResourceExhaustedError
@@ -233,14 +235,14 @@ def decode_numpy(
     copy: bool = True,
     data: Buffer | None = None,
 ) -> np.ndarray:
-    """Decodes a wire tensor into a numpy array (bfloat16 widens to float32).
+    """Decodes a wire tensor into a numpy array (bfloat16 as `ml_dtypes.bfloat16`).
 
     With `copy=False` the array is a view of the message's bytes (read-only), or of `data`: the
     tensor's bytes when they came apart from the message (in StreamLoss chunks).
     """
     array = _wire_array(msg, field, limits, data)
     if msg.dtype == tensor_pb2.DATA_TYPE_BFLOAT16:
-        return (array.astype(np.uint32) << 16).view(np.float32)
+        array = array.view(ml_dtypes.bfloat16)
     return array.copy() if copy else array
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -84,9 +86,12 @@ class LossServer:
             device_memory=_memory_probe(self.engine.device),
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lossd-compute")
-        self._large_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lossd-compute-large")
-        # Decoding and encoding large messages: off the event loop, which must stay free.
-        self._wire = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lossd-wire")
+        # Large computations, and decoding and encoding large messages, run on threads of their own
+        # at a lower CPU priority: the event loop and small calls go first when cores are short.
+        self._large_executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="lossd-compute-large", initializer=yield_cpu
+        )
+        self._wire = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lossd-wire", initializer=yield_cpu)
         # Probes and metadata calls (health, reflection, Open Inference metadata) get a budget of
         # their own, so that they answer while loss calls fill theirs.
         control = min(CONTROL_MESSAGES * config.max_message_bytes, config.admitted_bytes // 8)
@@ -184,6 +189,12 @@ class LossServer:
         )
         self.port = 0
 
+    @property
+    def services(self) -> list[str]:
+        """Every gRPC service on the port: lossd's, the Open Inference Protocol's if on, health
+        and reflection."""
+        return [*self._services, HEALTH_SERVICE, reflection.SERVICE_NAME]
+
     async def start(self) -> int:
         """Binds, starts and reports SERVING; returns the bound port (useful with port 0)."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -247,6 +258,17 @@ class LossServer:
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for name in ("", *self._services):
             await self._health.set(name, status)
+
+
+BACKGROUND_NICENESS = 10
+"""How much lower than the event loop's the large-work threads' CPU priority is (Linux nice)."""
+
+
+def yield_cpu() -> None:
+    """Lowers the calling thread's CPU priority (Linux: niceness is per thread); elsewhere, or
+    where it is not allowed, nothing changes."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
 
 
 def _connection_age(config: ServerConfig) -> list[tuple[str, int]]:
@@ -317,6 +339,11 @@ async def serve(config: ServerConfig, *, worker: str = "", engine: LossEngine | 
     `worker` ("2/4") marks one of several processes sharing the port (`lossd serve --workers`);
     `engine` replaces the default one (fault-injection tests).
     """
+    # Signals are ours from the start: a SIGTERM during start-up drains (nothing) and exits 0.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
     threads = torch_threads(config)
     torch.set_num_threads(1)  # until a large computation asks for more
     server = LossServer(config, engine=engine, reuse_port=bool(worker))
@@ -338,10 +365,13 @@ async def serve(config: ServerConfig, *, worker: str = "", engine: LossEngine | 
         threads,
         f", worker {worker} pid {os.getpid()}" if worker else "",
     )
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
+    _LOGGER.info(
+        "lossd also serves %s on that port; metrics %s; memory budget %d MiB, messages up to %d MiB",
+        ", ".join(name for name in server.services if name != LOSS_SERVICE),
+        f"on http://{config.host}:{config.metrics_port}/metrics" if config.metrics_port else "off",
+        config.memory_bytes >> 20,
+        config.max_message_bytes >> 20,
+    )
     waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(server.failed.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for wait in waits:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import sys
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
     from lossd.server.config import ServerConfig
 
 __all__ = ["main"]
+
+SERVER_MODULES = ("torch", "prometheus_client", "grpc_health", "grpc_reflection")
+"""What `lossd serve` imports beyond the client's dependencies (the `server` extra)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lossd.server import probe
 
         return probe.check(args)
+    missing = [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
+    if missing:  # the client-only install: `lossd health` works, `lossd serve` needs the extra
+        print(
+            f"lossd serve needs the server's packages ({', '.join(missing)} missing): "
+            "pip install 'lossd[server]'",
+            file=sys.stderr,
+        )
+        return 2
     try:
         config = ServerConfig.load(args)
     except ValueError as exc:

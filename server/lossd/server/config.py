@@ -43,7 +43,7 @@ def _setting(default: Any, help: str, *, secret: bool = False) -> Any:
 def _shown(value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
-    return str(value)
+    return str(value) if value != "" else "unset"
 
 
 RECEIVE_WINDOW = 64 * 1024
@@ -192,10 +192,13 @@ class ServerConfig:
         for spec in dataclasses.fields(cls):
             if spec.metadata["secret"]:
                 continue
+            # A switch given alone turns it on: `--reject-nonfinite` is `--reject-nonfinite on`.
+            switch: dict[str, Any] = {"nargs": "?", "const": True} if spec.metadata["type"] is _on_off else {}
             parser.add_argument(
                 "--" + spec.name.replace("_", "-"),
                 type=spec.metadata["type"],
                 default=None,
+                **switch,
                 metavar=spec.name.upper(),
                 help=f"{spec.metadata['help']} (env {cls.env_name(spec.name)}, "
                 f"default {_shown(spec.default)})",

@@ -246,11 +246,20 @@ MAX_SCRAPES = 8
 """Scrapes served at once by the metrics port; Prometheus needs one."""
 
 
+def port_error(port: int, reason: object) -> str:
+    """Why the metrics port cannot be served, naming the setting that chose it."""
+    setting = "--metrics-port, LOSSD_METRICS_PORT; 0 turns metrics off"
+    return f"cannot serve metrics on port {port} ({setting}): {reason}"
+
+
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> Callable[[], None]:
     """Serves `registry` over HTTP at host:port/metrics; returns the function that stops it."""
     address = host.strip("[]") if host not in ("[::]", "::") else "::"
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    server = _BoundedServer((address, port), _Handler.factory(registry), family)
+    try:
+        server = _BoundedServer((address, port), _Handler.factory(registry), family)
+    except OSError as exc:
+        raise OSError(port_error(port, exc.strerror or exc)) from None
     thread = threading.Thread(target=server.serve_forever, name="lossd-metrics", daemon=True)
     thread.start()
 
@@ -294,7 +303,7 @@ def start_exporter(host: str, port: int) -> Callable[[], None]:
     if failure:
         process.kill()
         shutil.rmtree(directory, ignore_errors=True)
-        raise OSError(f"metrics port {port}: {failure}")
+        raise OSError(failure)
 
     def stop() -> None:
         process.terminate()
