@@ -135,3 +135,45 @@ def test_the_health_command_of_the_client_alone_does_not_import_the_server_packa
         "assert not any(m in sys.modules for m in ('torch', 'prometheus_client')), sorted(sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60).returncode == 0
+
+
+class _Lost(grpc.RpcError):
+    """What a sync call raises when its server's connection broke mid-answer."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "Stream removed (recvmsg:Connection reset by peer (104))"
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+
+def test_a_call_whose_connection_broke_mid_answer_is_sent_once_more(server: RunningServer) -> None:
+    """gRPC's retry policy does not retry a call once the answer's headers arrived; a loss call is
+    idempotent, so the client sends it once more (and only once)."""
+    with LossClient(server.target, timeout=30) as client:
+        real = client._stub.ComputeLoss
+        attempts: list[int] = []
+
+        def flaky(request: object, **kwargs: object) -> object:
+            attempts.append(1)
+            if len(attempts) == 1:
+                raise _Lost()
+            return real(request, **kwargs)
+
+        client._stub.ComputeLoss = flaky  # type: ignore[method-assign]
+        result = client.cross_entropy(torch.tensor([[1.0, 2.0]]), torch.tensor([1]))
+        assert len(attempts) == 2 and result.loss.shape == ()
+
+        attempts.clear()
+
+        def dead(request: object, **kwargs: object) -> object:
+            attempts.append(1)
+            raise _Lost()
+
+        client._stub.ComputeLoss = dead  # type: ignore[method-assign]
+        with pytest.raises(errors.UnavailableError):
+            client.cross_entropy(torch.tensor([[1.0, 2.0]]), torch.tensor([1]))
+        assert len(attempts) == 2

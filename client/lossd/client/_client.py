@@ -21,7 +21,7 @@ from lossd.client._calls import (
 )
 from lossd.client._rpc_errors import from_rpc_error
 from lossd.client.channels import DEFAULT_RETRY_ATTEMPTS, auth_metadata, make_aio_channel, make_channel
-from lossd.client.errors import FailedPreconditionError, ResourceExhaustedError
+from lossd.client.errors import FailedPreconditionError, LossdError, ResourceExhaustedError, UnavailableError
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -37,6 +37,14 @@ ChannelOptions = Sequence[tuple[str, Any]]
 
 
 R = TypeVar("R")
+
+
+def _connection_lost(error: LossdError) -> bool:
+    """A call that failed because its connection broke (the server died) after the server began to
+    answer: gRPC's retry policy no longer retries it (the answer's headers commit the call), but a
+    loss call is idempotent, so the client sends it once more. lossd's own UNAVAILABLE answers carry
+    a reason and were already retried by the policy."""
+    return isinstance(error, UnavailableError) and not error.reason
 
 
 class LossMethods(Generic[R]):
@@ -221,6 +229,7 @@ class LossClient(LossMethods[LossResult[Any]]):
         stream_chunk_bytes: int = chunks.DEFAULT_CHUNK_BYTES,
     ) -> None:
         super().__init__(timeout, stream_threshold_bytes, stream_chunk_bytes, token)
+        self._resend = retry_attempts > 1
         self._owns_channel = channel is None
         if channel is None:
             channel = make_channel(
@@ -240,10 +249,17 @@ class LossClient(LossMethods[LossResult[Any]]):
     ) -> pb.ComputeLossResponse:
         """Sends a raw request; for callers that build `lossd.v1` messages themselves."""
         self._check_open()
-        try:
-            return self._stub.ComputeLoss(request, timeout=self._deadline(timeout), metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        for attempt in (1, 2):
+            try:
+                return self._stub.ComputeLoss(
+                    request, timeout=self._deadline(timeout), metadata=self._metadata
+                )
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                if attempt == 1 and self._resend and _connection_lost(error):
+                    continue
+                raise error from None
+        raise AssertionError("unreachable")
 
     def _send(self, build: Callable[[], PreparedCall], like: Any, timeout: float | None) -> LossResult[Any]:
         self._check_open()
@@ -305,6 +321,7 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult[Any]]]):
         stream_chunk_bytes: int = chunks.DEFAULT_CHUNK_BYTES,
     ) -> None:
         super().__init__(timeout, stream_threshold_bytes, stream_chunk_bytes, token)
+        self._resend = retry_attempts > 1
         self._owns_channel = channel is None
         if channel is None:
             channel = make_aio_channel(
@@ -326,12 +343,17 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult[Any]]]):
     ) -> pb.ComputeLossResponse:
         """Sends a raw request; for callers that build `lossd.v1` messages themselves."""
         self._check_open()
-        try:
-            return await self._stub.ComputeLoss(
-                request, timeout=self._deadline(timeout), metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        for attempt in (1, 2):
+            try:
+                return await self._stub.ComputeLoss(
+                    request, timeout=self._deadline(timeout), metadata=self._metadata
+                )
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                if attempt == 1 and self._resend and _connection_lost(error):
+                    continue
+                raise error from None
+        raise AssertionError("unreachable")
 
     def _send(
         self, build: Callable[[], PreparedCall], like: Any, timeout: float | None
