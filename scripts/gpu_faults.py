@@ -136,7 +136,13 @@ def check_oom() -> dict[str, Any]:
     rows, classes = 32768, 1000
     unary = {"timeout": 300, "retry_attempts": 1, "stream_threshold_bytes": 1 << 40}
     child = Child(
-        "oom", "--max-batch-bytes=4294967296", "--max-batch-rows=1048576", "--max-queue-delay-us=300000"
+        "oom",
+        "--max-batch-bytes=4294967296",
+        "--max-batch-rows=1048576",
+        "--max-queue-delay-us=300000",
+        # Unary calls of 128 MiB (gRPC's message limit), and host memory for twelve at once.
+        "--max-message-bytes=167772160",
+        f"--max-memory-bytes={64 << 30}",
     )
     report: dict[str, Any] = {"check": "out_of_memory", "cap_bytes": MEMORY_BYTES}
     try:
@@ -164,11 +170,13 @@ def check_oom() -> dict[str, Any]:
         report["merged_failed_or_wrong"] = wrong
         report["errors"] = [str(r)[:200] for r in results if isinstance(r, Exception)][:3]
         report["splits_logged"] = sum("ran out of memory; retrying it as" in line for line in child.log)
-        with LossClient(child.target, timeout=300, retry_attempts=1) as client:
+        with LossClient(child.target, **unary) as client:
             try:
-                client.cross_entropy(
-                    torch.randn(16 * rows, classes), torch.randint(0, classes, (16 * rows,)), return_grad=True
-                )
+                # 8 MiB of operands that broadcast to 4 GiB on the device: one computation (a unary
+                # call is never split into blocks), over the 3 GiB cap.
+                student = torch.log_softmax(torch.randn(1024, 1, 1024), -1)
+                teacher = torch.softmax(torch.randn(1024, 1024), -1)
+                client.kl_div(student, teacher, reduction="sum")
                 report["alone_too_big"] = "succeeded (the cap did not bite)"
             except LossdError as error:
                 report["alone_too_big"] = f"{error.code} {error.reason}"

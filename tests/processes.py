@@ -23,6 +23,14 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+CONSTRAINTS = Path(__file__).resolve().parent.parent / "constraints.txt"
+
+
+def pip_install(python: str) -> list[str]:
+    """The command that installs into `python`'s environment, pinned by constraints.txt."""
+    return [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-c", str(CONSTRAINTS)]
+
+
 INJECTED = str(Path(__file__).with_name("injected_server.py"))
 """`python INJECTED [--delay S] [--poison] -- serve flags`: lossd serve with a fault-injecting engine."""
 

@@ -259,3 +259,58 @@ def test_the_parent_restarts_a_worker_that_dies(serve_process: Callable[..., Ser
     served.process.send_signal(signal.SIGTERM)
     code, log = served.finish(60)
     assert code == 0, log
+
+
+def test_the_device_check_tells_memory_pressure_and_hangs_from_a_dead_device() -> None:
+    """`device_works`' logic with stand-in probes (the real one needs CUDA): an out-of-memory on the
+    probe itself is pressure, not death; an error is death; a probe that hangs is death too, and the
+    check returns after its timeout instead of hanging the compute thread."""
+    import threading as _threading
+
+    from lossd.server.faults import device_works
+
+    cpu = torch.device("cpu")
+    assert device_works(cpu)  # no probe off CUDA: the CPU always computes
+    assert device_works(cpu, probe=lambda: True)
+
+    def oom() -> bool:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    def dead() -> bool:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    hang = _threading.Event()
+    assert device_works(cpu, probe=oom)
+    assert not device_works(cpu, probe=dead)
+    started = time.monotonic()
+    assert not device_works(cpu, timeout_s=0.2, probe=lambda: hang.wait(30))
+    assert time.monotonic() - started < 10
+    hang.set()
+
+
+def test_a_device_that_fails_its_warm_up_never_reports_serving() -> None:
+    """The server computes each loss once before SERVING; a device that cannot fails the start."""
+    from lossd.server.app import LossServer
+    from lossd.server.engine import LossEngine
+    from lossd.server.faults import DeviceFailure
+
+    from conftest import make_config
+
+    class Broken(LossEngine):
+        def _run(self, call: Any) -> Any:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        def device_works(self) -> bool:
+            return False
+
+    async def start() -> None:
+        server = LossServer(make_config(), engine=Broken("cpu"))
+        try:
+            with pytest.raises(DeviceFailure):
+                await server.start()
+        finally:
+            await server.stop(0)
+
+    asyncio.run(start())
+    warmed = LossEngine("cpu")
+    warmed.warm_up()  # a working device passes

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import RunningServer
-from processes import ServeProcess
+from processes import ServeProcess, pip_install
 
 ROOT = Path(__file__).resolve().parent.parent
 CALL = """
@@ -64,16 +64,7 @@ def test_the_wheel_installs_and_works_client_alone_then_with_the_server(
     venv = tmp_path / "venv"
     assert _run(sys.executable, "-m", "venv", str(venv)).returncode == 0
     python, lossd = str(venv / "bin" / "python"), str(venv / "bin" / "lossd")
-    pip = [
-        python,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        "-c",
-        str(ROOT / "constraints.txt"),
-    ]
+    pip = pip_install(python)
 
     # The client alone: numpy, no torch.
     done = _run(*pip, str(wheel))

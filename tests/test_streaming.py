@@ -260,3 +260,41 @@ def test_an_input_over_two_gib_completes(server: RunningServer) -> None:
         result = client.nll_loss(logits, labels, reduction="sum")
     expected = F.nll_loss(logits, labels, reduction="sum")
     torch.testing.assert_close(result.loss, expected, rtol=1e-6, atol=0)
+
+
+def test_stream_buffers_are_allocated_off_the_event_loop_and_a_failure_is_resource_exhausted(
+    server_factory: Callable[..., RunningServer],
+) -> None:
+    """Pinned buffers on CUDA take long to page-lock and can fail; here the same path on the CPU."""
+    import threading
+
+    from lossd.server.engine import LossEngine
+
+    threads: list[str] = []
+
+    class Failing(LossEngine):
+        def __init__(self) -> None:
+            super().__init__("cpu")
+            real = self.staging.host_buffer
+            self.fail = False
+
+            def host_buffer(nbytes: int) -> torch.Tensor:
+                threads.append(threading.current_thread().name)
+                if self.fail:
+                    raise RuntimeError("CUDA error: out of memory")
+                return real(nbytes)
+
+            self.staging.host_buffer = host_buffer  # type: ignore[method-assign]
+
+    engine = Failing()
+    running = server_factory(engine=engine)
+    logits, labels = torch.randn(2048, 1024), torch.randint(0, 1024, (2048,))  # 8 MiB: streamed
+    with LossClient(running.target, timeout=60, retry_attempts=1) as client:
+        result = client.cross_entropy(logits, labels)
+        assert torch.allclose(result.loss, torch.nn.functional.cross_entropy(logits, labels))
+        assert threads and all(name.startswith("lossd-wire") for name in threads), threads
+        engine.fail = True
+        with pytest.raises(errors.ResourceExhaustedError) as refused:
+            client.cross_entropy(logits, labels)
+    assert refused.value.reason == "ALLOCATION_FAILED" and refused.value.retry_after
+    assert running.server.budget.held == 0

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import hypothesis.strategies as st
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, event, given, settings
@@ -162,3 +163,23 @@ def test_lossd_accepts_what_torch_accepts(args: dict[str, Any]) -> None:
     if grad is not None:
         assert output.input_grad is not None
         assert same_bits(output.input_grad, grad)
+
+
+def test_no_classes_over_three_or_five_dimensions_is_refused_as_torch_refuses_it() -> None:
+    """Found by the property above on a busy run: torch cannot view (N, 0, d) inputs as (N, C, 1, -1)."""
+    for shape, target_shape, torch_computes in (
+        ((1, 0, 1), (1, 1), False),
+        ((2, 0, 1, 1, 1), (2, 1, 1, 1), False),
+        ((1, 0, 2, 2), (1, 2, 2), True),
+        ((1, 0, 0), (1, 0), True),
+    ):
+        x, t = torch.empty(shape), torch.zeros(target_shape, dtype=torch.long)
+        call = LossCall(LossOptions(LossKind.NLL, "none", 0), x, t)
+        if torch_computes:
+            assert torch.equal(ENGINE.compute(call).loss, F.nll_loss(x, t, ignore_index=0, reduction="none"))
+        else:
+            with pytest.raises(RuntimeError, match="size mismatch"):
+                F.nll_loss(x, t, ignore_index=0, reduction="none")
+            with pytest.raises(InvalidArgumentError) as refused:
+                ENGINE.compute(call)
+            assert refused.value.reason == "SHAPE_INVALID"

@@ -188,6 +188,7 @@ class LossServer:
             (guarded(self.servicer, collector.handlers, self.control_budget),)
         )
         self.port = 0
+        self.warm_up_s = 0.0
 
     @property
     def services(self) -> list[str]:
@@ -211,6 +212,11 @@ class LossServer:
             self._stop_metrics = serve_metrics(
                 self.metrics.registry, self.config.host, self.config.metrics_port
             )
+        # The device computes each loss once before the server says SERVING: a broken device fails
+        # the start, and no caller pays for the CUDA context and the kernels' first load.
+        started = time.perf_counter()
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.warm_up)
+        self.warm_up_s = time.perf_counter() - started
         self.batcher.start()
         await self._server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -366,11 +372,13 @@ async def serve(config: ServerConfig, *, worker: str = "", engine: LossEngine | 
         f", worker {worker} pid {os.getpid()}" if worker else "",
     )
     _LOGGER.info(
-        "lossd also serves %s on that port; metrics %s; memory budget %d MiB, messages up to %d MiB",
+        "lossd also serves %s on that port; metrics %s; memory budget %d MiB, messages up to %d MiB; "
+        "device warmed up in %.2f s",
         ", ".join(name for name in server.services if name != LOSS_SERVICE),
         f"on http://{config.host}:{config.metrics_port}/metrics" if config.metrics_port else "off",
         config.memory_bytes >> 20,
         config.max_message_bytes >> 20,
+        server.warm_up_s,
     )
     waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(server.failed.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

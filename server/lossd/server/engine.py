@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from lossd.server.calls import LossCall, LossKind, LossOutput
+from lossd.server.calls import LossCall, LossKind, LossOptions, LossOutput
 from lossd.server.faults import (
     DeviceFailure,
     device_works,
@@ -234,6 +234,31 @@ class LossEngine:
             self.release_memory()
         elif is_device_error(error) and not self.device_works():
             raise DeviceFailure(self.device, error) from error
+
+    def warm_up(self) -> None:
+        """Computes each loss once, with gradients, on the device (CUDA context, kernels, allocator
+        pools), and checks that the device works: before a server reports SERVING, not during its
+        first call. Raises `DeviceFailure` if the device does not compute."""
+        rows, classes = 4, 3
+        logits = torch.randn(rows, classes, dtype=torch.float32)
+        log_probs = torch.log_softmax(logits, 1)
+        labels = torch.tensor([0, 1, 2, 0])
+        calls = [
+            LossCall(LossOptions(LossKind.CROSS_ENTROPY, "mean"), logits, labels, input_grad=True),
+            LossCall(LossOptions(LossKind.NLL, "sum"), log_probs, labels, input_grad=True),
+            LossCall(
+                LossOptions(LossKind.KL_DIV, "batchmean"),
+                log_probs,
+                torch.softmax(logits, 1),
+                input_grad=True,
+            ),
+        ]
+        for call in calls:
+            result = self._alone(validate(call))
+            if isinstance(result, Exception):
+                raise DeviceFailure(self.device, result) from result
+        if not self.device_works():
+            raise DeviceFailure(self.device, RuntimeError("the device check failed after warm-up"))
 
     def device_works(self) -> bool:
         """Whether the device still computes (see `lossd.server.faults.device_works`)."""

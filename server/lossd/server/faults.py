@@ -11,6 +11,10 @@ Pure torch; nothing of gRPC.
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections.abc import Callable
+
 import torch
 
 from lossd.client.errors import ResourceExhaustedError, UnavailableError
@@ -76,19 +80,48 @@ def is_device_error(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(mark in text for mark in _DEVICE_ERROR_MARKS)
 
 
-def device_works(device: torch.device) -> bool:
+DEVICE_CHECK_S = 30.0
+"""How long the device check may take: a device that cannot run a tiny kernel in this time is hung."""
+
+
+def _cuda_probe(device: torch.device) -> bool:
+    torch.cuda.synchronize(device)
+    probe = torch.ones(2, device=device)
+    return float((probe + probe).sum().item()) == 4.0
+
+
+def device_works(
+    device: torch.device, timeout_s: float = DEVICE_CHECK_S, probe: Callable[[], bool] | None = None
+) -> bool:
     """Whether `device` still computes: after a device error, tells a sticky failure from a one-off.
 
-    A poisoned CUDA context fails every call, this synchronization and tiny kernel included.
+    A poisoned CUDA context fails every call, this synchronization and tiny kernel (`probe`)
+    included. Running out of memory for the probe itself is memory pressure, not a dead device
+    (the cache is emptied and the device counts as working); a probe that does not finish within
+    `timeout_s` means a hung device. The probe runs on a thread of its own, so a hang cannot hold
+    the caller past the timeout.
     """
-    if device.type != "cuda":
-        return True
-    try:
-        torch.cuda.synchronize(device)
-        probe = torch.ones(2, device=device)
-        return float((probe + probe).sum().item()) == 4.0
-    except Exception:
-        return False
+    if probe is None:
+        if device.type != "cuda":
+            return True
+        probe = functools.partial(_cuda_probe, device)
+    outcome: list[bool] = []
+
+    def check() -> None:
+        try:
+            outcome.append(probe())
+        except Exception as error:
+            if is_out_of_memory(error):
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                outcome.append(True)
+            else:
+                outcome.append(False)
+
+    thread = threading.Thread(target=check, name="lossd-device-check", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(outcome) and outcome[0]
 
 
 def out_of_memory_error(device: torch.device, nbytes: int, error: BaseException) -> ResourceExhaustedError:

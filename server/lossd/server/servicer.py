@@ -39,6 +39,7 @@ from lossd.server.batcher import Batcher
 from lossd.server.calls import LossCall, LossOutput
 from lossd.server.convert import call_from_request, parse_request, response_from_output
 from lossd.server.engine import LossEngine
+from lossd.server.faults import is_out_of_memory
 from lossd.server.memory import MemoryBudget, Reservation
 from lossd.server.metrics import ServerMetrics
 from lossd.server.status import abort
@@ -381,9 +382,11 @@ class LossServicer:
                 reason="MAX_REQUEST_TIME",
                 metadata={"maxRequestSeconds": f"{self._max_request_s:g}"},
             )
-        elif isinstance(error, MemoryError):
+        elif is_out_of_memory(error):  # host memory, or pinned memory for a stream on CUDA
             error = ResourceExhaustedError(
-                "the server could not allocate memory for this request", reason="ALLOCATION_FAILED"
+                "the server could not allocate memory for this request; retry later or elsewhere",
+                reason="ALLOCATION_FAILED",
+                retry_after=1.0,
             )
         elif not isinstance(error, LossdError):
             _LOGGER.exception("a loss call failed unexpectedly", exc_info=error)

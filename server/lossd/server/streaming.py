@@ -143,10 +143,15 @@ class StreamedCall:
             self._reservation.shrink_to(need)
             if not plan:
                 self._reservation.receiving = False
-        assembly = chunks.Assembly(
-            {slot: nbytes for slot, (_, nbytes) in plan.items()},
-            self._engine.staging.host_buffer,
-            {slot: field for slot, (field, _) in plan.items()},
+        # Allocated off the event loop (pinned memory on CUDA can take long to page-lock), after
+        # the reservation above; a failed allocation answers RESOURCE_EXHAUSTED.
+        assembly = await self._decode(
+            sum(nbytes for _, nbytes in plan.values()),
+            lambda: chunks.Assembly(
+                {slot: nbytes for slot, (_, nbytes) in plan.items()},
+                self._engine.staging.host_buffer,
+                {slot: field for slot, (field, _) in plan.items()},
+            ),
         )
         side = [slot for slot in plan if slot != pb.TENSOR_SLOT_INPUT]
         input_streams = pb.TENSOR_SLOT_INPUT in plan

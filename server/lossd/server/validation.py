@@ -128,6 +128,15 @@ def _check_class_targets(call: LossCall, classes: int) -> torch.Tensor:
             inputShape=list(input.shape),
             expectedShape=list(expected),
         )
+    if classes == 0 and (input.dim() == 3 or input.dim() >= 5) and math.prod(expected) > 0:
+        # torch views such inputs as (N, C, 1, -1), which cannot be inferred with no classes.
+        raise invalid_argument(
+            f"input.shape {list(input.shape)} has no classes (C = 0): torch computes a loss over 3 or 5+ "
+            "input dimensions only with at least one class (\"size mismatch\")",
+            "SHAPE_INVALID",
+            "input.shape",
+            inputShape=list(input.shape),
+        )
     wide = target if target.dtype == torch.int64 else target.to(torch.int64)
     if wide.device.type == "meta":  # a StreamLoss header: the values are checked once they arrive
         return wide
