@@ -132,7 +132,7 @@ def _check_class_targets(call: LossCall, classes: int) -> torch.Tensor:
         # torch views such inputs as (N, C, 1, -1), which cannot be inferred with no classes.
         raise invalid_argument(
             f"input.shape {list(input.shape)} has no classes (C = 0): torch computes a loss over 3 or 5+ "
-            "input dimensions only with at least one class (\"size mismatch\")",
+            'input dimensions only with at least one class ("size mismatch")',
             "SHAPE_INVALID",
             "input.shape",
             inputShape=list(input.shape),
