@@ -256,3 +256,28 @@ def test_workers_share_the_port_and_their_metrics_add_up(tmp_path: Path) -> None
         _, rest = process.communicate(timeout=60)
     assert process.returncode == 0, rest
     assert rest.count("lossd stopped") == 2
+
+
+def test_device_memory_is_read_at_most_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each read builds torch's whole allocator statistics on the event loop: not after every batch."""
+    from prometheus_client import CollectorRegistry
+
+    from lossd.server import metrics as metrics_module
+    from lossd.server.metrics import ServerMetrics
+
+    reads: list[int] = []
+    clock = [100.0]
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: clock[0])
+
+    def probe() -> tuple[int, int]:
+        reads.append(1)
+        return (len(reads), 2 * len(reads))
+
+    observed = ServerMetrics(CollectorRegistry(), build={"version": "x"}, device_memory=probe)
+    for _ in range(50):
+        observed.batch(1, 1, 0.001, [0.0])
+    assert len(reads) == 1
+    clock[0] += metrics_module.MEMORY_READ_S
+    observed.batch(1, 1, 0.001, [0.0])
+    assert len(reads) == 2
+    assert observed.registry.get_sample_value("lossd_device_memory_reserved_bytes") == 4

@@ -52,6 +52,10 @@ _BATCH_REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 _BATCH_ROW_BUCKETS = (1, 8, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 
 
+MEMORY_READ_S = 1.0
+"""Least time between two reads of the device's memory for the gauges."""
+
+
 class ServerMetrics:
     """The server's metrics; also the batcher's `BatchObserver`.
 
@@ -68,6 +72,7 @@ class ServerMetrics:
     ) -> None:
         self.registry = registry
         self._device_memory = device_memory
+        self._memory_read = -float("inf")
         kw: dict[str, Any] = {"registry": registry}
         self.requests = Counter(
             "lossd_requests", "Loss requests answered, by loss and gRPC status code.", ["loss", "code"], **kw
@@ -189,7 +194,15 @@ class ServerMetrics:
         self.dropped_requests.labels(reason).inc()
 
     def _update_memory(self) -> None:
-        memory = self._device_memory() if self._device_memory else None
+        """Reads the device's memory at most every `MEMORY_READ_S`: each read builds torch's whole
+        allocator statistics, on the event loop, and a scrape every few seconds needs no more."""
+        if self._device_memory is None:
+            return
+        now = time.monotonic()
+        if now - self._memory_read < MEMORY_READ_S:
+            return
+        self._memory_read = now
+        memory = self._device_memory()
         if memory is not None:
             self.memory_allocated.set(memory[0])
             self.memory_reserved.set(memory[1])
