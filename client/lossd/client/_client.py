@@ -56,9 +56,16 @@ class LossMethods(Generic[R]):
     ) -> None:
         self._timeout = timeout
         self._closed = False
+        self._resend = False  # set by the clients from retry_attempts
         self._metadata = auth_metadata(token)
         self._stream_threshold = stream_threshold_bytes
         self._chunk_bytes = stream_chunk_bytes
+
+    def _resending(self, exc: grpc.RpcError, attempt: int) -> LossdError | None:
+        """None to send a unary call again (its connection broke mid-answer, first attempt),
+        else the error to raise."""
+        error = from_rpc_error(exc)
+        return None if attempt == 1 and self._resend and _connection_lost(error) else error
 
     def _check_open(self) -> None:
         if self._closed:
@@ -255,8 +262,8 @@ class LossClient(LossMethods[LossResult[Any]]):
                     request, timeout=self._deadline(timeout), metadata=self._metadata
                 )
             except grpc.RpcError as exc:
-                error = from_rpc_error(exc)
-                if attempt == 1 and self._resend and _connection_lost(error):
+                error = self._resending(exc, attempt)
+                if error is None:
                     continue
                 raise error from None
         raise AssertionError("unreachable")
@@ -349,8 +356,8 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult[Any]]]):
                     request, timeout=self._deadline(timeout), metadata=self._metadata
                 )
             except grpc.RpcError as exc:
-                error = from_rpc_error(exc)
-                if attempt == 1 and self._resend and _connection_lost(error):
+                error = self._resending(exc, attempt)
+                if error is None:
                     continue
                 raise error from None
         raise AssertionError("unreachable")

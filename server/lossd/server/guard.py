@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from lossd.client.errors import InvalidArgumentError, LossdError
+from lossd.client.errors import LossdError
 from lossd.server.convert import parse_message
 from lossd.server.memory import MemoryBudget
 from lossd.server.servicer import Context, LossServicer
@@ -87,25 +87,14 @@ class _Guard(grpc.GenericRpcHandler):
                 yield _parse(parse, message)
 
         async def serve(raw: AsyncIterator[bytes], context: Context) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-
-            def evicted(_: LossdError) -> None:
-                task.cancel()
-
-            reservation = budget.open(context.peer() or "unknown", evicted)
+            reservation = budget.open_for_task(context.peer() or "unknown")
             proxy = _Context(context, losses, serialize)
             try:
                 await reservation.grow_to(losses.max_message_bytes, None, "receiving this call's message")
                 if handler.request_streaming:
                     argument: Any = requests(raw)
                 else:
-                    try:
-                        first = await losses.messages(raw, failing=False).__anext__()
-                    except StopAsyncIteration:
-                        raise InvalidArgumentError(
-                            "the call ended without a request message", reason="REQUEST_MALFORMED"
-                        ) from None
+                    first = await losses.first_message(raw, failing=False)
                     argument = _parse(parse, first)
                     reservation.receiving = False
                 result = behaviour(argument, proxy)
@@ -121,13 +110,11 @@ class _Guard(grpc.GenericRpcHandler):
                             await proxy.write(response)
                     return
                 await proxy.write(result)
-            except asyncio.CancelledError:
-                if reservation.evicted is None:
+            except (asyncio.CancelledError, LossdError) as error:
+                cause = reservation.cause(error)
+                if not isinstance(cause, LossdError):
                     raise
-                task.uncancel()
-                await abort(context, reservation.evicted)
-            except LossdError as error:
-                await abort(context, error)
+                await abort(context, cause)
             finally:
                 reservation.close()
 

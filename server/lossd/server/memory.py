@@ -58,6 +58,16 @@ class Reservation:
         self.shrink_to(0)
         self.budget._forget(self)
 
+    def cause(self, error: BaseException) -> BaseException:
+        """`error`, or the eviction behind it when the eviction cancelled the call's task (which is
+        then uncancelled, so that the call can answer with the eviction)."""
+        if isinstance(error, asyncio.CancelledError) and self.evicted is not None:
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            return self.evicted
+        return error
+
     def evict(self, error: ResourceExhaustedError) -> None:
         self.evicted = error
         self.close()
@@ -85,6 +95,17 @@ class MemoryBudget:
         reservation = Reservation(self, peer, on_evict)
         self._open[reservation.order] = reservation
         return reservation
+
+    def open_for_task(self, peer: str) -> Reservation:
+        """A reservation for the running task's call; evicting it cancels that task (see
+        `Reservation.cause`)."""
+        task = asyncio.current_task()
+        assert task is not None, "called from the call's task"
+
+        def cancel(_: ResourceExhaustedError) -> None:
+            task.cancel()
+
+        return self.open(peer, cancel)
 
     def _fits(self, reservation: Reservation, nbytes: int) -> bool:
         return (

@@ -190,13 +190,16 @@ class LossServicer:
             ) from None
 
     def _open(self, context: Context) -> Reservation:
-        task = asyncio.current_task()
-        assert task is not None
+        return self.budget.open_for_task(context.peer() or "unknown")
 
-        def evicted(_: ResourceExhaustedError) -> None:
-            task.cancel()
-
-        return self.budget.open(context.peer() or "unknown", evicted)
+    async def first_message(self, requests: AsyncIterator[bytes], *, failing: bool = True) -> bytes:
+        """A whole-message call's request, awaited at most `idle_timeout_s`."""
+        try:
+            return await self.messages(requests, failing=failing).__anext__()
+        except StopAsyncIteration:
+            raise InvalidArgumentError(
+                "the call ended without a request message", reason="REQUEST_MALFORMED"
+            ) from None
 
     def _check_answer(self, call: LossCall) -> int:
         """The answer's size; refused before computing when no message could carry it."""
@@ -250,13 +253,7 @@ class LossServicer:
                 self._check_failure()
                 deadline = self._deadline(context, started)
                 await reservation.grow_to(self.max_message_bytes, deadline, "receiving this call's message")
-                try:
-                    raw = await self._idle(requests.__aiter__().__anext__(), "the call's request message")
-                except StopAsyncIteration:
-                    raise InvalidArgumentError(
-                        "the call ended without a request message", reason="REQUEST_MALFORMED"
-                    ) from None
-                self._check_failure()
+                raw = await self.first_message(requests)
                 received = len(raw)
                 reservation.receiving = False
 
@@ -289,7 +286,7 @@ class LossServicer:
                 await self.write(context, data)
         except BaseException as error:
             reservation.close()
-            await self._fail(self._evicted(error, reservation), context, loss, started, received, sent)
+            await self._fail(reservation.cause(error), context, loss, started, received, sent)
             raise
         reservation.close()
         self._metrics.nonfinite(loss, nonfinite)
@@ -325,25 +322,13 @@ class LossServicer:
             traceback.clear_frames(error.__traceback__)
             await call.close()
             reservation.close()  # before the client hears: a retry must find the memory free
-            await self._fail(
-                self._evicted(error, reservation), context, call.loss, started, call.received, call.sent
-            )
+            await self._fail(reservation.cause(error), context, call.loss, started, call.received, call.sent)
             raise
         reservation.close()
         self._metrics.nonfinite(call.loss, tuple(call.nonfinite))
         self._finish(call.loss, "OK", started, call.received, call.sent)
 
     # -- endings ---------------------------------------------------------------------------------
-
-    @staticmethod
-    def _evicted(error: BaseException, reservation: Reservation) -> BaseException:
-        """The eviction behind a cancellation, if the budget evicted this call."""
-        if isinstance(error, asyncio.CancelledError) and reservation.evicted is not None:
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            return reservation.evicted
-        return error
 
     def _finish(self, loss: str, code: str, started: float, received: int, sent: int) -> None:
         self.active -= 1
