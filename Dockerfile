@@ -16,6 +16,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/lossd
 COPY pyproject.toml README.md constraints.txt ./
 COPY proto ./proto
+COPY wire ./wire
 COPY server ./server
 COPY client ./client
 RUN grep -v '^torch==' constraints.txt > /tmp/constraints.txt \

@@ -13,7 +13,26 @@ import time
 import urllib.request
 from collections.abc import Sequence
 
-__all__ = ["LossdProcess", "free_port", "scrape"]
+__all__ = ["LossdProcess", "free_port", "reset_peak_rss", "rss", "scrape"]
+
+
+def rss(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory (`VmRSS`) or its peak since the last reset (`VmHWM`), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} for {pid}")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Resets a process's VmHWM to its current RSS; False where the kernel does not allow it."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def free_port() -> int:

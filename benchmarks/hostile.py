@@ -36,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _servers import LossdProcess
 from rawh2 import RawConnection, grpc_frame
 
-from lossd.client import LossClient, chunks
+from lossd.client import LossClient
 from lossd.client._calls import prepare_call
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
 from lossd.v1.oip import open_inference_pb2 as oip
+from lossd.wire import chunks
 
 COMPUTE = "/lossd.v1.LossService/ComputeLoss"
 STREAM = "/lossd.v1.LossService/StreamLoss"

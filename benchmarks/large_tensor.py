@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _servers import free_port
+from _servers import free_port, reset_peak_rss, rss
 
 CASES = [("float32", 1024, 32000, torch.float32), ("bfloat16", 4096, 32000, torch.bfloat16)]
 OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -140,23 +140,6 @@ def _raw_tcp(port: int, payload: memoryview, reply: memoryview) -> None:
         _recv_into(connection, reply)
 
 
-def _rss(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} for {pid}")
-
-
-def _reset_peak(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as refs:
-            refs.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
 def _check(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """lossd's numbers against local torch: within 1e-6 (float32) or 4 bfloat16 units of the scale."""
     tolerance = 1e-6 if expected.dtype == torch.float32 else 4 * torch.finfo(expected.dtype).eps
@@ -202,8 +185,8 @@ def measure(
         unary_s = _median_time(repeat, lambda: call(blob, timeout=600))
     with LossClient(f"127.0.0.1:{ports['lossd']}", timeout=600) as client:
         client.cross_entropy(logits[:2], labels[:2], return_grad=True)  # connect, warm up
-        idle = _rss(server_pid, "VmRSS")  # a fresh server's: nothing large has passed through it yet
-        can_reset = _reset_peak(server_pid)
+        idle = rss(server_pid, "VmRSS")  # a fresh server's: nothing large has passed through it yet
+        can_reset = reset_peak_rss(server_pid)
         result = client.cross_entropy(logits, labels, return_grad=True)
         expected = logits.clone().requires_grad_()
         loss = F.cross_entropy(expected, labels)
@@ -212,7 +195,7 @@ def measure(
         _check(result.grad, expected.grad, "gradient")
         del result, expected, loss
         lossd_s = _median_time(repeat, lambda: client.cross_entropy(logits, labels, return_grad=True))
-        peak = _rss(server_pid, "VmHWM") if can_reset else None
+        peak = rss(server_pid, "VmHWM") if can_reset else None
     ideal = raw_tcp_s + local_s
     return {
         "case": f"cross_entropy {rows}x{classes} {name} + gradient",

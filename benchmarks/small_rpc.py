@@ -41,9 +41,9 @@ def _request_and_response_size() -> tuple[bytes, int]:
     import torch
     import torch.nn.functional as F
 
-    from lossd.client import codec
     from lossd.client._calls import build_request
     from lossd.v1 import loss_service_pb2 as pb
+    from lossd.wire import codec
 
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((32, 10)).astype(np.float32)

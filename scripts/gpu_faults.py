@@ -39,11 +39,11 @@ def _child(mode: str, argv: Sequence[str]) -> int:
     """The server process: `lossd serve` with a memory cap (oom) or an asserting engine (assert)."""
     import torch
 
-    from lossd.server.app import serve
-    from lossd.server.calls import LossCall, LossOutput
-    from lossd.server.cli import configure
+    from lossd.cli import configure
+    from lossd.server.app import serve, torch_threads
     from lossd.server.config import ServerConfig
-    from lossd.server.engine import LossEngine, torch_threads
+    from lossd.server.engine import LossEngine
+    from lossd.server.losses import LossCall, LossOutput
 
     config = ServerConfig.parse(argv)
     configure(config)
@@ -76,7 +76,8 @@ class Child:
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(
-                [str(ROOT / d) for d in ("proto", "server", "client")] + [os.environ.get("PYTHONPATH", "")]
+                [str(ROOT / d) for d in ("proto", "wire", "server", "client")]
+                + [os.environ.get("PYTHONPATH", "")]
             ),
         }
         self.process = subprocess.Popen(

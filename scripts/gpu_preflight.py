@@ -30,7 +30,7 @@ def main() -> None:
         import torch
 
         import lossd.server.app
-        import lossd.server.inference  # noqa: F401
+        import lossd.server.rpc.open_inference  # noqa: F401
         from lossd.client import LossClient
     except ImportError as exc:
         fail("imports", f"{exc}: run scripts/gpu-wheels and carry .whl/")

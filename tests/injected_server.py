@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
+from lossd.cli import configure
 from lossd.server.app import serve
-from lossd.server.calls import LossCall, LossOutput
-from lossd.server.cli import configure
 from lossd.server.config import ServerConfig
 from lossd.server.engine import LossEngine
-from lossd.server.merged import MergeKey
+from lossd.server.engine.merging import MergeKey
+from lossd.server.losses import LossCall, LossOutput
 
 POISON = 1234.5
 

@@ -11,8 +11,8 @@ import pytest
 
 from lossd.client import LossClient, UnavailableError
 from lossd.client.channels import channel_options, resolve_target, service_config
-from lossd.server.calls import LossCall, LossOutput
 from lossd.server.engine import LossEngine
+from lossd.server.losses import LossCall, LossOutput
 
 from conftest import RunningServer
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from lossd.client import AsyncLossClient, LossClient, errors
 from lossd.client._calls import build_request, decode_response
-from lossd.client._rpc_errors import from_rpc_error
 from lossd.v1 import loss_service_pb2 as pb
+from lossd.wire.status import from_rpc_error
 
 from conftest import RunningServer, SlowEngine
 
@@ -89,7 +89,7 @@ def test_raw_request(client: LossClient) -> None:
 def test_results_follow_the_input_device() -> None:
     """The CPU-testable half of 'CUDA tensors come back on the caller's device'."""
     response = pb.ComputeLossResponse()
-    from lossd.client import codec
+    from lossd.wire import codec
 
     codec.encode(np.ones((2, 2), np.float32), out=response.input_gradient)
     codec.encode(np.float32(1.0), out=response.loss)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lossd.client import codec
 from lossd.client.errors import InvalidArgumentError, ResourceExhaustedError
 from lossd.v1 import tensor_pb2
+from lossd.wire import codec
 
 TORCH_DTYPES = [
     torch.float32,

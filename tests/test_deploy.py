@@ -40,9 +40,12 @@ def _manifests() -> dict[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("version", ["1.37.0", "1.33.0"])
 def test_the_manifests_validate(version: str) -> None:
+    validated = []
     for path in sorted(KUBERNETES.glob("*.yaml")):
         for document in yaml.safe_load_all(path.read_text()):
             validate(document, version, strict=True)  # raises on any error, unknown fields included
+            validated.append(document["kind"])
+    assert sorted(validated) == ["Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service"]
 
 
 def test_the_manifests_agree_with_the_image_and_the_drain() -> None:

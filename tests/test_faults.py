@@ -19,10 +19,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lossd.client import AsyncLossClient, LossClient, errors
-from lossd.server.calls import LossCall, LossKind, LossOptions, LossOutput
 from lossd.server.engine import LossEngine
-from lossd.server.faults import DeviceFailure, is_device_error, is_out_of_memory
-from lossd.server.merged import MergeKey
+from lossd.server.engine.faults import DeviceFailure, is_device_error, is_out_of_memory
+from lossd.server.engine.merging import MergeKey
+from lossd.server.losses import LossCall, LossOutput, make_options
 
 from conftest import RunningServer
 from injected_server import POISON, InjectedEngine
@@ -45,7 +45,7 @@ def _labels(rows: int = 4, classes: int = 5) -> np.ndarray:
 
 def _call(rows: int = 4) -> LossCall:
     return LossCall(
-        LossOptions(LossKind.CROSS_ENTROPY),
+        make_options("cross_entropy"),
         torch.from_numpy(_logits(rows)),
         torch.from_numpy(_labels(rows)),
         input_grad=True,
@@ -136,9 +136,7 @@ def test_a_sticky_device_error_raises_device_failure_for_the_batch() -> None:
     engine = InjectedEngine(poison=True)
     calls = [engine.prepare(_call()) for _ in range(3)]
     poisoned = engine.prepare(
-        LossCall(
-            LossOptions(LossKind.CROSS_ENTROPY), torch.from_numpy(_logits(first=POISON)), calls[0].target
-        )
+        LossCall(make_options("cross_entropy"), torch.from_numpy(_logits(first=POISON)), calls[0].target)
     )
     with pytest.raises(DeviceFailure) as failure:
         engine.compute_batch([calls[0], poisoned, calls[1]])
@@ -267,7 +265,7 @@ def test_the_device_check_tells_memory_pressure_and_hangs_from_a_dead_device() -
     check returns after its timeout instead of hanging the compute thread."""
     import threading as _threading
 
-    from lossd.server.faults import device_works
+    from lossd.server.engine.faults import device_works
 
     cpu = torch.device("cpu")
     assert device_works(cpu)  # no probe off CUDA: the CPU always computes
@@ -292,7 +290,7 @@ def test_a_device_that_fails_its_warm_up_never_reports_serving() -> None:
     """The server computes each loss once before SERVING; a device that cannot fails the start."""
     from lossd.server.app import LossServer
     from lossd.server.engine import LossEngine
-    from lossd.server.faults import DeviceFailure
+    from lossd.server.engine.faults import DeviceFailure
 
     from conftest import make_config
 

@@ -74,7 +74,7 @@ def test_tls_and_a_token_protected_health_check(
 
 def test_it_does_not_load_torch() -> None:
     script = (
-        "import sys; from lossd.server.cli import main\n"
+        "import sys; from lossd.cli import main\n"
         "code = main(['health', '--target', '127.0.0.1:1', '--timeout', '0.2'])\n"
         "assert code == 1 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)\n"
     )

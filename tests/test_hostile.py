@@ -24,14 +24,15 @@ import torch
 import torch.nn.functional as F
 from rawh2 import RawConnection, grpc_frame
 
-from lossd.client import LossClient, chunks, errors
+from lossd.client import LossClient, errors
 from lossd.client._calls import prepare_call
-from lossd.client._rpc_errors import from_rpc_error
 from lossd.server.batcher import Batcher, BatchLimits
 from lossd.server.config import RECEIVE_WINDOW
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
 from lossd.v1.oip import open_inference_pb2 as oip
+from lossd.wire import chunks
+from lossd.wire.status import from_rpc_error
 
 from conftest import RunningServer
 from processes import ServeProcess, free_port
@@ -264,16 +265,16 @@ def test_a_long_model_name_is_echoed_only_as_a_prefix(channel: grpc.Channel) -> 
 def test_large_messages_are_decoded_off_the_event_loop(
     server: RunningServer, channel: grpc.Channel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lossd.server import inference
+    from lossd.server.rpc import open_inference
 
     threads: list[str] = []
-    original = inference.loss_request
+    original = open_inference.loss_request
 
-    def recording(request: oip.ModelInferRequest) -> object:
+    def recording(request: oip.ModelInferRequest, raw: list[memoryview] | None = None) -> object:
         threads.append(threading.current_thread().name)
-        return original(request)
+        return original(request, raw)
 
-    monkeypatch.setattr(inference, "loss_request", recording)
+    monkeypatch.setattr(open_inference, "loss_request", recording)
     infer = oip.ModelInferRequest(model_name="cross_entropy")
     values = np.zeros(1 << 20, np.uint32)
     values[-1] = 300  # one UINT8 value out of range, found by numpy, not a Python loop

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from lossd.client import LossClient, chunks, errors
+from lossd.client import LossClient, errors
 from lossd.client._calls import prepare_call
-from lossd.client._rpc_errors import from_rpc_error
 from lossd.server.config import ServerConfig
+from lossd.wire import chunks
+from lossd.wire.status import from_rpc_error
 
 from conftest import RunningServer, SlowEngine
 

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
+from lossd.client import codec
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd.v1 import tensor_pb2
@@ -46,11 +48,34 @@ def test_gencode_runs_on_the_gpu_image_versions() -> None:
     assert "# Protobuf Python Version: 7.35.1" in source
 
 
-def test_defaults_are_torchs() -> None:
-    request = pb.ComputeLossRequest()
-    assert request.reduction == pb.REDUCTION_UNSPECIFIED  # served as 'mean'
-    assert not request.cross_entropy.HasField("ignore_index")  # served as -100
-    assert request.cross_entropy.label_smoothing == 0.0 and not request.kl_div.log_target
+@pytest.mark.parametrize("loss", ["nll_loss", "cross_entropy", "kl_div"])
+def test_unset_fields_are_served_as_torchs_defaults(exact_server: RunningServer, loss: str) -> None:
+    """A request that sets nothing but the loss and its tensors (reduction UNSPECIFIED, options
+    message empty) computes torch's call with torch's defaults, as another language's client would
+    send it; and the server's options for an empty message are its defaults, which are torch's."""
+    import inspect
+
+    from lossd.server.losses import LOSSES
+
+    generator = torch.Generator().manual_seed(2)
+    x = torch.log_softmax(torch.randn(4, 5, generator=generator), 1)
+    target = (
+        torch.softmax(torch.randn(4, 5, generator=generator), 1)
+        if loss == "kl_div"
+        else torch.tensor([0, 4, 1, 3])
+    )
+    request = pb.ComputeLossRequest(input=codec.encode(x), target=codec.encode(target))
+    getattr(request, loss).SetInParent()
+    assert request.reduction == pb.REDUCTION_UNSPECIFIED
+    with grpc.insecure_channel(exact_server.target) as channel:
+        response = pb_grpc.LossServiceStub(channel).ComputeLoss(request, timeout=30)
+    expected = getattr(F, loss)(x, target)
+    assert torch.equal(codec.decode_torch(response.loss), expected)
+    served = LOSSES[loss].options(getattr(pb.ComputeLossRequest(), loss), "mean")
+    torchs = inspect.signature(getattr(F, loss)).parameters
+    for name in LOSSES[loss].parameters:
+        assert getattr(served, name) == torchs[name].default, name
+    assert served.reduction == torchs["reduction"].default
 
 
 def test_a_hand_built_request_as_another_language_would_send_it(exact_server: RunningServer) -> None:

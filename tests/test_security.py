@@ -16,7 +16,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from lossd.client import LossClient, errors
 from lossd.client.channels import tls_credentials
-from lossd.server.auth import TokenAuth, load_tokens
+from lossd.server.rpc.auth import TokenAuth
+from lossd.wire.tokens import load_tokens
 
 from certificates import Pki, make_pki
 from conftest import RunningServer

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from google.rpc import error_details_pb2, status_pb2
 
-from lossd.client import AsyncLossClient, LossClient, chunks, errors
+from lossd.client import AsyncLossClient, LossClient, errors
 from lossd.client import torch as lossd_torch
 from lossd.client._calls import prepare_call
 from lossd.v1 import loss_service_pb2 as pb
+from lossd.wire import chunks
 
 from cases import Case, all_cases, reference
 from conftest import RunningServer
@@ -163,6 +164,16 @@ MALFORMED: list[tuple[str, Callable[[], list[bytes]], str]] = [
         "CHUNK_SLOT_INVALID",
     ),
     ("out-of-order", lambda: [_header()[0], chunks.encode_chunk(1, 8, b"\0" * 8)], "CHUNK_OUT_OF_ORDER"),
+    (
+        "chunk-repeated",
+        lambda: [_header()[0], chunks.encode_chunk(1, 0, b"\0" * 16), chunks.encode_chunk(1, 0, b"\0" * 16)],
+        "CHUNK_OUT_OF_ORDER",
+    ),
+    (
+        "chunks-overlap",
+        lambda: [_header()[0], chunks.encode_chunk(1, 0, b"\0" * 16), chunks.encode_chunk(1, 8, b"\0" * 40)],
+        "CHUNK_OUT_OF_ORDER",
+    ),
     ("overrun", lambda: [_header()[0], chunks.encode_chunk(1, 0, b"\0" * 52)], "CHUNK_OVERRUN"),
     ("ends-early", lambda: [_header()[0], chunks.encode_chunk(1, 0, _header()[1][:20])], "STREAM_INCOMPLETE"),
     ("garbage", lambda: [_header()[0], b"\xff\xff\xff"], "STREAM_MESSAGE_MALFORMED"),

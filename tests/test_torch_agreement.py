@@ -3,7 +3,7 @@
 Hypothesis draws calls from the whole space, valid and not: every rank and size (zeros included),
 every wire dtype for input, target and weight, indices in and out of range, every option value.
 Each draw goes to local torch and to the engine in process (the wire is covered by test_parity).
-The only disagreements allowed are lossd's documented departures (see lossd.server.validation).
+The only disagreements allowed are lossd's documented departures (see lossd.server.losses).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, event, given, settings
 
 from lossd.client.errors import InvalidArgumentError
-from lossd.server.calls import LossCall, LossKind, LossOptions
 from lossd.server.engine import LossEngine
+from lossd.server.losses import LOSSES, LossCall, LossOptions, make_options
 
 from cases import same_bits
 
@@ -37,7 +37,7 @@ def _tensor(draw: st.DrawFn, shape: tuple[int, ...], dtype: torch.dtype, high: i
 
 @st.composite
 def calls(draw: st.DrawFn) -> dict[str, Any]:
-    kind = draw(st.sampled_from(list(LossKind)))
+    kind = draw(st.sampled_from(list(LOSSES)))
     torch.manual_seed(draw(st.integers(0, 2**16)))
     rank = draw(st.sampled_from([0, 1, 1, 2, 2, 2, 3, 4]))
     shape = tuple(draw(st.lists(st.integers(0, 4), min_size=rank, max_size=rank)))
@@ -54,16 +54,16 @@ def calls(draw: st.DrawFn) -> dict[str, Any]:
         target_shape = tuple(draw(st.lists(st.integers(0, 4), max_size=4)))
     if draw(st.integers(0, 4)):  # mostly the dtype the shape calls for, so that most draws are valid
         likely = (torch.int64, torch.uint8, torch.int32) if target_shape_kind == "index" else FLOATS
-        if kind is LossKind.KL_DIV:
+        if kind == "kl_div":
             likely = FLOATS
         target_dtype = draw(st.sampled_from(likely))
     else:
         target_dtype = draw(st.sampled_from(DTYPES))
     target = _tensor(draw, target_shape, target_dtype, classes + (2 if draw(st.integers(0, 3)) == 0 else 0))
-    if target.dtype in FLOATS and kind is not LossKind.KL_DIV and draw(st.booleans()):
+    if target.dtype in FLOATS and kind != "kl_div" and draw(st.booleans()):
         target = target.float().softmax(-1).to(target_dtype) if target.dim() else target
     weight = None
-    if kind is not LossKind.KL_DIV and draw(st.booleans()):
+    if kind != "kl_div" and draw(st.booleans()):
         length = draw(st.sampled_from([classes] * 4 + [classes + 1, max(classes - 1, 0)]))
         weight_dtype = draw(st.sampled_from([input_dtype] * 7 + list(DTYPES)))
         weight = (torch.rand(length, dtype=torch.float64) + 0.1).to(weight_dtype)
@@ -78,8 +78,8 @@ def calls(draw: st.DrawFn) -> dict[str, Any]:
         "target": target,
         "weight": weight,
         "ignore_index": ignore_index,
-        "label_smoothing": smoothing if kind is LossKind.CROSS_ENTROPY else 0.0,
-        "log_target": draw(st.booleans()) if kind is LossKind.KL_DIV else False,
+        "label_smoothing": smoothing if kind == "cross_entropy" else 0.0,
+        "log_target": draw(st.booleans()) if kind == "kl_div" else False,
         "reduction": draw(st.sampled_from(reductions)),
         "input_grad": draw(st.booleans()) and input_dtype in FLOATS,
     }
@@ -90,12 +90,12 @@ def _torch(args: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
     target = args["target"]
     kind = args["kind"]
     options: dict[str, Any] = {"reduction": args["reduction"]}
-    if kind is LossKind.KL_DIV:
+    if kind == "kl_div":
         loss = F.kl_div(x, target, log_target=args["log_target"], **options)
     else:
         if args["ignore_index"] is not None:
             options["ignore_index"] = args["ignore_index"]
-        if kind is LossKind.NLL:
+        if kind == "nll_loss":
             loss = F.nll_loss(x, target, weight=args["weight"], **options)
         else:
             loss = F.cross_entropy(
@@ -107,12 +107,23 @@ def _torch(args: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
     return loss.detach(), grad
 
 
+def loss_options(args: dict[str, Any]) -> LossOptions:
+    """The engine's options for the drawn call: those its loss has."""
+    given = {
+        "ignore_index": -100 if args["ignore_index"] is None else args["ignore_index"],
+        "label_smoothing": args["label_smoothing"],
+        "log_target": args["log_target"],
+    }
+    own = LOSSES[args["kind"]].parameters
+    return make_options(args["kind"], args["reduction"], **{k: v for k, v in given.items() if k in own})
+
+
 def _departure(args: dict[str, Any]) -> bool:
     """Calls torch accepts and lossd deliberately rejects: label_smoothing outside [0, 1] (torch
     treats negative and NaN values as 0), and integer inputs (torch accepts them only when empty,
     when no kernel runs)."""
     s = args["label_smoothing"]
-    bad_smoothing = args["kind"] is LossKind.CROSS_ENTROPY and not (0.0 <= s <= 1.0)
+    bad_smoothing = args["kind"] == "cross_entropy" and not (0.0 <= s <= 1.0)
     return bad_smoothing or args["input"].dtype not in FLOATS
 
 
@@ -140,13 +151,7 @@ def test_lossd_accepts_what_torch_accepts(args: dict[str, Any]) -> None:
             expected = _torch(_normalized(args))
         except torch_errors:
             expected = None
-    options = LossOptions(
-        args["kind"],
-        args["reduction"],
-        -100 if args["ignore_index"] is None else args["ignore_index"],
-        args["label_smoothing"],
-        args["log_target"],
-    )
+    options = loss_options(args)
     call = LossCall(options, args["input"], args["target"], args["weight"], input_grad=args["input_grad"])
     try:
         output = ENGINE.compute(call)
@@ -157,7 +162,7 @@ def test_lossd_accepts_what_torch_accepts(args: dict[str, Any]) -> None:
         return
     assert not _departure(args), "lossd accepted a label_smoothing outside [0, 1]"
     assert expected is not None, f"lossd accepted what torch rejects ({reason_torch})"
-    event(f"accepted: {args['kind'].value}")
+    event(f"accepted: {args['kind']}")
     loss, grad = expected
     assert same_bits(output.loss, loss), (output.loss, loss)  # computed alone: torch's own call
     if grad is not None:
@@ -174,7 +179,7 @@ def test_no_classes_over_three_or_five_dimensions_is_refused_as_torch_refuses_it
         ((1, 0, 0), (1, 0), True),
     ):
         x, t = torch.empty(shape), torch.zeros(target_shape, dtype=torch.long)
-        call = LossCall(LossOptions(LossKind.NLL, "none", 0), x, t)
+        call = LossCall(make_options("nll_loss", "none", ignore_index=0), x, t)
         if torch_computes:
             assert torch.equal(ENGINE.compute(call).loss, F.nll_loss(x, t, ignore_index=0, reduction="none"))
         else:

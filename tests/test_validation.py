@@ -376,12 +376,22 @@ def test_rule_on_the_wire(channel: grpc.Channel, rule: Rule) -> None:
 
 
 def test_every_reason_the_server_emits_is_tested() -> None:
-    """Each UPPER_SNAKE reason in the decoding and validation code has a rule above (or a test below)."""
-    import lossd.server.convert
-    import lossd.server.validation
+    """Each UPPER_SNAKE reason in the decoding code and every loss module has a rule above (or a
+    test below)."""
+    import importlib
+    import pkgutil
 
-    sources = [inspect.getsource(module) for module in (codec, lossd.server.convert, lossd.server.validation)]
+    import lossd.server.losses
+    import lossd.server.rpc.requests
+
+    modules = [codec, lossd.server.rpc.requests] + [
+        importlib.import_module(f"lossd.server.losses.{info.name}")
+        for info in pkgutil.iter_modules(lossd.server.losses.__path__)
+    ]
+    assert len(modules) >= 8
+    sources = [inspect.getsource(module) for module in modules]
     emitted = set(re.findall(r'"([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)"', "\n".join(sources)))
+    emitted -= {name for module in modules for name in getattr(module, "__all__", ())}  # names, not reasons
     tested = {rule.reason for rule in RULES} | {"TENSOR_TOO_LARGE", "REQUEST_MALFORMED"}
     assert emitted <= tested, f"untested reasons: {sorted(emitted - tested)}"
     assert len({rule.id for rule in RULES}) == len(RULES)

@@ -3,8 +3,9 @@
 - `LossClient` / `AsyncLossClient`: `nll_loss`, `cross_entropy`, `kl_div` with torch's arguments;
   numpy arrays or torch tensors in, the same kind out.
 - `lossd.client.torch`: the same losses as autograd functions (needs torch).
+- `lossd.client.losses`: the losses, each declared once (what the methods and functions derive from).
 - `lossd.client.errors`: one exception per gRPC status code, with the server's ErrorInfo reason.
-- `lossd.client.codec`: numpy / torch <-> `lossd.v1.Tensor`.
+- `lossd.client.codec`: numpy / torch <-> `lossd.v1.Tensor` (from `lossd.wire`, shared with the server).
 
 Names are imported on first use, so `lossd.client.errors` and `lossd.client.codec` load without gRPC.
 """
@@ -14,12 +15,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from lossd.client._version import __version__
+from lossd.wire.version import __version__
 
 if TYPE_CHECKING:
     from lossd.client._calls import LossResult
     from lossd.client._client import AsyncLossClient, LossClient
-    from lossd.client.errors import (
+    from lossd.wire.errors import (
         DeadlineExceededError,
         InternalError,
         InvalidArgumentError,

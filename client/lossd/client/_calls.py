@@ -6,24 +6,23 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
-from lossd.client import chunks, codec
-from lossd.client.errors import DataLossError, InvalidArgumentError
+from lossd.client.losses import DECLARATIONS, LossDeclaration
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
+from lossd.wire import chunks, codec
+from lossd.wire.errors import DataLossError, InvalidArgumentError
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
     "ArrayT",
-    "LossKind",
     "LossResult",
     "PreparedCall",
-    "ReductionName",
     "StreamReceiver",
     "build_request",
     "decode_response",
@@ -31,8 +30,6 @@ __all__ = [
 ]
 
 ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
-LossKind = Literal["nll_loss", "cross_entropy", "kl_div"]
-ReductionName = Literal["none", "mean", "sum", "batchmean"]
 
 _REDUCTIONS: dict[str, pb.Reduction.ValueType] = {
     "none": pb.REDUCTION_NONE,
@@ -40,7 +37,6 @@ _REDUCTIONS: dict[str, pb.Reduction.ValueType] = {
     "sum": pb.REDUCTION_SUM,
     "batchmean": pb.REDUCTION_BATCHMEAN,
 }
-DEFAULT_IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -63,14 +59,18 @@ _INLINE_BYTES = 1 << 16
 rather than in chunks of their own."""
 
 
-def _put_weight(call: PreparedCall, weight: codec.TensorLike, message: tensor_pb2.Tensor, name: str) -> None:
-    """Class weights; plain numbers take the input's dtype, as torch requires of weights."""
-    if isinstance(weight, np.ndarray) or codec.is_torch_tensor(weight):
-        call.put(pb.TENSOR_SLOT_WEIGHT, message, weight, name)
+def _put_option_tensor(
+    call: PreparedCall, name: str, value: codec.TensorLike, message: tensor_pb2.Tensor, field: str
+) -> None:
+    """A loss's own tensor (class weights, say); plain numbers take the input's dtype, as torch
+    requires of weights."""
+    slot = chunks.REQUEST_SLOTS[name]
+    if isinstance(value, np.ndarray) or codec.is_torch_tensor(value):
+        call.put(slot, message, value, field)
         return
     input_dtype = call.request.input.dtype
     dtype = input_dtype if codec.is_floating(input_dtype) else None
-    call.put(pb.TENSOR_SLOT_WEIGHT, message, np.asarray(weight, dtype=np.float64), name, dtype)
+    call.put(slot, message, np.asarray(value, dtype=np.float64), field, dtype)
 
 
 @dataclass
@@ -97,9 +97,8 @@ class PreparedCall:
         nbytes = itemsize
         if request.reduction == pb.REDUCTION_NONE:
             shape = input_shape
-            if request.WhichOneof("loss") == "kl_div":
-                with contextlib.suppress(ValueError):  # the server names the fault
-                    shape = tuple(np.broadcast_shapes(input_shape, target_shape))
+            with contextlib.suppress(ValueError):  # a loss whose operands broadcast (kl_div)
+                shape = tuple(np.broadcast_shapes(input_shape, target_shape))
             nbytes = math.prod(shape) * itemsize
         gradients = request.gradients
         for wanted, tensor in ((gradients.input, request.input), (gradients.target, request.target)):
@@ -144,21 +143,23 @@ class PreparedCall:
 
 
 def prepare_call(
-    kind: LossKind,
+    loss: str | LossDeclaration,
     input: codec.TensorLike,
     target: codec.TensorLike,
     *,
     reduction: str = "mean",
-    weight: codec.TensorLike | None = None,
-    ignore_index: int = DEFAULT_IGNORE_INDEX,
-    label_smoothing: float = 0.0,
-    log_target: bool = False,
     return_grad: bool = False,
     return_target_grad: bool = False,
     grad_dtype: object = None,
     grad_output: codec.TensorLike | None = None,
+    **options: Any,
 ) -> PreparedCall:
-    """The call `F.<kind>(input, target, ...)` with torch's argument names and defaults."""
+    """The call `F.<loss>(input, target, ...)`, with torch's argument names and defaults: the
+    common ones here, the loss's own in `options` (see `lossd.client.losses`)."""
+    declaration = DECLARATIONS[loss] if isinstance(loss, str) else loss
+    unknown = set(options) - set(declaration.tensors) - set(declaration.options)
+    if unknown:
+        raise TypeError(f"{declaration.name}() got unexpected keyword arguments {sorted(unknown)}")
     if reduction not in _REDUCTIONS:
         raise InvalidArgumentError(
             f"reduction {reduction!r} is not one of {sorted(_REDUCTIONS)}",
@@ -170,17 +171,16 @@ def prepare_call(
     request = call.request
     call.put(pb.TENSOR_SLOT_INPUT, request.input, input, "input")
     call.put(pb.TENSOR_SLOT_TARGET, request.target, target, "target")
-    if kind == "kl_div":
-        request.kl_div.log_target = log_target
-    else:
-        options = request.nll_loss if kind == "nll_loss" else request.cross_entropy
-        options.SetInParent()
-        if weight is not None:
-            _put_weight(call, weight, options.weight, f"{kind}.weight")
-        if ignore_index != DEFAULT_IGNORE_INDEX:
-            options.ignore_index = int(ignore_index)
-        if kind == "cross_entropy":
-            request.cross_entropy.label_smoothing = float(label_smoothing)
+    message = getattr(request, declaration.name)
+    message.SetInParent()
+    for name in declaration.tensors:
+        value = options.get(name)
+        if value is not None:
+            _put_option_tensor(call, name, value, getattr(message, name), f"{declaration.name}.{name}")
+    for name, default in declaration.options.items():
+        value = options.get(name, default)
+        if value != default:  # unset fields mean torch's default on the server too
+            setattr(message, name, type(default)(value))
     if return_grad or return_target_grad or grad_output is not None:
         gradients = request.gradients
         gradients.input = return_grad
@@ -193,10 +193,10 @@ def prepare_call(
 
 
 def build_request(
-    kind: LossKind, input: codec.TensorLike, target: codec.TensorLike, **options: Any
+    loss: str, input: codec.TensorLike, target: codec.TensorLike, **options: Any
 ) -> pb.ComputeLossRequest:
-    """The complete ComputeLossRequest for `F.<kind>(input, target, **options)` (see `prepare_call`)."""
-    return prepare_call(kind, input, target, **options).unary()
+    """The complete ComputeLossRequest for `F.<loss>(input, target, **options)` (see `prepare_call`)."""
+    return prepare_call(loss, input, target, **options).unary()
 
 
 def decode_response(
@@ -234,13 +234,6 @@ def decode_response(
     )
 
 
-_RESPONSE_FIELDS = {
-    pb.TENSOR_SLOT_LOSS: "loss",
-    pb.TENSOR_SLOT_INPUT_GRADIENT: "input_gradient",
-    pb.TENSOR_SLOT_TARGET_GRADIENT: "target_gradient",
-}
-
-
 class StreamReceiver:
     """Reads a StreamLoss response stream: the header, then the chunks of every tensor it left empty
     (the gradients, sometimes the loss) into memory allocated once from the header. A malformed
@@ -262,7 +255,7 @@ class StreamReceiver:
                 self._header = pb.ComputeLossResponse.FromString(bytes(part))
                 sizes: dict[int, int] = {}
                 fields: dict[int, str] = {}
-                for slot, name in _RESPONSE_FIELDS.items():
+                for name, slot in chunks.RESPONSE_SLOTS.items():
                     if self._header.HasField(name):  # type: ignore[arg-type]
                         nbytes = codec.streamed_bytes(getattr(self._header, name), name)
                         if nbytes is not None:

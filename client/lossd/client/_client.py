@@ -4,26 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import grpc
 
-from lossd.client import chunks, codec
 from lossd.client._calls import (
-    DEFAULT_IGNORE_INDEX,
-    ArrayT,
     LossResult,
     PreparedCall,
-    ReductionName,
     StreamReceiver,
     decode_response,
     prepare_call,
 )
-from lossd.client._rpc_errors import from_rpc_error
 from lossd.client.channels import DEFAULT_RETRY_ATTEMPTS, auth_metadata, make_aio_channel, make_channel
-from lossd.client.errors import FailedPreconditionError, LossdError, ResourceExhaustedError, UnavailableError
+from lossd.client.losses import DECLARATIONS, LossDeclaration, Losses
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
+from lossd.wire import chunks
+from lossd.wire.errors import FailedPreconditionError, LossdError, ResourceExhaustedError, UnavailableError
+from lossd.wire.status import from_rpc_error
 
 __all__ = ["DEFAULT_TARGET", "AsyncLossClient", "LossClient"]
 
@@ -37,6 +35,7 @@ ChannelOptions = Sequence[tuple[str, Any]]
 
 
 R = TypeVar("R")
+C = TypeVar("C", grpc.Channel, grpc.aio.Channel)
 
 
 def _connection_lost(error: LossdError) -> bool:
@@ -47,19 +46,63 @@ def _connection_lost(error: LossdError) -> bool:
     return isinstance(error, UnavailableError) and not error.reason
 
 
-class LossMethods(Generic[R]):
-    """The per-loss methods, written once, with torch's signatures (`weight` is positional, as in
-    `torch.nn.functional`); `_send` makes them blocking or awaitable."""
+def _loss_method(declaration: LossDeclaration) -> Callable[..., Any]:
+    """The client method of one declared loss (see `lossd.client.losses`)."""
+    signature = declaration.signature
+
+    def method(self: LossMethods[Any, Any], *args: Any, **kwargs: Any) -> Any:
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        del arguments["self"]
+        input, target = arguments.pop("input"), arguments.pop("target")
+        timeout = arguments.pop("timeout", None)
+        return self._send(lambda: prepare_call(declaration, input, target, **arguments), input, timeout)
+
+    method.__name__ = method.__qualname__ = declaration.name
+    method.__doc__ = declaration.doc
+    method.__signature__ = signature  # type: ignore[attr-defined]
+    return method
+
+
+class LossMethods(Generic[R, C]):
+    """What the blocking and the asyncio client share: the channel, the settings, and one method
+    per loss, made from its declaration in `lossd.client.losses.Losses` (`_send` makes them
+    blocking or awaitable)."""
+
+    _make_channel: ClassVar[Callable[..., Any]]
 
     def __init__(
-        self, timeout: float | None, stream_threshold_bytes: int, stream_chunk_bytes: int, token: str | None
+        self,
+        target: str | Sequence[str] = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        retry_attempts: int = DEFAULT_RETRY_ATTEMPTS,
+        max_message_bytes: int = _UNLIMITED,
+        options: ChannelOptions = (),
+        channel: C | None = None,
+        stream_threshold_bytes: int = DEFAULT_STREAM_THRESHOLD,
+        stream_chunk_bytes: int = chunks.DEFAULT_CHUNK_BYTES,
     ) -> None:
         self._timeout = timeout
         self._closed = False
-        self._resend = False  # set by the clients from retry_attempts
+        self._resend = retry_attempts > 1
         self._metadata = auth_metadata(token)
         self._stream_threshold = stream_threshold_bytes
         self._chunk_bytes = stream_chunk_bytes
+        self._owns_channel = channel is None
+        if channel is None:
+            channel = type(self)._make_channel(
+                target,
+                credentials=credentials,
+                max_message_bytes=max_message_bytes,
+                retry_attempts=retry_attempts,
+                options=options,
+            )
+        self._channel: C = channel
+        self._stub: Any = pb_grpc.LossServiceStub(channel)
+        # Raw bytes both ways: see lossd.wire.chunks.
+        self._stream_call: Any = channel.stream_stream(STREAM_METHOD)
 
     def _resending(self, exc: grpc.RpcError, attempt: int) -> LossdError | None:
         """None to send a unary call again (its connection broke mid-answer, first attempt),
@@ -86,115 +129,12 @@ class LossMethods(Generic[R]):
         the threshold (a server refuses a unary answer that no message could carry)."""
         return call.nbytes > self._stream_threshold or call.answer_nbytes > self._stream_threshold
 
-    def nll_loss(
-        self,
-        input: ArrayT,
-        target: codec.TensorLike,
-        weight: codec.TensorLike | None = None,
-        *,
-        ignore_index: int = DEFAULT_IGNORE_INDEX,
-        reduction: ReductionName = "mean",
-        return_grad: bool = False,
-        grad_dtype: object = None,
-        grad_output: codec.TensorLike | None = None,
-        timeout: float | None = None,
-    ) -> R:
-        """`torch.nn.functional.nll_loss(input, target, ...)`, computed by the server.
 
-        `return_grad` also returns d(loss)/d(input); `grad_dtype` sets its dtype (default: the
-        input's); `grad_output` is the upstream gradient (default: ones).
-        """
-        return self._send(
-            lambda: prepare_call(
-                "nll_loss",
-                input,
-                target,
-                weight=weight,
-                ignore_index=ignore_index,
-                reduction=reduction,
-                return_grad=return_grad,
-                grad_dtype=grad_dtype,
-                grad_output=grad_output,
-            ),
-            input,
-            timeout,
-        )
-
-    def cross_entropy(
-        self,
-        input: ArrayT,
-        target: codec.TensorLike,
-        weight: codec.TensorLike | None = None,
-        *,
-        ignore_index: int = DEFAULT_IGNORE_INDEX,
-        reduction: ReductionName = "mean",
-        label_smoothing: float = 0.0,
-        return_grad: bool = False,
-        return_target_grad: bool = False,
-        grad_dtype: object = None,
-        grad_output: codec.TensorLike | None = None,
-        timeout: float | None = None,
-    ) -> R:
-        """`torch.nn.functional.cross_entropy(input, target, ...)`, computed by the server.
-
-        `target` holds class indices, or class probabilities when it has the input's shape.
-        `return_target_grad` (probability targets only) also returns d(loss)/d(target).
-        """
-        return self._send(
-            lambda: prepare_call(
-                "cross_entropy",
-                input,
-                target,
-                weight=weight,
-                ignore_index=ignore_index,
-                reduction=reduction,
-                label_smoothing=label_smoothing,
-                return_grad=return_grad,
-                return_target_grad=return_target_grad,
-                grad_dtype=grad_dtype,
-                grad_output=grad_output,
-            ),
-            input,
-            timeout,
-        )
-
-    def kl_div(
-        self,
-        input: ArrayT,
-        target: codec.TensorLike,
-        *,
-        reduction: ReductionName = "mean",
-        log_target: bool = False,
-        return_grad: bool = False,
-        return_target_grad: bool = False,
-        grad_dtype: object = None,
-        grad_output: codec.TensorLike | None = None,
-        timeout: float | None = None,
-    ) -> R:
-        """`torch.nn.functional.kl_div(input, target, ...)`, computed by the server.
-
-        `input` holds log-probabilities; `target` probabilities (log-probabilities with
-        `log_target=True`). As in torch, the default reduction 'mean' divides by every element;
-        'batchmean' is the KL divergence proper.
-        """
-        return self._send(
-            lambda: prepare_call(
-                "kl_div",
-                input,
-                target,
-                reduction=reduction,
-                log_target=log_target,
-                return_grad=return_grad,
-                return_target_grad=return_target_grad,
-                grad_dtype=grad_dtype,
-                grad_output=grad_output,
-            ),
-            input,
-            timeout,
-        )
+for _declaration in DECLARATIONS.values():
+    setattr(LossMethods, _declaration.name, _loss_method(_declaration))
 
 
-class LossClient(LossMethods[LossResult[Any]]):
+class LossClient(LossMethods[LossResult[Any], grpc.Channel], Losses[LossResult[Any]]):
     """A blocking lossd client.
 
     ```python
@@ -221,35 +161,7 @@ class LossClient(LossMethods[LossResult[Any]]):
     - `channel`: an existing channel to use instead (the client then does not close it).
     """
 
-    def __init__(
-        self,
-        target: str | Sequence[str] = DEFAULT_TARGET,
-        *,
-        timeout: float | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        token: str | None = None,
-        retry_attempts: int = DEFAULT_RETRY_ATTEMPTS,
-        max_message_bytes: int = _UNLIMITED,
-        options: ChannelOptions = (),
-        channel: grpc.Channel | None = None,
-        stream_threshold_bytes: int = DEFAULT_STREAM_THRESHOLD,
-        stream_chunk_bytes: int = chunks.DEFAULT_CHUNK_BYTES,
-    ) -> None:
-        super().__init__(timeout, stream_threshold_bytes, stream_chunk_bytes, token)
-        self._resend = retry_attempts > 1
-        self._owns_channel = channel is None
-        if channel is None:
-            channel = make_channel(
-                target,
-                credentials=credentials,
-                max_message_bytes=max_message_bytes,
-                retry_attempts=retry_attempts,
-                options=options,
-            )
-        self._channel = channel
-        self._stub = pb_grpc.LossServiceStub(channel)
-        # Raw bytes both ways: see lossd.client.chunks.
-        self._stream_call: grpc.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(STREAM_METHOD)
+    _make_channel = staticmethod(make_channel)
 
     def compute(
         self, request: pb.ComputeLossRequest, *, timeout: float | None = None
@@ -258,9 +170,10 @@ class LossClient(LossMethods[LossResult[Any]]):
         self._check_open()
         for attempt in (1, 2):
             try:
-                return self._stub.ComputeLoss(
+                response: pb.ComputeLossResponse = self._stub.ComputeLoss(
                     request, timeout=self._deadline(timeout), metadata=self._metadata
                 )
+                return response
             except grpc.RpcError as exc:
                 error = self._resending(exc, attempt)
                 if error is None:
@@ -304,7 +217,9 @@ class LossClient(LossMethods[LossResult[Any]]):
         self.close()
 
 
-class AsyncLossClient(LossMethods[Awaitable[LossResult[Any]]]):
+class AsyncLossClient(
+    LossMethods[Awaitable[LossResult[Any]], grpc.aio.Channel], Losses[Awaitable[LossResult[Any]]]
+):
     """The asyncio twin of `LossClient`: the same loss methods, awaited.
 
     ```python
@@ -313,37 +228,7 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult[Any]]]):
     ```
     """
 
-    def __init__(
-        self,
-        target: str | Sequence[str] = DEFAULT_TARGET,
-        *,
-        timeout: float | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        token: str | None = None,
-        retry_attempts: int = DEFAULT_RETRY_ATTEMPTS,
-        max_message_bytes: int = _UNLIMITED,
-        options: ChannelOptions = (),
-        channel: grpc.aio.Channel | None = None,
-        stream_threshold_bytes: int = DEFAULT_STREAM_THRESHOLD,
-        stream_chunk_bytes: int = chunks.DEFAULT_CHUNK_BYTES,
-    ) -> None:
-        super().__init__(timeout, stream_threshold_bytes, stream_chunk_bytes, token)
-        self._resend = retry_attempts > 1
-        self._owns_channel = channel is None
-        if channel is None:
-            channel = make_aio_channel(
-                target,
-                credentials=credentials,
-                max_message_bytes=max_message_bytes,
-                retry_attempts=retry_attempts,
-                options=options,
-            )
-        self._channel = channel
-        self._stub = pb_grpc.LossServiceStub(channel)
-        # Raw bytes both ways: see lossd.client.chunks.
-        self._stream_call: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
-            STREAM_METHOD
-        )
+    _make_channel = staticmethod(make_aio_channel)
 
     async def compute(
         self, request: pb.ComputeLossRequest, *, timeout: float | None = None
@@ -352,9 +237,10 @@ class AsyncLossClient(LossMethods[Awaitable[LossResult[Any]]]):
         self._check_open()
         for attempt in (1, 2):
             try:
-                return await self._stub.ComputeLoss(
+                response: pb.ComputeLossResponse = await self._stub.ComputeLoss(
                     request, timeout=self._deadline(timeout), metadata=self._metadata
                 )
+                return response
             except grpc.RpcError as exc:
                 error = self._resending(exc, attempt)
                 if error is None:

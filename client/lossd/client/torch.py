@@ -9,22 +9,26 @@ loss = lossd_torch.cross_entropy(logits, labels, label_smoothing=0.1, client=cli
 loss.backward()          # logits.grad == what F.cross_entropy(...).backward() gives
 ```
 
-One RPC per forward: the server returns the gradients with the loss, and backward scales them by
-the upstream gradient. Only KL with a broadcast input or target under `reduction="none"` needs a
-second RPC in backward, which sends the upstream gradient itself.
+One function per loss the client declares (`lossd.client.losses`), with torch.nn.functional's
+arguments in torch's order (the deprecated `size_average` and `reduce` left out), then `client=`
+and `timeout=`. One RPC per forward: the server returns the gradients with the loss, and backward
+scales them by the upstream gradient. Only a loss whose gradient does not factor that way (KL with a
+broadcast input or target under `reduction="none"`) needs a second RPC in backward, which sends the
+upstream gradient itself.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lossd.client._calls import DEFAULT_IGNORE_INDEX, LossKind, ReductionName
 from lossd.client._client import LossClient
+from lossd.client.losses import DECLARATIONS, LossDeclaration
 
-__all__ = ["cross_entropy", "kl_div", "nll_loss"]
+__all__ = sorted(DECLARATIONS)  # noqa: PLE0605  (one function per declared loss)
 
 
 @dataclass
@@ -32,7 +36,7 @@ class _Call:
     """Everything about one remote loss call except the two differentiable tensors."""
 
     client: LossClient
-    kind: LossKind
+    declaration: LossDeclaration
     options: dict[str, Any]
     timeout: float | None
     input_grad: bool
@@ -41,9 +45,9 @@ class _Call:
     def run(
         self, input: torch.Tensor, target: torch.Tensor, grad_output: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        method = getattr(self.client, self.kind)
+        method = getattr(self.client, self.declaration.name)
         grads: dict[str, Any] = {"return_grad": self.input_grad}
-        if self.kind != "nll_loss":
+        if self.declaration.target_gradient:
             grads["return_target_grad"] = self.target_grad
         result = method(input, target, **self.options, **grads, grad_output=grad_output, timeout=self.timeout)
         return result.loss, result.grad, result.target_grad
@@ -79,97 +83,76 @@ class _RemoteLoss(torch.autograd.Function):
     def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         call: _Call = ctx.call
         input, target = ctx.saved_tensors
-        class_dim = None if call.kind == "kl_div" else (1 if input.dim() >= 2 else 0)
+        # A loss with one value per sample (or position) has one dimension fewer than its input:
+        # the class dimension, 1 (0 for a single sample). One with a value per element has none.
+        per_element = len(ctx.loss_shape) >= input.dim()
+        class_dim = None if per_element else (1 if input.dim() >= 2 else 0)
         grads = [_scale(saved, upstream, ctx.loss_shape, class_dim) for saved in ctx.grads]
         if (call.input_grad and grads[0] is None) or (call.target_grad and grads[1] is None):
-            # A broadcast KL operand: only the server can sum the upstream-weighted terms correctly.
+            # A broadcast operand: only the server can sum the upstream-weighted terms correctly.
             _, grads[0], grads[1] = call.run(input, target, grad_output=upstream)
         return grads[0], grads[1], None
 
 
-def _apply(
-    kind: LossKind,
-    input: torch.Tensor,
-    target: torch.Tensor,
-    client: LossClient,
-    timeout: float | None,
-    target_differentiable: bool,
-    **options: Any,
-) -> torch.Tensor:
-    recording = torch.is_grad_enabled()
-    call = _Call(
-        client=client,
-        kind=kind,
-        options=options,
-        timeout=timeout,
-        input_grad=recording and input.requires_grad,
-        target_grad=recording and target_differentiable and target.requires_grad,
-    )
-    loss: torch.Tensor = _RemoteLoss.apply(input, target, call)  # type: ignore[no-untyped-call]
-    return loss
+class RemoteLossFunction:
+    """`torch.nn.functional.<name>`, computed by `client`'s server, differentiable w.r.t. the
+    input, and w.r.t. the target where the loss has a target gradient and the target requires one."""
+
+    def __init__(self, declaration: LossDeclaration) -> None:
+        self.declaration = declaration
+        self.__name__ = self.__qualname__ = declaration.name
+        own = [
+            declaration.signature.parameters[name].replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            for name in declaration.own
+        ]
+        tensor = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        self.__signature__ = inspect.Signature(
+            [
+                inspect.Parameter("input", tensor, annotation="torch.Tensor"),
+                inspect.Parameter("target", tensor, annotation="torch.Tensor"),
+                *own,
+                inspect.Parameter("client", keyword, annotation="LossClient"),
+                inspect.Parameter("timeout", keyword, default=None, annotation="float | None"),
+            ],
+            return_annotation="torch.Tensor",
+        )
+        self.__doc__ = (
+            f"`torch.nn.functional.{declaration.name}`, computed by `client`'s server; `loss.backward()` "
+            "fills the gradients torch would.\n\n" + declaration.doc
+        )
+
+    def __repr__(self) -> str:
+        return f"<lossd remote loss {self.declaration.name}{self.__signature__}>"
+
+    def __call__(self, input: torch.Tensor, target: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        arguments = self.__signature__.bind(input, target, *args, **kwargs)
+        arguments.apply_defaults()
+        options = dict(arguments.arguments)
+        del options["input"], options["target"]
+        client, timeout = options.pop("client"), options.pop("timeout")
+        recording = torch.is_grad_enabled()
+        call = _Call(
+            client=client,
+            declaration=self.declaration,
+            options=options,
+            timeout=timeout,
+            input_grad=recording and input.requires_grad,
+            target_grad=recording and self.declaration.target_gradient and target.requires_grad,
+        )
+        loss: torch.Tensor = _RemoteLoss.apply(input, target, call)  # type: ignore[no-untyped-call]
+        return loss
 
 
-def nll_loss(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None = None,
-    ignore_index: int = DEFAULT_IGNORE_INDEX,
-    reduction: ReductionName = "mean",
-    *,
-    client: LossClient,
-    timeout: float | None = None,
-) -> torch.Tensor:
-    """`torch.nn.functional.nll_loss`, computed by `client`'s server, differentiable w.r.t. `input`."""
-    return _apply(
-        "nll_loss",
-        input,
-        target,
-        client,
-        timeout,
-        False,
-        weight=weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-    )
+_FUNCTIONS = {name: RemoteLossFunction(declaration) for name, declaration in DECLARATIONS.items()}
 
 
-def cross_entropy(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None = None,
-    ignore_index: int = DEFAULT_IGNORE_INDEX,
-    reduction: ReductionName = "mean",
-    label_smoothing: float = 0.0,
-    *,
-    client: LossClient,
-    timeout: float | None = None,
-) -> torch.Tensor:
-    """`torch.nn.functional.cross_entropy`, computed by `client`'s server.
-
-    Differentiable w.r.t. `input`, and w.r.t. `target` when it holds class probabilities.
-    """
-    return _apply(
-        "cross_entropy",
-        input,
-        target,
-        client,
-        timeout,
-        target.shape == input.shape,
-        weight=weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-    )
+def __getattr__(name: str) -> RemoteLossFunction:
+    function = _FUNCTIONS.get(name)
+    if function is None:
+        raise AttributeError(f"module 'lossd.client.torch' has no attribute {name!r}")
+    return function
 
 
-def kl_div(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    reduction: ReductionName = "mean",
-    log_target: bool = False,
-    *,
-    client: LossClient,
-    timeout: float | None = None,
-) -> torch.Tensor:
-    """`torch.nn.functional.kl_div`, computed by `client`'s server, differentiable w.r.t. both."""
-    return _apply("kl_div", input, target, client, timeout, True, reduction=reduction, log_target=log_target)
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_FUNCTIONS])

@@ -1,11 +1,13 @@
 """The lossd server: PyTorch's NLL, cross-entropy and KL-divergence losses, with gradients, over gRPC.
 
-- `lossd.server.engine`: the pure-torch loss engine (no gRPC).
+- `lossd.server.losses`: one module per loss, and the registry of them (pure torch).
+- `lossd.server.engine`: `LossEngine`, which computes them alone, merged or in blocks (pure torch).
+- `lossd.server.rpc`: the gRPC servicers (lossd.v1, the Open Inference Protocol, health guards).
 - `lossd.server.app`: `LossServer` (loss service, health, reflection) and `serve()`.
 - `lossd.server.config`: `ServerConfig`, from flags and `LOSSD_*` variables.
-- `lossd serve` / `python -m lossd.server serve`: the command line.
+- `lossd serve` / `python -m lossd.server serve`: the command line (`lossd.cli`).
 """
 
-from lossd.client._version import __version__
+from lossd.wire.version import __version__
 
 __all__ = ["__version__"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from lossd.server.cli import main
+from lossd.cli import main
 
 sys.exit(main())

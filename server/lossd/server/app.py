@@ -22,18 +22,19 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 from prometheus_client import CollectorRegistry
 
-from lossd.client._version import __version__
-from lossd.server.auth import HEALTH_METHODS, TokenAuth, load_tokens
 from lossd.server.batcher import Batcher, BatchLimits
-from lossd.server.calls import LossCall, LossOutput
 from lossd.server.config import RECEIVE_WINDOW, ServerConfig
 from lossd.server.engine import LossEngine, resolve_device
-from lossd.server.faults import DeviceFailure
-from lossd.server.guard import HandlerCollector, guarded
+from lossd.server.engine.faults import DeviceFailure
+from lossd.server.losses import LossCall, LossOutput
 from lossd.server.memory import MemoryBudget
 from lossd.server.metrics import ServerMetrics, multiprocess_enabled, serve_metrics
-from lossd.server.servicer import LossServicer
+from lossd.server.rpc.auth import HEALTH_METHODS, TokenAuth
+from lossd.server.rpc.guard import HandlerCollector, guarded
+from lossd.server.rpc.servicer import LossServicer
 from lossd.v1 import loss_service_pb2 as pb
+from lossd.wire.tokens import load_tokens
+from lossd.wire.version import __version__
 
 __all__ = ["LOSS_SERVICE", "LossServer", "serve"]
 
@@ -171,7 +172,7 @@ class LossServer:
         self._services = [LOSS_SERVICE]
         if config.open_inference:
             # Imported only when served: its messages share names with other OIP clients' code.
-            from lossd.server.inference import INFERENCE_SERVICE, InferenceServicer
+            from lossd.server.rpc.open_inference import INFERENCE_SERVICE, InferenceServicer
 
             InferenceServicer(self.servicer, lambda: self._serving, self.control_budget).add_to_server(
                 self._server

@@ -25,7 +25,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from lossd.client.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
+from lossd.wire.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
 
 __all__ = ["BatchLimits", "BatchObserver", "Batcher"]
 

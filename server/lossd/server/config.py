@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lossd.client.codec import TensorLimits
+from lossd.wire.codec import TensorLimits
 
 __all__ = ["ENV_PREFIX", "ServerConfig"]
 

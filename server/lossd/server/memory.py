@@ -22,7 +22,7 @@ import itertools
 import time
 from collections.abc import Callable
 
-from lossd.client.errors import ResourceExhaustedError
+from lossd.wire.errors import ResourceExhaustedError
 
 __all__ = ["MemoryBudget", "Reservation"]
 

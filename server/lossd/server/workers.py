@@ -20,6 +20,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -41,18 +42,22 @@ def _free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
-def _worker_main(config: ServerConfig, worker: str) -> None:
-    """A worker process: the same setup as a single `lossd serve`."""
-    from lossd.server.cli import run_server
+RunServer = Callable[..., int]
+"""`run(config, worker=name)`: serves in this process until a signal; the exit status. The command
+line passes its own (a module-level function, so that a spawned worker can import it)."""
 
-    raise SystemExit(run_server(config, worker=worker))
+
+def _worker_main(run: RunServer, config: ServerConfig, worker: str) -> None:
+    """A worker process: the same setup as a single `lossd serve`."""
+    raise SystemExit(run(config, worker=worker))
 
 
 class _Slot:
     """One worker position ("2/4") and the process currently filling it."""
 
-    def __init__(self, context: Any, config: ServerConfig, index: int) -> None:
+    def __init__(self, context: Any, run: RunServer, config: ServerConfig, index: int) -> None:
         self._context = context
+        self._run = run
         self._config = config
         self.name = f"{index + 1}/{config.workers}"
         self.process: Any = None
@@ -62,7 +67,7 @@ class _Slot:
 
     def start(self) -> None:
         self.process = self._context.Process(
-            target=_worker_main, args=(self._config, self.name), name=f"lossd-worker-{self.name}"
+            target=_worker_main, args=(self._run, self._config, self.name), name=f"lossd-worker-{self.name}"
         )
         self.process.start()
         self.started = time.monotonic()
@@ -72,7 +77,7 @@ class _Slot:
         return self.process is not None and self.process.is_alive()
 
 
-def run_workers(config: ServerConfig) -> int:
+def run_workers(config: ServerConfig, run: RunServer) -> int:
     """Runs `config.workers` server processes until a signal; returns the exit status.
 
     A worker that exits while no signal asked it to (any status) is restarted after a delay that
@@ -89,7 +94,7 @@ def run_workers(config: ServerConfig) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="lossd-metrics-")
     os.environ[MULTIPROCESS_ENV] = metrics_dir  # inherited by the workers: record into shared files
     context = multiprocessing.get_context("spawn")
-    slots = [_Slot(context, config, i) for i in range(config.workers)]
+    slots = [_Slot(context, run, config, i) for i in range(config.workers)]
     stop_metrics = None
     stopping = threading.Event()
 

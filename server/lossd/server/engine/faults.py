@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from lossd.client.errors import ResourceExhaustedError, UnavailableError
+from lossd.wire.errors import ResourceExhaustedError, UnavailableError
 
 __all__ = [
     "DeviceFailure",

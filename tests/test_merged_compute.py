@@ -1,4 +1,6 @@
-"""Merged computation: each request keeps its own reduction, gradients and numbers, merged or alone."""
+"""Merged computation (`lossd.server.engine.merging`): calls computed as rows of one computation
+each keep their own reduction, gradients and numbers, equal to torch's alone; and the same through
+a server that batches. The batch queue itself is `test_batch_queue.py`'s."""
 
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from lossd.client import AsyncLossClient, LossClient, errors
-from lossd.server.calls import LossCall, LossKind, LossOptions
 from lossd.server.engine import LossEngine
-from lossd.server.merged import Staging
+from lossd.server.engine.staging import Staging
+from lossd.server.losses import LOSSES, LossCall, make_options
 
 from cases import Case, all_cases, reference, same_bits
 from conftest import RunningServer, SlowEngine
@@ -30,12 +32,9 @@ ENGINE = LossEngine("cpu")
 
 def as_call(case: Case, tensors: dict[str, Any]) -> LossCall:
     options = tensors["options"]
-    loss_options = LossOptions(
-        LossKind(case.kind),
-        options["reduction"],
-        options.get("ignore_index", -100),
-        options.get("label_smoothing", 0.0),
-        options.get("log_target", False),
+    own = LOSSES[case.kind].parameters
+    loss_options = make_options(
+        case.kind, options["reduction"], **{k: v for k, v in options.items() if k in own}
     )
     call = LossCall(
         loss_options,
@@ -106,7 +105,7 @@ def test_merged_results_do_not_depend_on_the_company() -> None:
 
 
 def test_a_failed_merge_retries_each_call_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lossd.server.engine as engine_module
+    import lossd.server.engine.loss_engine as engine_module
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("simulated merged failure")
@@ -142,7 +141,7 @@ def test_one_bad_call_in_a_failed_merge_fails_alone(monkeypatch: pytest.MonkeyPa
             raise RuntimeError("this one is bad")
         return original(call)
 
-    import lossd.server.engine as engine_module
+    import lossd.server.engine.loss_engine as engine_module
 
     monkeypatch.setattr(engine, "_run", run)
     monkeypatch.setattr(
@@ -158,7 +157,7 @@ def test_staging_concatenates_every_dtype_on_the_cpu() -> None:
     staging = Staging(torch.device("cpu"), pinned=False)
     for dtype in (torch.float32, torch.bfloat16, torch.int64, torch.float16):
         parts = [torch.arange(6).reshape(3, 2).to(dtype), torch.arange(4).reshape(2, 2).to(dtype)]
-        from lossd.server.merged import host_array
+        from lossd.server.engine.staging import host_array
 
         tensor = staging.to_device([host_array(p) for p in parts], dtype)
         assert tensor.dtype == dtype and torch.equal(tensor, torch.cat(parts))
@@ -261,6 +260,8 @@ def test_a_full_queue_answers_resource_exhausted(server_factory: Callable[..., R
     holder, queued, refused = asyncio.run(main())
     assert not isinstance(holder, Exception) and not isinstance(queued, Exception)
     assert isinstance(refused, errors.ResourceExhaustedError) and refused.reason == "QUEUE_FULL"
+    registry = running.server.metrics.registry
+    assert registry.get_sample_value("lossd_dropped_requests_total", {"reason": "queue_full"}) == 1
     # RetryInfo: about the time the queue ahead takes (1 s per call here), within [0.01, 5] s.
     assert refused.retry_after is not None and 0.01 <= refused.retry_after <= 5.0
 
@@ -318,3 +319,82 @@ def test_float16_reductions_that_overflow_in_torch_overflow_in_lossd(
     results = asyncio.run(main())
     for i, result in enumerate(results):
         assert same_bits(result.loss, expected[i % 4]), (i, result.loss, expected[i % 4])
+
+
+def _spy_merges(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the merged computations the engine runs from now on."""
+    import lossd.server.engine.loss_engine as engine_module
+
+    sizes: list[int] = []
+    original = engine_module.compute_merged
+
+    def spy(calls: Any, *args: Any) -> Any:
+        sizes.append(len(calls))
+        return original(calls, *args)
+
+    monkeypatch.setattr(engine_module, "compute_merged", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("loss", ["nll_loss", "cross_entropy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weighted_calls_merge_and_keep_torchs_numbers(
+    monkeypatch: pytest.MonkeyPatch, loss: str, dtype: torch.dtype
+) -> None:
+    """Calls that share their class weights (equal bytes) are merged; each call's 'mean' divides by
+    its own targets' summed weights, ignored targets left out, as torch's does alone."""
+    generator = torch.Generator().manual_seed(11)
+    classes = 7
+    weight = (torch.rand(classes, generator=generator, dtype=torch.float64) + 0.1).to(dtype)
+    function = getattr(F, loss)
+    calls, expected = [], []
+    for i, (shape, reduction) in enumerate(
+        [
+            ((5, classes), "mean"),
+            ((3, classes, 4), "mean"),
+            ((9, classes), "sum"),
+            ((2, classes, 2, 2), "none"),
+        ]
+    ):
+        x = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+        if loss == "nll_loss":
+            x = torch.log_softmax(x, 1)
+        t = torch.randint(0, classes, (shape[0], *shape[2:]), generator=generator)
+        t.view(-1)[i] = 3  # an ignored target in every call
+        options = make_options(loss, reduction, ignore_index=3)
+        calls.append(ENGINE.prepare(LossCall(options, x, t, weight.clone(), input_grad=True)))
+        leaf = x.clone().requires_grad_()
+        value = function(leaf, t, weight=weight, ignore_index=3, reduction=reduction)
+        (grad,) = torch.autograd.grad(value, leaf, torch.ones_like(value))
+        expected.append((value.detach(), grad))
+    assert len({ENGINE.merge_key(call) for call in calls}) == 1
+    merges = _spy_merges(monkeypatch)
+    outputs = ENGINE.compute_batch(calls)
+    assert merges == [4]
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-13
+    for output, (value, grad) in zip(outputs, expected, strict=True):
+        assert not isinstance(output, Exception)
+        torch.testing.assert_close(torch.as_tensor(output.loss), value, rtol=tolerance, atol=0)
+        torch.testing.assert_close(torch.as_tensor(output.input_grad), grad, rtol=tolerance, atol=1e-300)
+
+
+def test_merged_float64_reductions_keep_float64_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float64 call's sum over its rows and its denominator stay in float64 when merged: within
+    1e-13 of torch alone, where a float32 reduction would be off by about 1e-7."""
+    generator = torch.Generator().manual_seed(5)
+    calls, expected = [], []
+    for reduction, rows in (("sum", 3000), ("mean", 2000), ("mean", 777)):
+        x = torch.randn(rows, 13, generator=generator, dtype=torch.float64) * 3 + 1e-3
+        t = torch.randint(0, 13, (rows,), generator=generator)
+        calls.append(
+            ENGINE.prepare(LossCall(make_options("cross_entropy", reduction, label_smoothing=0.1), x, t))
+        )
+        expected.append(F.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1))
+    merges = _spy_merges(monkeypatch)
+    outputs = ENGINE.compute_batch(calls)
+    assert merges == [3]
+    for output, value in zip(outputs, expected, strict=True):
+        assert not isinstance(output, Exception)
+        loss = torch.as_tensor(output.loss)
+        assert loss.dtype == torch.float64
+        torch.testing.assert_close(loss, value, rtol=1e-13, atol=0)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lossd.client.errors import InvalidArgumentError
-from lossd.server.calls import LossCall
-from lossd.server.validation import FLOATING
+from lossd.server.losses import LossCall
+from lossd.server.losses.checks import FLOATING
+from lossd.wire.errors import InvalidArgumentError
 
 __all__ = ["nonfinite_error", "nonfinite_fields"]
 
@@ -38,7 +38,7 @@ def nonfinite_fields(call: LossCall) -> tuple[str, ...]:
     tensors = (
         ("input", call.input),
         ("target", call.target),
-        (f"{call.options.kind.value}.weight", call.weight),
+        (f"{call.loss.name}.weight", call.weight),
         ("gradients.grad_output", call.grad_output),
     )
     return tuple(name for name, tensor in tensors if tensor is not None and _has_nonfinite(tensor))

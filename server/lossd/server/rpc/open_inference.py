@@ -1,9 +1,10 @@
 """The Open Inference Protocol (KServe v2) in front of the same loss service.
 
 Triton's and KServe's clients (C++, Python, Java, Go) speak `inference.GRPCInferenceService`; this
-servicer answers them with lossd's losses, one model per loss: `nll_loss`, `cross_entropy` and
-`kl_div`, version "1". Inputs carry torch's argument names (`input`, `target`, `weight`,
-`grad_output`), options come as request parameters, and the outputs are `loss`, `input_grad` and
+servicer answers them with lossd's losses, one model per loss (`nll_loss`, `cross_entropy`,
+`kl_div`: every loss in `lossd.server.losses.LOSSES`), version "1". Inputs carry torch's argument
+names (`input`, `target`, the loss's own tensors such as `weight`, `grad_output`), options come as
+request parameters (the loss's `parameters`), and the outputs are `loss`, `input_grad` and
 `target_grad`; requesting a gradient output is what asks for the gradient. A ModelInferRequest is
 translated into a `lossd.v1.ComputeLossRequest` (the tensors' bytes are not decoded, only moved)
 and answered by `LossServicer.answer`, so validation, limits, batching, metrics and failure
@@ -18,25 +19,25 @@ from typing import Any
 import grpc
 import numpy as np
 
-from lossd.client import codec
-from lossd.client._version import __version__
-from lossd.client.errors import NotFoundError
-from lossd.server.calls import LossOutput
-from lossd.server.convert import parse_message
-from lossd.server.guard import HandlerCollector, guarded
+from lossd.server.losses import LOSSES, Loss, LossOutput
+from lossd.server.losses.checks import invalid_argument
 from lossd.server.memory import MemoryBudget
-from lossd.server.servicer import Context, LossServicer
-from lossd.server.status import abort
-from lossd.server.validation import invalid_argument
+from lossd.server.rpc.guard import HandlerCollector, guarded
+from lossd.server.rpc.requests import parse_message
+from lossd.server.rpc.servicer import Context, LossServicer
+from lossd.server.rpc.status import abort
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
 from lossd.v1.oip import open_inference_pb2 as oip
 from lossd.v1.oip import open_inference_pb2_grpc as oip_grpc
+from lossd.wire import codec, messages
+from lossd.wire.errors import NotFoundError
+from lossd.wire.version import __version__
 
 __all__ = ["INFERENCE_SERVICE", "MODELS", "InferenceServicer"]
 
 INFERENCE_SERVICE: str = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-MODELS = ("nll_loss", "cross_entropy", "kl_div")
+MODELS = tuple(LOSSES)
 VERSION = "1"
 
 _DATATYPES = {
@@ -71,11 +72,6 @@ _REDUCTIONS = {
     "sum": pb.REDUCTION_SUM,
     "batchmean": pb.REDUCTION_BATCHMEAN,
 }
-_OPTIONS = {  # the parameters each model takes, besides reduction and grad_dtype
-    "nll_loss": ("ignore_index",),
-    "cross_entropy": ("ignore_index", "label_smoothing"),
-    "kl_div": ("log_target",),
-}
 # Scheduling parameters Triton's clients may send; they mean nothing to a loss and are ignored.
 _IGNORED = frozenset({"priority", "timeout", "sequence_id", "sequence_start", "sequence_end"})
 _OUTPUTS = ("loss", "input_grad", "target_grad")
@@ -90,7 +86,7 @@ def shown(text: str) -> str:
     return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + f"... ({len(text)} characters)"
 
 
-def _model(name: str, version: str) -> str:
+def _model(name: str, version: str) -> Loss:
     if name not in MODELS:
         raise NotFoundError(
             f"model {shown(name)!r} does not exist; lossd serves {', '.join(MODELS)}",
@@ -103,7 +99,7 @@ def _model(name: str, version: str) -> str:
             reason="MODEL_VERSION_NOT_FOUND",
             metadata={"model": name, "version": shown(version)},
         )
-    return name
+    return LOSSES[name]
 
 
 def _parameter(parameters: Mapping[str, oip.InferParameter], name: str) -> Any:
@@ -112,8 +108,11 @@ def _parameter(parameters: Mapping[str, oip.InferParameter], name: str) -> Any:
     return None if kind is None else getattr(value, kind)
 
 
-def _tensor(given: oip.ModelInferRequest.InferInputTensor, raw: bytes | None, out: tensor_pb2.Tensor) -> None:
-    """Fills a lossd.v1 Tensor from one OIP input (raw bytes or typed contents)."""
+def _tensor(
+    given: oip.ModelInferRequest.InferInputTensor, raw: memoryview | None, out: tensor_pb2.Tensor
+) -> memoryview:
+    """Sets a lossd.v1 Tensor's dtype and shape from one OIP input; its bytes: `raw` (a view of the
+    received message), or its typed contents packed (a copy: they are no tensor's bytes)."""
     dtype = _DATATYPES.get(given.datatype)
     if dtype is None:
         raise invalid_argument(
@@ -125,8 +124,7 @@ def _tensor(given: oip.ModelInferRequest.InferInputTensor, raw: bytes | None, ou
     out.dtype = dtype
     out.shape.extend(given.shape)
     if raw is not None:
-        out.data = raw
-        return
+        return raw
     if given.datatype not in _CONTENTS:
         raise invalid_argument(
             f"{given.name} is {given.datatype}: 16-bit floats travel only in raw_input_contents",
@@ -139,16 +137,22 @@ def _tensor(given: oip.ModelInferRequest.InferInputTensor, raw: bytes | None, ou
     array = np.array(values, dtype=_CONTENT_DTYPES[field])  # in C: ~2 ns per value
     if given.datatype == "UINT8" and array.size and int(array.max()) > 255:
         raise invalid_argument(f"{given.name} holds a UINT8 value over 255", "VALUE_OUT_OF_RANGE", given.name)
-    out.data = array.astype(wire, copy=False).tobytes()
+    return memoryview(array.astype(wire, copy=False).tobytes())
 
 
-def loss_request(request: oip.ModelInferRequest) -> tuple[pb.ComputeLossRequest, list[str]]:
-    """The lossd.v1 request a ModelInferRequest means, and the outputs to return in order."""
-    model = _model(request.model_name, request.model_version)
+def loss_request(
+    request: oip.ModelInferRequest, raw: list[memoryview] | None = None
+) -> tuple[pb.ComputeLossRequest, dict[str, memoryview], list[str]]:
+    """The lossd.v1 request a ModelInferRequest means (without its tensors' bytes), those bytes by
+    lossd.v1 field, and the outputs to return in order. `raw`: the raw input contents, taken out of
+    the received message (else the request's own are read)."""
+    loss = _model(request.model_name, request.model_version)
+    model = loss.name
     message = pb.ComputeLossRequest()
     options = getattr(message, model)
     options.SetInParent()
-    raw = list(request.raw_input_contents)
+    if raw is None:
+        raw = [memoryview(contents) for contents in request.raw_input_contents]
     if raw and len(raw) != len(request.inputs):
         raise invalid_argument(
             f"raw_input_contents holds {len(raw)} entries for {len(request.inputs)} inputs",
@@ -161,13 +165,14 @@ def loss_request(request: oip.ModelInferRequest) -> tuple[pb.ComputeLossRequest,
             "RAW_CONTENTS_MISMATCH",
             "raw_input_contents",
         )
-    targets: dict[str, tensor_pb2.Tensor] = {
-        "input": message.input,
-        "target": message.target,
-        "grad_output": message.gradients.grad_output,
+    targets: dict[str, tuple[str, tensor_pb2.Tensor]] = {
+        "input": ("input", message.input),
+        "target": ("target", message.target),
+        "grad_output": ("gradients.grad_output", message.gradients.grad_output),
     }
-    if model != "kl_div":
-        targets["weight"] = options.weight
+    for name in loss.tensors:
+        targets[name] = (f"{model}.{name}", getattr(options, name))
+    data: dict[str, memoryview] = {}
     seen = set()
     for i, given in enumerate(request.inputs):
         if given.name not in targets or given.name in seen:
@@ -178,11 +183,12 @@ def loss_request(request: oip.ModelInferRequest) -> tuple[pb.ComputeLossRequest,
                 input=shown(given.name),
             )
         seen.add(given.name)
-        _tensor(given, raw[i] if raw else None, targets[given.name])
+        field, tensor = targets[given.name]
+        data[field] = _tensor(given, raw[i] if raw else None, tensor)
     for required in ("input", "target"):
         if required not in seen:
             raise invalid_argument(f"input {required!r} is missing", "FIELD_MISSING", required)
-    allowed = {"reduction", "grad_dtype", *_OPTIONS[model]}
+    allowed = {"reduction", "grad_dtype", *loss.parameters}
     for name in request.parameters:
         if name in _IGNORED:
             continue
@@ -193,7 +199,7 @@ def loss_request(request: oip.ModelInferRequest) -> tuple[pb.ComputeLossRequest,
                 f"parameters.{shown(name)}",
                 parameter=shown(name),
             )
-        _apply(message, options, name, _parameter(request.parameters, name))
+        _apply(message, loss, options, name, _parameter(request.parameters, name))
     outputs = [wanted.name for wanted in request.outputs] or ["loss"]
     for name in outputs:
         if name not in _OUTPUTS or outputs.count(name) > 1:
@@ -205,28 +211,23 @@ def loss_request(request: oip.ModelInferRequest) -> tuple[pb.ComputeLossRequest,
             )
     message.gradients.input = "input_grad" in outputs
     message.gradients.target = "target_grad" in outputs
-    return message, outputs
+    return message, data, outputs
 
 
-def _apply(message: pb.ComputeLossRequest, options: Any, name: str, value: Any) -> None:
+def _apply(message: pb.ComputeLossRequest, loss: Loss, options: Any, name: str, value: Any) -> None:
+    """Sets one parameter: reduction and grad_dtype, or one of the loss's options (by its type:
+    an int is no bool or float, a float no bool, a bool only a bool)."""
     field = f"parameters.{name}"
     try:
         if name == "reduction":
             message.reduction = _REDUCTIONS[str(value)]
         elif name == "grad_dtype":
             message.gradients.dtype = _DATATYPES[str(value)]
-        elif name == "ignore_index":
-            if isinstance(value, (bool, float)) or not isinstance(value, int):
+        else:
+            kind = loss.parameters[name]
+            if isinstance(value, bool) != (kind is bool) or (kind is int and not isinstance(value, int)):
                 raise TypeError
-            options.ignore_index = value
-        elif name == "label_smoothing":
-            if isinstance(value, bool):
-                raise TypeError
-            options.label_smoothing = float(value)
-        elif name == "log_target":
-            if not isinstance(value, bool):
-                raise TypeError
-            options.log_target = value
+            setattr(options, name, kind(value))
     except (KeyError, TypeError, ValueError):
         raise invalid_argument(
             f"parameter {name!r} = {shown(repr(value))} is not valid here",
@@ -236,41 +237,54 @@ def _apply(message: pb.ComputeLossRequest, options: Any, name: str, value: Any) 
         ) from None
 
 
-def infer_response(
-    request: oip.ModelInferRequest, output: LossOutput, outputs: list[str]
-) -> oip.ModelInferResponse:
-    """The engine's result as OIP outputs, each tensor's bytes copied once into the message."""
+_RAW_INPUTS = oip.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+_RAW_OUTPUTS = oip.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
+
+
+def read_infer_request(raw: bytes) -> tuple[oip.ModelInferRequest, list[memoryview] | None]:
+    """A serialized ModelInferRequest, parsed without its raw input contents, and those as views of
+    `raw` (None when it has none: typed contents)."""
+    kind = "inference.ModelInferRequest"
+    remainder, found = parse_message(
+        lambda data: messages.split(data, {_RAW_INPUTS: True}), raw, "the request", kind
+    )
+    request = parse_message(oip.ModelInferRequest.FromString, remainder, "the request", kind)
+    return request, found.get((_RAW_INPUTS,))
+
+
+def encode_infer_response(request: oip.ModelInferRequest, output: LossOutput, outputs: list[str]) -> bytes:
+    """The engine's result as a serialized ModelInferResponse, each output's bytes copied once."""
     answer = oip.ModelInferResponse(model_name=request.model_name, model_version=VERSION, id=request.id)
     tensors = {"loss": output.loss, "input_grad": output.input_grad, "target_grad": output.target_grad}
+    contents: list[bytes | memoryview] = []
     for name in outputs:
         value = tensors[name]
         assert value is not None, f"{name} was requested, so it was computed"
         array, dtype = codec.to_wire(value, name)
         answer.outputs.add(name=name, datatype=_NAMES[dtype], shape=array.shape)
-        answer.raw_output_contents.append(codec.wire_view(array).tobytes())
-    return answer
+        contents += messages.bytes_field(_RAW_OUTPUTS, codec.wire_view(array))
+    return b"".join([answer.SerializeToString(), *contents])
 
 
-def _metadata(model: str) -> oip.ModelMetadataResponse:
+def _metadata(loss: Loss) -> oip.ModelMetadataResponse:
     """What a model takes and gives. The protocol has one datatype per tensor: FP32 stands for
     every float type lossd takes (FP64, FP16 and BF16 work too), INT64 for class indices."""
     tensor = oip.ModelMetadataResponse.TensorMetadata
-    if model == "kl_div":
-        target = tensor(name="target", datatype="FP32", shape=[-1, -1])
-    else:
-        target = tensor(name="target", datatype="INT64", shape=[-1])
-    inputs = [tensor(name="input", datatype="FP32", shape=[-1, -1]), target]
-    if model != "kl_div":
-        inputs.append(tensor(name="weight", datatype="FP32", shape=[-1]))
+    target = loss.oip_target
+    inputs = [
+        tensor(name="input", datatype="FP32", shape=[-1, -1]),
+        tensor(name=target.name, datatype=target.datatype, shape=target.shape),
+    ]
+    inputs += [tensor(name=name, datatype="FP32", shape=[-1]) for name in loss.tensors]
     inputs.append(tensor(name="grad_output", datatype="FP32", shape=[-1]))
     outputs = [
         tensor(name="loss", datatype="FP32", shape=[]),
         tensor(name="input_grad", datatype="FP32", shape=[-1, -1]),
     ]
-    if model != "nll_loss":
+    if loss.target_gradient:
         outputs.append(tensor(name="target_grad", datatype="FP32", shape=[-1, -1]))
     return oip.ModelMetadataResponse(
-        name=model, versions=[VERSION], platform="pytorch", inputs=inputs, outputs=outputs
+        name=loss.name, versions=[VERSION], platform="pytorch", inputs=inputs, outputs=outputs
     )
 
 
@@ -314,23 +328,21 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self, request: oip.ModelMetadataRequest, context: Context
     ) -> oip.ModelMetadataResponse:
         try:
-            model = _model(request.name, request.version)
+            loss = _model(request.name, request.version)
         except NotFoundError as error:
             await abort(context, error)
-        return _metadata(model)
+        return _metadata(loss)
 
     async def ModelInfer(self, requests: AsyncIterator[bytes], context: Context) -> None:  # type: ignore[override]
         state: dict[str, Any] = {}
 
-        def build(raw: bytes) -> pb.ComputeLossRequest:
-            request = parse_message(
-                oip.ModelInferRequest.FromString, raw, "the request", "inference.ModelInferRequest"
-            )
-            message, wanted = loss_request(request)
+        def build(raw: bytes) -> tuple[pb.ComputeLossRequest, dict[str, memoryview]]:
+            request, contents = read_infer_request(raw)
+            message, data, wanted = loss_request(request, contents)
             state["request"], state["outputs"] = request, wanted
-            return message
+            return message, data
 
         def encode(output: LossOutput) -> bytes:
-            return infer_response(state.pop("request"), output, state["outputs"]).SerializeToString()
+            return encode_infer_response(state.pop("request"), output, state["outputs"])
 
         await self._losses.answer(requests, context, build, encode)

@@ -2,7 +2,7 @@
 
 `ComputeLoss` carries whole tensors in one message. `StreamLoss` carries them in chunks: its header
 is checked (every dtype, shape, limit and option) and each tensor's memory allocated once before any
-data arrives; chunks are copied straight into place (see `lossd.client.chunks`), and the gradients
+data arrives; chunks are copied straight into place (see `lossd.wire.chunks`), and the gradients
 go back in chunks the same way.
 
 Every method reads and writes raw messages through a streaming handler, unary ones included (on the
@@ -20,31 +20,31 @@ import functools
 import logging
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
 
-from lossd.client import chunks, codec
-from lossd.client.errors import CancelledError as ClientGoneError
-from lossd.client.errors import (
+from lossd.server.batcher import Batcher
+from lossd.server.engine import LossEngine
+from lossd.server.engine.faults import is_out_of_memory
+from lossd.server.losses import LossCall, LossOutput
+from lossd.server.memory import MemoryBudget, Reservation
+from lossd.server.metrics import ServerMetrics
+from lossd.server.rpc.requests import call_from_request, encode_response, read_request
+from lossd.server.rpc.status import abort
+from lossd.server.rpc.streaming import BLOCK_BYTES, StreamedCall
+from lossd.v1 import loss_service_pb2 as pb
+from lossd.wire import chunks, codec
+from lossd.wire.errors import CancelledError as ClientGoneError
+from lossd.wire.errors import (
     DeadlineExceededError,
     InternalError,
     InvalidArgumentError,
     LossdError,
     ResourceExhaustedError,
 )
-from lossd.server.batcher import Batcher
-from lossd.server.calls import LossCall, LossOutput
-from lossd.server.convert import call_from_request, parse_request, response_from_output
-from lossd.server.engine import LossEngine
-from lossd.server.faults import is_out_of_memory
-from lossd.server.memory import MemoryBudget, Reservation
-from lossd.server.metrics import ServerMetrics
-from lossd.server.status import abort
-from lossd.server.streaming import BLOCK_BYTES, StreamedCall
-from lossd.v1 import loss_service_pb2 as pb
 
 __all__ = ["WIRE_INLINE_BYTES", "LossServicer"]
 
@@ -228,22 +228,24 @@ class LossServicer:
     # -- whole messages --------------------------------------------------------------------------
 
     async def ComputeLoss(self, requests: AsyncIterator[bytes], context: Context) -> None:
-        def encode(output: LossOutput) -> bytes:
-            return response_from_output(output).SerializeToString()
-
-        await self.answer(requests, context, parse_request, encode)
+        await self.answer(requests, context, read_request, encode_response)
 
     async def answer(
         self,
         requests: AsyncIterator[bytes],
         context: Context,
-        build: Callable[[bytes], pb.ComputeLossRequest],
+        build: Callable[[bytes], tuple[pb.ComputeLossRequest, Mapping[str, memoryview]]],
         encode: Callable[[LossOutput], bytes],
     ) -> None:
         """One whole-message call: reserves memory for the message, reads it, `build`s the request
-        from its bytes (its errors are the caller's), checks, queues, computes, `encode`s and writes
-        the answer, with limits, metrics and failures as for every call. Other protocols
-        (`lossd.server.inference`) answer through here too, each with its own message types."""
+        from its bytes (its errors are the caller's): the request without its tensors' bytes, and
+        those bytes by field, as views of the message where it can. Then checks, queues, computes,
+        `encode`s and writes the answer, with limits, metrics and failures as for every call. Other
+        protocols (`lossd.server.rpc.open_inference`) answer through here too, each with its own
+        message types.
+
+        One copy of the request (gRPC's) and one of the answer (`encode`'s, which gRPC sends) are
+        made: the tensors are views of the message, and the message goes once nothing views it."""
         started = time.perf_counter()
         loss, received, sent = "unset", 0, 0
         self._begin(context)
@@ -259,26 +261,27 @@ class LossServicer:
 
                 named: list[str] = []
 
-                def decode() -> tuple[pb.ComputeLossRequest, LossCall]:
-                    request = build(raw)
+                def decode(raw: bytes) -> tuple[LossCall, int]:
+                    request, data = build(raw)
                     named.append(request.WhichOneof("loss") or "unset")
-                    return request, self._engine.prepare(
-                        call_from_request(request, self._limits), self._limits
-                    )
+                    # Tensors that are no view of the message (OIP typed contents) were copies.
+                    copies = sum(view.nbytes for view in data.values() if view.obj is not raw)
+                    call = call_from_request(request, self._limits, data)
+                    return self._engine.prepare(call, self._limits), copies
 
                 try:
-                    request, call = await self._wire(received, decode)
+                    call, copies = await self._wire(received, functools.partial(decode, raw))
                 finally:
                     loss = named[0] if named else loss
                 answer = self._check_answer(call)
-                # The message, and for a view-less decode (OIP typed contents) its tensors, the
-                # computation, and the answer twice (tensors, then serialized).
-                need = 2 * received + self._engine.footprint(call) + 2 * answer + _MESSAGE_OVERHEAD
+                # The message (its tensors view it) and any copies, the computation, and the answer
+                # twice (tensors, then serialized).
+                need = received + copies + self._engine.footprint(call) + 2 * answer + _MESSAGE_OVERHEAD
                 await reservation.grow_to(need, deadline, "this call")
                 reservation.shrink_to(need)
-                del request
+                del raw  # the call's tensors hold what they view of it
                 output = await self._submit(call, context, started)
-                del call
+                del call  # and with it the message, before the answer is encoded
                 data = await self._wire(answer, functools.partial(encode, output))
                 nonfinite = output.nonfinite
                 del output

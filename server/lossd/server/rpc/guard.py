@@ -17,11 +17,11 @@ from typing import Any
 
 import grpc
 
-from lossd.client.errors import LossdError
-from lossd.server.convert import parse_message
 from lossd.server.memory import MemoryBudget
-from lossd.server.servicer import Context, LossServicer
-from lossd.server.status import abort
+from lossd.server.rpc.requests import parse_message
+from lossd.server.rpc.servicer import Context, LossServicer
+from lossd.server.rpc.status import abort
+from lossd.wire.errors import LossdError
 
 __all__ = ["HandlerCollector", "guarded"]
 

@@ -1,4 +1,6 @@
-"""The batcher on its own: grouping, limits, delay, queue bound, deadlines, cancellation, isolation, drain."""
+"""The batch queue (`lossd.server.batcher`) on its own, with stand-in items and no losses: grouping,
+limits, delay, queue bound, deadlines, cancellation, isolation, drain. What a merged batch computes
+is `test_merged_compute.py`'s."""
 
 from __future__ import annotations
 

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lossd.server.calls import LossCall, LossKind
-from lossd.server.engine import loss_function
-from lossd.server.merged import as_float64, as_result, denominators, merge_key, rows_of
-from lossd.server.validation import loss_shape
+from lossd.server.engine.merging import denominators, merge_key
+from lossd.server.engine.staging import as_float64, as_result
+from lossd.server.losses import LossCall, loss_shape
 
 __all__ = ["BlockPlan", "block_plan"]
 
@@ -72,22 +71,18 @@ class BlockPlan:
 def block_plan(call: LossCall) -> BlockPlan | None:
     """The plan for a prepared call whose small tensors are complete, or None if it cannot be split
     (a single sample, a 1-D classification input, a call that only computes alone: see
-    `lossd.server.merged.merge_key`)."""
-    kind = call.options.kind
-    if kind is LossKind.KL_DIV:
-        if call.input.dim() < 1 or call.target.shape != call.input.shape:
-            return None
-    elif call.input.dim() < 2:
+    `lossd.server.engine.merging.merge_key`)."""
+    loss = call.loss
+    if not loss.splittable(call):
         return None
     samples = call.input.shape[0]
     if samples < 2:
         return None
-    key = merge_key(call)
-    if key is None:
+    if merge_key(call) is None:
         return None
-    targets = None if key.probabilities or kind is LossKind.KL_DIV else call.target.reshape(-1).numpy()
-    denominator = float(denominators([call], key, [rows_of(call)], targets)[0])
-    meta = loss_function(call)(
+    targets = call.target.reshape(-1).numpy() if loss.class_targets(call) else None
+    denominator = float(denominators([call], [loss.rows_of(call)], targets)[0])
+    meta = loss.function(call.options, call.reduction)(
         torch.empty(call.input.shape, dtype=call.input.dtype, device="meta"),
         torch.empty(call.target.shape, dtype=call.target.dtype, device="meta"),
         None

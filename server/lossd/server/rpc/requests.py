@@ -1,20 +1,32 @@
-"""`lossd.v1` messages to the engine's `LossCall`, and `LossOutput` back: the transport's only logic."""
+"""`lossd.v1` messages to the engine's `LossCall`, and `LossOutput` back.
+
+Which loss a request names and how its options read is the loss's own (`lossd.server.losses`): this
+module only looks the loss up by the request's `loss` oneof and hands it its options message.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from google.protobuf.message import DecodeError
 
-from lossd.client import codec
-from lossd.client.errors import InvalidArgumentError
-from lossd.server.calls import LossCall, LossKind, LossOptions, LossOutput
+from lossd.server.losses import LOSSES, LossCall, LossOptions, LossOutput
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
+from lossd.wire import chunks, codec, messages
+from lossd.wire.errors import InvalidArgumentError
 
-__all__ = ["call_from_request", "parse_request", "response_from_output", "stream_plan", "stream_response"]
+__all__ = [
+    "REQUEST_TENSORS",
+    "call_from_request",
+    "encode_response",
+    "parse_request",
+    "read_request",
+    "stream_plan",
+    "stream_response",
+]
 
 _REDUCTIONS = {
     pb.REDUCTION_UNSPECIFIED: "mean",
@@ -23,7 +35,6 @@ _REDUCTIONS = {
     pb.REDUCTION_SUM: "sum",
     pb.REDUCTION_BATCHMEAN: "batchmean",
 }
-_DEFAULT_IGNORE_INDEX = -100
 
 
 INLINE_LOSS_BYTES = 64 * 1024
@@ -38,11 +49,12 @@ def _required(message: tensor_pb2.Tensor, present: bool, field: str, make: Tenso
     return make(message, field)
 
 
-def _options(request: pb.ComputeLossRequest) -> LossOptions:
-    kind_name = request.WhichOneof("loss")
-    if kind_name is None:
+def _options(request: pb.ComputeLossRequest) -> tuple[LossOptions, Any]:
+    """The loss's options, and its options message (which may hold tensors)."""
+    name = request.WhichOneof("loss")
+    if name is None:
         raise InvalidArgumentError(
-            "loss is unset: set one of nll_loss, cross_entropy or kl_div",
+            f"loss is unset: set one of {', '.join(LOSSES)}",
             reason="LOSS_UNSPECIFIED",
             field="loss",
         )
@@ -54,13 +66,8 @@ def _options(request: pb.ComputeLossRequest) -> LossOptions:
             field="reduction",
             metadata={"reduction": str(request.reduction)},
         )
-    kind = LossKind(kind_name)
-    if kind is LossKind.KL_DIV:
-        return LossOptions(kind, reduction, log_target=request.kl_div.log_target)
-    options = request.nll_loss if kind is LossKind.NLL else request.cross_entropy
-    ignore_index = options.ignore_index if options.HasField("ignore_index") else _DEFAULT_IGNORE_INDEX
-    smoothing = request.cross_entropy.label_smoothing if kind is LossKind.CROSS_ENTROPY else 0.0
-    return LossOptions(kind, reduction, ignore_index, smoothing)
+    message = getattr(request, name)
+    return LOSSES[name].options(message, reduction), message
 
 
 def _grad_dtype(gradients: pb.GradientOptions) -> torch.dtype | None:
@@ -77,12 +84,13 @@ def _grad_dtype(gradients: pb.GradientOptions) -> torch.dtype | None:
 
 
 def _call(request: pb.ComputeLossRequest, make: TensorMaker) -> LossCall:
-    options = _options(request)
-    weight = None
-    if options.kind is not LossKind.KL_DIV:
-        holder = request.nll_loss if options.kind is LossKind.NLL else request.cross_entropy
-        if holder.HasField("weight"):
-            weight = make(holder.weight, f"{options.kind.value}.weight")
+    options, message = _options(request)
+    name = options.loss.name
+    extra = {
+        field: make(getattr(message, field), f"{name}.{field}")
+        for field in options.loss.tensors
+        if message.HasField(field)
+    }
     gradients = request.gradients
     grad_output = None
     if gradients.HasField("grad_output"):
@@ -91,7 +99,7 @@ def _call(request: pb.ComputeLossRequest, make: TensorMaker) -> LossCall:
         options=options,
         input=_required(request.input, request.HasField("input"), "input", make),
         target=_required(request.target, request.HasField("target"), "target", make),
-        weight=weight,
+        weight=extra.get("weight"),
         input_grad=gradients.input,
         target_grad=gradients.target,
         grad_dtype=_grad_dtype(gradients),
@@ -119,33 +127,70 @@ def parse_request(raw: bytes, what: str = "the request") -> pb.ComputeLossReques
     return parse_message(pb.ComputeLossRequest.FromString, raw, what, "lossd.v1.ComputeLossRequest")
 
 
+_DATA = tensor_pb2.Tensor.DESCRIPTOR.fields_by_name["data"].number
+
+
+def _tensor_paths(descriptor: Any, path: tuple[int, ...] = (), name: str = "") -> dict[tuple[int, ...], str]:
+    """Every `lossd.v1.Tensor` field inside a message type: the path of field numbers to its data,
+    and the field's dotted name (`gradients.grad_output`)."""
+    found: dict[tuple[int, ...], str] = {}
+    for field in descriptor.fields:
+        if field.message_type is None:
+            continue
+        dotted = f"{name}.{field.name}" if name else field.name
+        if field.message_type is tensor_pb2.Tensor.DESCRIPTOR:
+            found[(*path, field.number, _DATA)] = dotted
+        elif field.message_type.full_name.startswith("lossd."):
+            found |= _tensor_paths(field.message_type, (*path, field.number), dotted)
+    return found
+
+
+REQUEST_TENSORS = _tensor_paths(pb.ComputeLossRequest.DESCRIPTOR)
+"""Where each tensor's bytes sit in a ComputeLossRequest, and the field it is."""
+
+
+def _tree(paths: Any) -> messages.FieldTree:
+    tree: dict[int, Any] = {}
+    for path in paths:
+        node = tree
+        for number in path[:-1]:
+            node = node.setdefault(number, {})
+        node[path[-1]] = True
+    return tree
+
+
+_REQUEST_TREE = _tree(REQUEST_TENSORS)
+
+
+def read_request(
+    raw: bytes, what: str = "the request"
+) -> tuple[pb.ComputeLossRequest, dict[str, memoryview]]:
+    """A serialized ComputeLossRequest, parsed without its tensors' bytes, and those bytes as views
+    of `raw` by field: one copy of the request in memory, the one gRPC made."""
+    kind = "lossd.v1.ComputeLossRequest"
+    remainder, found = parse_message(lambda data: messages.split(data, _REQUEST_TREE), raw, what, kind)
+    request = parse_message(pb.ComputeLossRequest.FromString, remainder, what, kind)
+    return request, {REQUEST_TENSORS[path]: views[-1] for path, views in found.items()}
+
+
 def call_from_request(
     request: pb.ComputeLossRequest,
     limits: codec.TensorLimits,
-    data: Mapping[str, torch.Tensor] | None = None,
+    data: Mapping[str, torch.Tensor | memoryview] | None = None,
 ) -> LossCall:
     """Decodes a request into a `LossCall`; tensors are zero-copy views of the request's bytes, or of
-    `data[field]` (a uint8 host tensor, pinned on CUDA) for tensors whose bytes came apart from it
-    (StreamLoss chunks)."""
+    `data[field]` for tensors whose bytes came apart from it: a view of the received message
+    (`read_request`), or a uint8 host tensor (pinned on CUDA) the StreamLoss chunks filled."""
     extra = data or {}
 
     def make(message: tensor_pb2.Tensor, field: str) -> torch.Tensor:
         buffer = extra.get(field)
-        if buffer is None:
-            return codec.decode_torch(message, field, limits=limits, copy=False)
+        if buffer is None or isinstance(buffer, memoryview):
+            return codec.decode_torch(message, field, limits=limits, copy=False, data=buffer)
         codec.check(message, field, limits, buffer.numel())
         return buffer.view(codec.torch_dtype(message.dtype)).reshape(tuple(message.shape))
 
     return _call(request, make)
-
-
-_SLOTS = {
-    "input": pb.TENSOR_SLOT_INPUT,
-    "target": pb.TENSOR_SLOT_TARGET,
-    "nll_loss.weight": pb.TENSOR_SLOT_WEIGHT,
-    "cross_entropy.weight": pb.TENSOR_SLOT_WEIGHT,
-    "gradients.grad_output": pb.TENSOR_SLOT_GRAD_OUTPUT,
-}
 
 
 def stream_plan(
@@ -159,7 +204,7 @@ def stream_plan(
         nbytes = codec.streamed_bytes(message, field, limits)
         if nbytes is None:
             return codec.decode_torch(message, field, limits=limits, copy=False)
-        plan[_SLOTS[field]] = (field, nbytes)
+        plan[chunks.REQUEST_SLOTS[field.rsplit(".", 1)[-1]]] = (field, nbytes)
         return torch.empty(tuple(message.shape), dtype=codec.torch_dtype(message.dtype), device="meta")
 
     return _call(request, make), plan
@@ -189,12 +234,24 @@ def stream_response(output: LossOutput) -> tuple[pb.ComputeLossResponse, list[tu
     return response, chunks
 
 
-def response_from_output(output: LossOutput) -> pb.ComputeLossResponse:
-    """Encodes the engine's result; gradients that were not asked for are not sent."""
-    response = pb.ComputeLossResponse()
-    codec.encode(output.loss, "loss", out=response.loss)
-    if output.input_grad is not None:
-        codec.encode(output.input_grad, "input_gradient", out=response.input_gradient)
-    if output.target_grad is not None:
-        codec.encode(output.target_grad, "target_gradient", out=response.target_gradient)
-    return response
+_RESPONSE_FIELDS = {
+    name: pb.ComputeLossResponse.DESCRIPTOR.fields_by_name[name].number
+    for name in ("loss", "input_gradient", "target_gradient")
+}
+
+
+def encode_response(output: LossOutput) -> bytes:
+    """The serialized ComputeLossResponse of the engine's result, each tensor's bytes copied once;
+    gradients that were not asked for are not sent."""
+    pieces: list[bytes | memoryview] = []
+    for name, value in (
+        ("loss", output.loss),
+        ("input_gradient", output.input_grad),
+        ("target_gradient", output.target_grad),
+    ):
+        if value is None:
+            continue
+        array, dtype = codec.to_wire(value, name)
+        header = codec.header(array.shape, dtype).SerializeToString()
+        pieces += messages.tensor_field(_RESPONSE_FIELDS[name], header, _DATA, codec.wire_view(array))
+    return b"".join(pieces)

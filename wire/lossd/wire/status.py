@@ -1,15 +1,18 @@
-"""Turns a failed gRPC call into the matching `LossdError`, with the server's ErrorInfo and RetryInfo."""
+"""`LossdError` <-> a gRPC status with the rich error model: `google.rpc.Status` in the trailer,
+carrying ErrorInfo (reason, metadata), BadRequest (the field) and RetryInfo. The server writes it
+(`rich_status`), the client reads it back into the same class (`from_rpc_error`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from lossd.client.errors import LossdError, error_class
+from lossd.wire.errors import DOMAIN, LossdError, error_class
 
-__all__ = ["STATUS_DETAILS_KEY", "from_rpc_error"]
+__all__ = ["STATUS_DETAILS_KEY", "from_rpc_error", "rich_status"]
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 """The trailer that carries a serialized `google.rpc.Status` (the gRPC rich error model)."""
@@ -46,3 +49,30 @@ def from_rpc_error(error: grpc.RpcError) -> LossdError:
     return error_class(code.name)(
         message, reason=reason, field=field, metadata=metadata, retry_after=retry_after
     )
+
+
+def _pack(
+    message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest | error_details_pb2.RetryInfo,
+) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def rich_status(error: LossdError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
+    """The status code, message and trailing metadata that carry `error` to a client."""
+    code = grpc.StatusCode[error.code]
+    details = [
+        _pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata))
+    ]
+    if error.field:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=error.field, description=error.message, reason=error.reason
+        )
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+    if error.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(round(error.retry_after * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    return code, error.message, ((STATUS_DETAILS_KEY, status.SerializeToString()),)

@@ -2,7 +2,7 @@
 
 The header is checked completely (dtypes, shapes, limits, options) and each streamed tensor's
 memory allocated once before any chunk is read. Chunks are copied straight into place. When the
-call can be split by samples (`lossd.server.blocks`) and the small tensors are in, blocks of
+call can be split by samples (`lossd.server.engine.blocks`) and the small tensors are in, blocks of
 complete samples are computed while the rest of the input is still arriving, and their gradients
 written back at once: the transfer in, the compute and the transfer out overlap. Otherwise the call
 is computed whole once everything is in.
@@ -19,16 +19,16 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from lossd.client import chunks, codec
-from lossd.client.errors import InvalidArgumentError
-from lossd.server.blocks import BlockPlan, block_plan
-from lossd.server.calls import LossCall, LossOutput
-from lossd.server.convert import call_from_request, parse_request, stream_plan, stream_response
 from lossd.server.engine import LossEngine
+from lossd.server.engine.blocks import BlockPlan, block_plan
+from lossd.server.engine.staging import as_float64
+from lossd.server.losses import LossCall, LossOutput
 from lossd.server.memory import Reservation
-from lossd.server.merged import as_float64
+from lossd.server.rpc.requests import call_from_request, parse_request, stream_plan, stream_response
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
+from lossd.wire import chunks, codec
+from lossd.wire.errors import InvalidArgumentError
 
 __all__ = ["StreamedCall"]
 

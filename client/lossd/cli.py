@@ -1,5 +1,9 @@
 """The `lossd` command: `lossd serve [flags]` runs the server, `lossd health [flags]` checks one
-(see `--help` of each)."""
+(see `--help` of each).
+
+Installed with the client, so that `lossd health` works without the server's packages; `lossd serve`
+imports the server only when it runs. The one module that imports `lossd.server.app`.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from lossd.client._version import __version__
+from lossd.wire.version import __version__
 
 if TYPE_CHECKING:
     from lossd.server.config import ServerConfig
@@ -26,7 +30,7 @@ SERVER_MODULES = ("torch", "prometheus_client", "grpc_health", "grpc_reflection"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from lossd.server import probe
+    from lossd.client import health
     from lossd.server.config import ServerConfig
 
     parser = argparse.ArgumentParser(prog="lossd", description="lossd: PyTorch losses over gRPC.")
@@ -34,10 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC server")
     ServerConfig.add_arguments(serve)
-    health = commands.add_parser(
+    health_parser = commands.add_parser(
         "health", help="exit 0 if a server's gRPC health check answers SERVING, else 1"
     )
-    probe.add_arguments(health)
+    health.add_arguments(health_parser)
     return parser
 
 
@@ -74,9 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args = _parser().parse_args(argv)
     if args.command == "health":
-        from lossd.server import probe
+        from lossd.client import health
 
-        return probe.check(args)
+        return health.check(args)
     missing = [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
     if missing:  # the client-only install: `lossd health` works, `lossd serve` needs the extra
         print(
@@ -92,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if config.workers > 1:
         configure(config)
-        return run_workers(config)
+        return run_workers(config, run_server)
     if not config.metrics_port or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return run_server(config)
     # Metrics from another process: a scrape flood must not take the gRPC port's CPU or GIL. The

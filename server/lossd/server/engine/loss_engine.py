@@ -1,9 +1,9 @@
 """The loss engine: validated `LossCall`s computed with torch.nn.functional and torch autograd.
 
 Pure torch; nothing of gRPC or metrics. The numbers are torch's: alone, a call is the very
-`F.nll_loss` / `F.cross_entropy` / `F.kl_div` call and `torch.autograd.grad` of it, on the engine's
-device; merged with others (see `lossd.server.merged`), it is the same per-row computation with
-its own reduction taken in float64.
+torch call of its loss (`lossd.server.losses`) and `torch.autograd.grad` of it, on the engine's
+device; merged with others (see `lossd.server.engine.merging`), it is the same per-row computation
+with its own reduction taken in float64.
 """
 
 from __future__ import annotations
@@ -12,28 +12,27 @@ import dataclasses
 import logging
 import math
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
-from lossd.server.calls import LossCall, LossKind, LossOptions, LossOutput
-from lossd.server.faults import (
+from lossd.server.engine.faults import (
     DeviceFailure,
     device_works,
     is_device_error,
     is_out_of_memory,
     out_of_memory_error,
 )
-from lossd.server.finite import nonfinite_error, nonfinite_fields
-from lossd.server.merged import MergeKey, Staging, compute_merged, merge_key, rows_of
-from lossd.server.validation import loss_shape, validate
+from lossd.server.engine.finite import nonfinite_error, nonfinite_fields
+from lossd.server.engine.merging import MergeKey, compute_merged, merge_key
+from lossd.server.engine.staging import Staging
+from lossd.server.losses import LOSSES, LossCall, LossOutput, loss_shape, validate
 
 if TYPE_CHECKING:  # the codec imports protobuf, which the engine must not need
-    from lossd.client.codec import TensorLimits
+    from lossd.wire.codec import TensorLimits
 
-__all__ = ["LossEngine", "loss_function", "resolve_device"]
+__all__ = ["LossEngine", "resolve_device"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -58,26 +57,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def loss_function(
-    call: LossCall,
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
-    options = call.options
-    if options.kind is LossKind.NLL:
-        return lambda x, t, w: F.nll_loss(
-            x, t, weight=w, ignore_index=options.ignore_index, reduction=options.reduction
-        )
-    if options.kind is LossKind.CROSS_ENTROPY:
-        return lambda x, t, w: F.cross_entropy(
-            x,
-            t,
-            weight=w,
-            ignore_index=options.ignore_index,
-            reduction=options.reduction,
-            label_smoothing=options.label_smoothing,
-        )
-    return lambda x, t, _: F.kl_div(x, t, reduction=options.reduction, log_target=options.log_target)
-
-
 MERGE_COPY_BYTES = 64 << 20
 """The most request bytes one merged computation copies together (`--max-batch-bytes`' default)."""
 
@@ -93,7 +72,7 @@ class LossEngine:
     torch's setting alone. `reject_nonfinite`: refuse calls with NaN or infinite values instead of
     computing them (and flagging them in `LossOutput.nonfinite`).
 
-    Device faults are contained here (see `lossd.server.faults`): a merged computation that runs
+    Device faults are contained here (see `lossd.server.engine.faults`): a merged computation that runs
     out of memory is split in two and each half retried, down to single calls; a single call that
     runs out of memory fails alone with `RESOURCE_EXHAUSTED`; an error that leaves the device
     unusable raises `DeviceFailure` out of `compute_batch`, failing the whole batch.
@@ -138,7 +117,7 @@ class LossEngine:
     @staticmethod
     def cost(call: LossCall) -> tuple[int, int]:
         """(rows, bytes) a prepared call adds to a merged computation."""
-        return rows_of(call), call.input.nbytes + call.target.nbytes
+        return call.loss.rows_of(call), call.input.nbytes + call.target.nbytes
 
     @staticmethod
     def answer_bytes(call: LossCall) -> int:
@@ -157,17 +136,10 @@ class LossEngine:
         and softmax, a kl_div broadcast's per-element losses and gradients, at 32 bits at least),
         a merged computation's concatenated rows (a merge is at most `MERGE_COPY_BYTES`), and its
         per-row float64 sums."""
-        options = call.options
-        grads = call.input_grad or call.target_grad
-        if options.kind is LossKind.CROSS_ENTROPY:
-            factor = 2 + (options.label_smoothing > 0)
-        elif options.kind is LossKind.KL_DIV:
-            factor = 2 if grads or options.reduction == "none" else 1
-        else:
-            factor = 1 if grads else 0
+        factor = call.loss.temporaries(call)
         elements = max(call.input.numel(), math.prod(loss_shape(call, "none")))
         temporaries = factor * elements * max(call.input.element_size(), 4)
-        merged = min(call.input.nbytes + call.target.nbytes, MERGE_COPY_BYTES) + 16 * rows_of(call)
+        merged = min(call.input.nbytes + call.target.nbytes, MERGE_COPY_BYTES) + 16 * call.loss.rows_of(call)
         return temporaries + merged + 4096
 
     def compute_batch(self, calls: Sequence[LossCall], merge: bool = True) -> list[LossOutput | Exception]:
@@ -239,20 +211,7 @@ class LossEngine:
         """Computes each loss once, with gradients, on the device (CUDA context, kernels, allocator
         pools), and checks that the device works: before a server reports SERVING, not during its
         first call. Raises `DeviceFailure` if the device does not compute."""
-        rows, classes = 4, 3
-        logits = torch.randn(rows, classes, dtype=torch.float32)
-        log_probs = torch.log_softmax(logits, 1)
-        labels = torch.tensor([0, 1, 2, 0])
-        calls = [
-            LossCall(LossOptions(LossKind.CROSS_ENTROPY, "mean"), logits, labels, input_grad=True),
-            LossCall(LossOptions(LossKind.NLL, "sum"), log_probs, labels, input_grad=True),
-            LossCall(
-                LossOptions(LossKind.KL_DIV, "batchmean"),
-                log_probs,
-                torch.softmax(logits, 1),
-                input_grad=True,
-            ),
-        ]
+        calls = [loss.example() for loss in LOSSES.values()]
         for call in calls:
             result = self._alone(validate(call))
             if isinstance(result, Exception):
@@ -261,7 +220,7 @@ class LossEngine:
             raise DeviceFailure(self.device, RuntimeError("the device check failed after warm-up"))
 
     def device_works(self) -> bool:
-        """Whether the device still computes (see `lossd.server.faults.device_works`)."""
+        """Whether the device still computes (see `lossd.server.engine.faults.device_works`)."""
         return device_works(self.device)
 
     def release_memory(self) -> None:
@@ -276,7 +235,7 @@ class LossEngine:
         return tensor if tensor.device == self.device else tensor.to(self.device)
 
     def _run(self, call: LossCall) -> LossOutput:
-        function = loss_function(call)
+        function = call.loss.function(call.options, call.reduction)
         input, target = self._to_device(call.input), self._to_device(call.target)
         weight = None if call.weight is None else self._to_device(call.weight)
         if not (call.input_grad or call.target_grad):

@@ -61,7 +61,7 @@ def check(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from lossd.client.channels import auth_metadata, tls_credentials
-    from lossd.server.auth import load_tokens
+    from lossd.wire.tokens import load_tokens
 
     target = args.target or _default_target()
     if args.token_file:

@@ -18,11 +18,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lossd.client.errors import InvalidArgumentError
 from lossd.v1 import loss_service_pb2 as pb
+from lossd.wire.errors import InvalidArgumentError
+from lossd.wire.messages import LEN, VARINT, read_varint, skip, varint
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "REQUEST_SLOTS",
+    "RESPONSE_SLOTS",
     "Assembly",
     "Chunk",
     "Part",
@@ -33,11 +36,27 @@ __all__ = [
     "slot_name",
 ]
 
+REQUEST_SLOTS = {
+    "input": pb.TENSOR_SLOT_INPUT,
+    "target": pb.TENSOR_SLOT_TARGET,
+    "weight": pb.TENSOR_SLOT_WEIGHT,
+    "grad_output": pb.TENSOR_SLOT_GRAD_OUTPUT,
+}
+"""The slot of a request tensor that travels in chunks, by its field's last name
+(`cross_entropy.weight` -> weight)."""
+
+RESPONSE_SLOTS = {
+    "loss": pb.TENSOR_SLOT_LOSS,
+    "input_gradient": pb.TENSOR_SLOT_INPUT_GRADIENT,
+    "target_gradient": pb.TENSOR_SLOT_TARGET_GRADIENT,
+}
+"""The slot of each response tensor."""
+
 DEFAULT_CHUNK_BYTES = 1 << 20
 """1 MiB: the chunk size that moved fastest through Python gRPC in the project's measurements."""
 
 _HEADER_FIELD, _CHUNK_FIELD = 1, 2
-_LEN, _VARINT, _I64, _I32 = 2, 0, 1, 5
+_LEN, _VARINT = LEN, VARINT
 
 Buffer = bytes | bytearray | memoryview
 
@@ -54,57 +73,28 @@ Part = memoryview | Chunk
 """A header's serialized bytes, or a chunk."""
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+_MALFORMED = "STREAM_MESSAGE_MALFORMED"
 
 
 def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise InvalidArgumentError(
-                "a stream message is truncated or malformed", reason="STREAM_MESSAGE_MALFORMED"
-            )
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
+    return read_varint(data, pos, _MALFORMED)
 
 
 def _skip(data: memoryview, pos: int, wire_type: int) -> int:
-    if wire_type == _VARINT:
-        return _read_varint(data, pos)[1]
-    if wire_type == _I64:
-        return pos + 8
-    if wire_type == _I32:
-        return pos + 4
-    if wire_type == _LEN:
-        length, pos = _read_varint(data, pos)
-        return pos + length
-    raise InvalidArgumentError("a stream message is malformed", reason="STREAM_MESSAGE_MALFORMED")
+    return skip(data, pos, wire_type, _MALFORMED)
 
 
 def encode_header(message: pb.ComputeLossRequest | pb.ComputeLossResponse) -> bytes:
     """A serialized stream message whose part is `message` (field 1, the header)."""
     body = message.SerializeToString()
-    return b"\x0a" + _varint(len(body)) + body
+    return b"\x0a" + varint(len(body)) + body
 
 
 def encode_chunk(slot: int, offset: int, data: Buffer) -> bytes:
     """A serialized stream message carrying one TensorChunk: one copy of `data`, no more."""
     size = len(data) if not isinstance(data, memoryview) else data.nbytes
-    inner = b"\x08" + _varint(slot) + b"\x10" + _varint(offset) + b"\x1a" + _varint(size)
-    return b"".join((b"\x12", _varint(len(inner) + size), inner, data))
+    inner = b"\x08" + varint(slot) + b"\x10" + varint(offset) + b"\x1a" + varint(size)
+    return b"".join((b"\x12", varint(len(inner) + size), inner, data))
 
 
 def decode_part(raw: bytes) -> Part:

@@ -1,0 +1,161 @@
+"""The losses the client offers, each declared once: its method's signature and docstring.
+
+`Losses` is that declaration. Everything else derives from it: which arguments are the loss's own
+options (those that are not common to every loss: `COMMON`), which of them are tensors (annotated
+`TensorLike`) and which scalars (set on the loss's .proto options message when they differ from
+their default), whether the target can have a gradient (a `return_target_grad` parameter), the
+request (`lossd.client._calls.prepare_call`), the blocking and asyncio methods
+(`lossd.client._client`), and the autograd functions (`lossd.client.torch`).
+
+Adding a loss to the client is one method here, with its docstring (the server's side is one
+module in `lossd.server.losses`, the wire's one options message in the .proto).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from lossd.wire.codec import TensorLike
+
+__all__ = ["COMMON", "DECLARATIONS", "LossDeclaration", "Losses", "ReductionName"]
+
+ReductionName = Literal["none", "mean", "sum", "batchmean"]
+R_co = TypeVar("R_co", covariant=True)
+ArrayT = TypeVar("ArrayT", "np.ndarray", "torch.Tensor")
+
+COMMON = frozenset(
+    {
+        "self",
+        "input",
+        "target",
+        "reduction",
+        "return_grad",
+        "return_target_grad",
+        "grad_dtype",
+        "grad_output",
+        "timeout",
+    }
+)
+"""Arguments every loss has; the others are the loss's own options."""
+
+
+class Losses(Protocol[R_co]):
+    """The loss methods: torch.nn.functional's names, arguments and defaults (`weight` is positional,
+    as in torch), plus what to return and the call's timeout. `R_co` is what a call returns (a
+    `LossResult`, or an awaitable of one)."""
+
+    def nll_loss(
+        self,
+        input: ArrayT,
+        target: TensorLike,
+        weight: TensorLike | None = None,
+        *,
+        ignore_index: int = -100,
+        reduction: ReductionName = "mean",
+        return_grad: bool = False,
+        grad_dtype: object = None,
+        grad_output: TensorLike | None = None,
+        timeout: float | None = None,
+    ) -> R_co:
+        """`torch.nn.functional.nll_loss(input, target, ...)`, computed by the server.
+
+        `return_grad` also returns d(loss)/d(input); `grad_dtype` sets its dtype (default: the
+        input's); `grad_output` is the upstream gradient (default: ones).
+        """
+
+    def cross_entropy(
+        self,
+        input: ArrayT,
+        target: TensorLike,
+        weight: TensorLike | None = None,
+        *,
+        ignore_index: int = -100,
+        reduction: ReductionName = "mean",
+        label_smoothing: float = 0.0,
+        return_grad: bool = False,
+        return_target_grad: bool = False,
+        grad_dtype: object = None,
+        grad_output: TensorLike | None = None,
+        timeout: float | None = None,
+    ) -> R_co:
+        """`torch.nn.functional.cross_entropy(input, target, ...)`, computed by the server.
+
+        `target` holds class indices, or class probabilities when it has the input's shape.
+        `return_target_grad` (probability targets only) also returns d(loss)/d(target).
+        """
+
+    def kl_div(
+        self,
+        input: ArrayT,
+        target: TensorLike,
+        *,
+        reduction: ReductionName = "mean",
+        log_target: bool = False,
+        return_grad: bool = False,
+        return_target_grad: bool = False,
+        grad_dtype: object = None,
+        grad_output: TensorLike | None = None,
+        timeout: float | None = None,
+    ) -> R_co:
+        """`torch.nn.functional.kl_div(input, target, ...)`, computed by the server.
+
+        `input` holds log-probabilities; `target` probabilities (log-probabilities with
+        `log_target=True`). As in torch, the default reduction 'mean' divides by every element;
+        'batchmean' is the KL divergence proper.
+        """
+
+
+@dataclass(frozen=True)
+class LossDeclaration:
+    """What the client knows of one loss, read from its `Losses` method."""
+
+    name: str
+    signature: inspect.Signature
+    doc: str
+    tensors: tuple[str, ...]
+    """Its own tensor options, in order ("weight")."""
+    options: Mapping[str, Any]
+    """Its own scalar options and their defaults."""
+    target_gradient: bool
+    """Whether the target can have a gradient (the method has `return_target_grad`)."""
+
+    @property
+    def own(self) -> tuple[str, ...]:
+        """Its own arguments in signature order (tensors and scalars), with `reduction`: what
+        torch's function takes besides input and target."""
+        return tuple(name for name in self.signature.parameters if name not in COMMON or name == "reduction")
+
+
+def _declaration(name: str, method: Any) -> LossDeclaration:
+    signature = inspect.signature(method)
+    tensors, options = [], {}
+    for parameter in signature.parameters.values():
+        if parameter.name in COMMON:
+            continue
+        if "TensorLike" in str(parameter.annotation):
+            tensors.append(parameter.name)
+        else:
+            options[parameter.name] = parameter.default
+    return LossDeclaration(
+        name=name,
+        signature=signature,
+        doc=inspect.getdoc(method) or "",
+        tensors=tuple(tensors),
+        options=options,
+        target_gradient="return_target_grad" in signature.parameters,
+    )
+
+
+DECLARATIONS: Mapping[str, LossDeclaration] = {
+    name: _declaration(name, method)
+    for name, method in vars(Losses).items()
+    if not name.startswith("_") and inspect.isfunction(method)
+}
+"""Every loss the client offers, by name."""

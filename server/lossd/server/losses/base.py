@@ -1,0 +1,192 @@
+"""What a loss is to lossd: the `Loss` interface every loss module implements, and the plain-Python
+vocabulary of one computation (`LossCall`, `LossOutput`).
+
+Everything specific to one loss lives in its module (`nll`, `cross_entropy`, `kl_div`): its options
+and how they come from its .proto message, its tensors, torch's rules for them, its computation
+alone (torch's own call), by rows for merged calls and blocks of streams, and its Open Inference
+Protocol description. The engine and the transport work through this interface and never ask which
+loss a call is.
+
+Pure torch and numpy; nothing of gRPC, protobuf or metrics (a loss reads its .proto options message
+by its fields, without importing protobuf).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # the codec imports protobuf, which the losses must not need
+    from lossd.wire.codec import TensorLimits
+
+__all__ = ["REDUCTIONS", "Loss", "LossCall", "LossFunction", "LossOptions", "LossOutput", "OipTensor"]
+
+REDUCTIONS = ("none", "mean", "sum", "batchmean")
+"""torch's reduction names, across losses."""
+
+LossFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+"""`f(input, target, weight)`: one loss with its options bound."""
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The non-tensor arguments of one loss call, with torch's defaults; each loss subclasses it
+    with its own options."""
+
+    loss: Loss
+    reduction: str = "mean"
+
+
+@dataclass(frozen=True)
+class LossCall:
+    """One loss computation: `F.<loss>(input, target, weight=..., **options)` and what to return.
+
+    Tensors are on the CPU as decoded from the request; the engine moves them to its device.
+    `grad_output` is the upstream gradient (None: ones); `grad_dtype` the dtype of the returned
+    gradients (None: each tensor's own).
+    """
+
+    options: LossOptions
+    input: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor | None = None
+    input_grad: bool = False
+    target_grad: bool = False
+    grad_dtype: torch.dtype | None = None
+    grad_output: torch.Tensor | None = None
+
+    @property
+    def loss(self) -> Loss:
+        return self.options.loss
+
+    @property
+    def reduction(self) -> str:
+        return self.options.reduction
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """The loss and the gradients asked for, on the host: torch tensors, or numpy arrays where the
+    merged path produced them (any dtype but bfloat16). `nonfinite` names the request fields that
+    held NaN or infinity (computed with, as torch does, and counted)."""
+
+    loss: torch.Tensor | np.ndarray
+    input_grad: torch.Tensor | np.ndarray | None = None
+    target_grad: torch.Tensor | np.ndarray | None = None
+    nonfinite: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OipTensor:
+    """A tensor in a model's Open Inference Protocol metadata: name, datatype, shape (-1: any)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+class Loss(abc.ABC):
+    """One loss. Instances are singletons held by the registry (`lossd.server.losses.LOSSES`).
+
+    A loss is a per-row computation followed by a reduction: rows are what `reduction="none"`
+    returns one value for, and each row's gradient depends on that row alone. That is what lets
+    the engine merge calls (rows concatenated, each call reduced on its own) and compute large
+    streams in blocks of samples; a loss that is not of that form returns None from `merge_params`.
+    """
+
+    name: ClassVar[str]
+    """The `torch.nn.functional` name, the .proto `loss` oneof field and the OIP model name."""
+    reductions: ClassVar[tuple[str, ...]] = ("none", "mean", "sum")
+    tensors: ClassVar[tuple[str, ...]] = ()
+    """Optional tensors in the loss's options message ("weight"), in request order."""
+    parameters: ClassVar[Mapping[str, type]] = {}
+    """The scalar fields of the options message and their Python types (also the OIP parameters)."""
+    options_type: ClassVar[type[LossOptions]] = LossOptions
+    target_gradient: ClassVar[bool] = True
+    """Whether the loss can have a gradient with respect to its target (some targets may not)."""
+    oip_target: ClassVar[OipTensor]
+
+    def __repr__(self) -> str:
+        return f"<loss {self.name}>"
+
+    # -- options --------------------------------------------------------------------------------
+
+    def make_options(self, reduction: str = "mean", **options: Any) -> LossOptions:
+        """This loss's options; unset ones take torch's defaults."""
+        return self.options_type(self, reduction, **options)
+
+    def options(self, message: Any, reduction: str) -> LossOptions:
+        """The options from the loss's .proto options message (read by field name)."""
+        return self.make_options(reduction, **{name: getattr(message, name) for name in self.parameters})
+
+    # -- torch's rules ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def validate(self, call: LossCall, limits: TensorLimits | None) -> LossCall:
+        """The call ready for torch (e.g. targets widened), or an `InvalidArgumentError` naming the
+        field; the input's dtype, the reduction's name and the gradient options are checked before."""
+
+    @abc.abstractmethod
+    def loss_shape(self, call: LossCall, reduction: str) -> tuple[int, ...]:
+        """The shape of the loss torch returns for a valid call under `reduction`."""
+
+    # -- computation ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def function(self, options: LossOptions, reduction: str) -> LossFunction:
+        """torch's own call with the options bound and `reduction` (the call's, or 'none')."""
+
+    @abc.abstractmethod
+    def temporaries(self, call: LossCall) -> int:
+        """How many input-sized temporaries (at 32 bits at least) torch's computation holds."""
+
+    def example(self) -> LossCall:
+        """A small call with an input gradient, computed once at start-up to warm the device."""
+        logits = torch.randn(4, 3)
+        return LossCall(self.make_options("mean"), logits, torch.tensor([0, 1, 2, 0]), input_grad=True)
+
+    # -- rows: merged calls and stream blocks -----------------------------------------------------
+
+    @abc.abstractmethod
+    def merge_params(self, call: LossCall) -> Hashable | None:
+        """What a validated call's rows depend on besides dtypes, weights and gradients: calls with
+        equal params can be computed as rows of one computation. None: only alone (its reduction
+        is not a sum of its rows' losses in torch's arithmetic)."""
+
+    @abc.abstractmethod
+    def rows_of(self, call: LossCall) -> int:
+        """How many rows a call contributes."""
+
+    @abc.abstractmethod
+    def input_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
+        """A call's input (a host array) as rows, first dimension; a view where it can be."""
+
+    @abc.abstractmethod
+    def target_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
+        """A call's target as rows, matching `input_rows`."""
+
+    @abc.abstractmethod
+    def from_rows(self, rows: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        """Rows back to a tensor of `shape` (a gradient's: the input's or the target's)."""
+
+    def class_targets(self, call: LossCall) -> bool:
+        """Whether the target holds one class index per row (concatenated flat when merged)."""
+        return False
+
+    def mean_weights(self, call: LossCall, targets: np.ndarray) -> np.ndarray | None:
+        """Per-row float64 weights whose sum a 'mean' divides by, given the rows' class-index
+        `targets`; None: 'mean' divides by the number of rows."""
+        return None
+
+    @abc.abstractmethod
+    def splittable(self, call: LossCall) -> bool:
+        """Whether a call's samples (first dimension) are rows that can be computed in blocks."""
+
+    def samples_divisor(self, call: LossCall) -> float:
+        """What 'batchmean' divides by: the input's first dimension."""
+        return float(call.input.shape[0]) if call.input.dim() else 1.0

@@ -1,0 +1,247 @@
+"""What nll_loss and cross_entropy share: an input of class scores (C), (N, C) or (N, C, d1..dk),
+class-index targets with `ignore_index`, and class weights.
+
+Deliberate departures from torch, documented in the .proto: class indices may be int32, and uint8
+with any input rank (torch takes uint8 only for 1-D and 2-D inputs, int32 never); both are widened
+to int64, which selects the same classes. Class indices are range-checked here on the host: an
+out-of-range index that reached a CUDA kernel would trip a device-side assert and ruin the process's
+CUDA context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+
+from lossd.server.losses.base import Loss, LossCall, LossOptions, OipTensor
+from lossd.server.losses.checks import dtype_name, invalid_argument
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["DEFAULT_IGNORE_INDEX", "ClassOptions", "ClassificationLoss"]
+
+DEFAULT_IGNORE_INDEX = -100
+_INDEX_DTYPES = (torch.int64, torch.uint8, torch.int32)
+
+
+@dataclass(frozen=True)
+class ClassOptions(LossOptions):
+    """Options every classification loss has."""
+
+    ignore_index: int = DEFAULT_IGNORE_INDEX
+
+
+class ClassificationLoss(Loss):
+    """A loss over class scores with class-index targets (and, where a subclass allows it, class
+    probabilities: `probabilities`)."""
+
+    tensors: ClassVar[tuple[str, ...]] = ("weight",)
+    options_type: ClassVar[type[LossOptions]] = ClassOptions
+    oip_target: ClassVar[OipTensor] = OipTensor("target", "INT64", (-1,))
+
+    def options(self, message: Any, reduction: str) -> LossOptions:
+        values = {name: getattr(message, name) for name in self.parameters if name != "ignore_index"}
+        ignore_index = message.ignore_index if message.HasField("ignore_index") else DEFAULT_IGNORE_INDEX
+        return self.make_options(reduction, ignore_index=ignore_index, **values)
+
+    def probabilities(self, call: LossCall) -> bool:
+        """Whether the call's target holds class probabilities rather than indices."""
+        return False
+
+    @staticmethod
+    def classes(call: LossCall) -> int:
+        return call.input.shape[1] if call.input.dim() >= 2 else call.input.shape[0]
+
+    # -- torch's rules ----------------------------------------------------------------------------
+
+    def loss_shape(self, call: LossCall, reduction: str) -> tuple[int, ...]:
+        if reduction != "none":
+            return ()
+        shape = tuple(call.input.shape)
+        return shape[:1] + shape[2:] if len(shape) >= 2 else ()
+
+    def check_input(self, call: LossCall) -> None:
+        if call.input.dim() == 0:
+            raise invalid_argument(
+                f"input.shape is [] (0-d); {self.name} needs (C), (N, C) or (N, C, d1, ..., dk)",
+                "SHAPE_INVALID",
+                "input.shape",
+                inputShape=[],
+            )
+
+    def validate_classes(self, call: LossCall) -> LossCall:
+        """Class-index targets (range-checked, as int64) and class weights; probability targets
+        are the subclass's to check before."""
+        options = call.options
+        assert isinstance(options, ClassOptions)
+        probabilities = self.probabilities(call)
+        target = call.target
+        if not probabilities:
+            target = self._class_targets(call, options.ignore_index)
+            if call.target_grad:
+                raise invalid_argument(
+                    f"gradients.target was requested, but {self.name} with class-index targets "
+                    "has no gradient w.r.t. the target; class-probability targets have one",
+                    "TARGET_GRADIENT_NOT_SUPPORTED",
+                    "gradients.target",
+                    loss=self.name,
+                )
+        weight = self._weight(call, probabilities)
+        return dataclasses.replace(call, target=target, weight=weight)
+
+    def _class_targets(self, call: LossCall, ignore_index: int) -> torch.Tensor:
+        input, target = call.input, call.target
+        classes = self.classes(call)
+        if target.dtype not in _INDEX_DTYPES:
+            raise invalid_argument(
+                f"target.dtype is {dtype_name(target.dtype)}; class-index targets must be int64, uint8 or "
+                f"int32 (class probabilities need target.shape == input.shape {list(input.shape)})",
+                "DTYPE_NOT_SUPPORTED",
+                "target.dtype",
+                dtype=dtype_name(target.dtype),
+            )
+        expected = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+        if input.dim() == 1 and tuple(target.shape) == (1,):
+            if call.input_grad or call.target_grad:
+                # torch computes the loss but its backward refuses the shapes: so does lossd.
+                raise invalid_argument(
+                    f"target.shape is [1] for input.shape {list(input.shape)}: torch computes this loss "
+                    'but not its gradient ("size mismatch"); give the target shape [] to get a gradient',
+                    "TARGET_SHAPE_MISMATCH",
+                    "target.shape",
+                    targetShape=[1],
+                    inputShape=list(input.shape),
+                    expectedShape=[],
+                )
+            target = target.reshape(())  # torch takes a one-element target for a (C) input too
+        if tuple(target.shape) != expected:
+            raise invalid_argument(
+                f"target.shape is {list(target.shape)}; for input.shape {list(input.shape)} class-index "
+                f"targets must have shape {list(expected)} (or {list(input.shape)} for class probabilities)",
+                "TARGET_SHAPE_MISMATCH",
+                "target.shape",
+                targetShape=list(target.shape),
+                inputShape=list(input.shape),
+                expectedShape=list(expected),
+            )
+        if classes == 0 and (input.dim() == 3 or input.dim() >= 5) and math.prod(expected) > 0:
+            # torch views such inputs as (N, C, 1, -1), which cannot be inferred with no classes.
+            raise invalid_argument(
+                f"input.shape {list(input.shape)} has no classes (C = 0): torch computes a loss over 3 or "
+                '5+ input dimensions only with at least one class ("size mismatch")',
+                "SHAPE_INVALID",
+                "input.shape",
+                inputShape=list(input.shape),
+            )
+        wide = target if target.dtype == torch.int64 else target.to(torch.int64)
+        if wide.device.type == "meta":  # a StreamLoss header: the values are checked once they arrive
+            return wide
+        values = wide.numpy()  # host-side: a bad index must never reach a (CUDA) kernel
+        if values.size and (values.min() < 0 or values.max() >= classes):  # the rare, slow path
+            bad = ((values < 0) | (values >= classes)) & (values != ignore_index)
+        else:
+            bad = None
+        if bad is not None and bad.any():
+            position = [int(i) for i in np.argwhere(bad)[0]] if bad.ndim else []
+            value = int(values[tuple(position)])
+            raise invalid_argument(
+                f"target{position} is {value}, outside [0, {classes}) for {classes} classes and not "
+                f"ignore_index ({ignore_index}); {int(bad.sum())} target(s) are out of range",
+                "TARGET_OUT_OF_RANGE",
+                "target",
+                value=value,
+                index=position,
+                classes=classes,
+                ignoreIndex=ignore_index,
+                count=int(bad.sum()),
+            )
+        return wide
+
+    def _weight(self, call: LossCall, probabilities: bool) -> torch.Tensor | None:
+        """Class weights, returned 1-D. Any shape of C elements is taken (torch's K-dim kernels take
+        them too) and flattened. With class-index targets the dtype must be the input's, as torch
+        requires; with probability targets torch promotes any dtype, and so does lossd."""
+        weight, field = call.weight, f"{self.name}.weight"
+        if weight is None:
+            return None
+        classes = self.classes(call)
+        if weight.numel() != classes:
+            raise invalid_argument(
+                f"{field}.shape is {list(weight.shape)}; it must be [{classes}], one weight per class",
+                "WEIGHT_SHAPE_MISMATCH",
+                f"{field}.shape",
+                weightShape=list(weight.shape),
+                classes=classes,
+            )
+        if not probabilities and weight.dtype != call.input.dtype:
+            raise invalid_argument(
+                f"{field}.dtype is {dtype_name(weight.dtype)} but input.dtype is "
+                f"{dtype_name(call.input.dtype)}; with class-index targets torch needs class weights in "
+                "the input's dtype",
+                "WEIGHT_DTYPE_MISMATCH",
+                f"{field}.dtype",
+                weightDtype=dtype_name(weight.dtype),
+                inputDtype=dtype_name(call.input.dtype),
+            )
+        return weight.reshape(classes)
+
+    # -- rows -----------------------------------------------------------------------------------
+
+    def float16_partial_sum(self, call: LossCall) -> bool:
+        """Whether torch reduces this float16 call through a float16 sum scaled afterwards, which
+        can overflow where the merged float64 reduction would not (such calls compute alone)."""
+        return False
+
+    def merge_params(self, call: LossCall) -> Hashable | None:
+        if call.input.dtype == torch.float16 and call.reduction != "none" and self.float16_partial_sum(call):
+            return None
+        options = call.options
+        assert isinstance(options, ClassOptions)
+        return (self.classes(call), self.probabilities(call), dataclasses.replace(options, reduction="none"))
+
+    def rows_of(self, call: LossCall) -> int:
+        shape = call.input.shape
+        return 1 if len(shape) == 1 else shape[0] * math.prod(shape[2:])
+
+    def input_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
+        """(C) -> (1, C); (N, C) as is; (N, C, d...) -> (N*d..., C)."""
+        classes = self.classes(call)
+        if array.ndim == 1:
+            return array.reshape(1, classes)
+        if array.ndim == 2:
+            return array
+        return np.moveaxis(array, 1, -1).reshape(-1, classes)
+
+    def target_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
+        return self.input_rows(array, call) if self.probabilities(call) else array.reshape(-1)
+
+    def from_rows(self, rows: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        if len(shape) <= 2:
+            return rows.reshape(shape)
+        return np.moveaxis(rows.reshape(shape[0], *shape[2:], shape[1]), -1, 1)
+
+    def class_targets(self, call: LossCall) -> bool:
+        return not self.probabilities(call)
+
+    def mean_weights(self, call: LossCall, targets: np.ndarray) -> np.ndarray | None:
+        """'mean' with class-index targets divides by the summed weights of the non-ignored targets."""
+        options = call.options
+        assert isinstance(options, ClassOptions)
+        kept = targets != options.ignore_index
+        if call.weight is None:
+            ones: np.ndarray = kept.astype(np.float64)
+            return ones
+        weight = call.weight
+        weights = (weight.double() if weight.dtype == torch.bfloat16 else weight).numpy().astype(np.float64)
+        per_row: np.ndarray = np.where(kept, weights[np.where(kept, targets, 0)], 0.0)
+        return per_row
+
+    def splittable(self, call: LossCall) -> bool:
+        return call.input.dim() >= 2

@@ -1,0 +1,126 @@
+"""`torch.nn.functional.kl_div`: the pointwise KL divergence of a target distribution from
+log-probabilities, with `log_target` and the 'batchmean' reduction; the operands broadcast."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lossd.server.losses.base import Loss, LossCall, LossFunction, LossOptions, OipTensor
+from lossd.server.losses.checks import broadcast_shape, invalid_argument, require_floating
+from lossd.wire.errors import ResourceExhaustedError
+
+if TYPE_CHECKING:
+    from lossd.wire.codec import TensorLimits
+
+__all__ = ["KL_DIV", "KlDivLoss", "KlDivOptions"]
+
+
+@dataclass(frozen=True)
+class KlDivOptions(LossOptions):
+    log_target: bool = False
+
+
+class KlDivLoss(Loss):
+    """Input: log-probabilities of any shape; target: probabilities (log-probabilities with
+    `log_target`) that broadcast with it. Differentiable with respect to both; every element is a
+    row of its own."""
+
+    name: ClassVar[str] = "kl_div"
+    reductions: ClassVar[tuple[str, ...]] = ("none", "mean", "sum", "batchmean")
+    parameters: ClassVar[Mapping[str, type]] = {"log_target": bool}
+    options_type: ClassVar[type[LossOptions]] = KlDivOptions
+    oip_target: ClassVar[OipTensor] = OipTensor("target", "FP32", (-1, -1))
+
+    def validate(self, call: LossCall, limits: TensorLimits | None) -> LossCall:
+        require_floating(call.target, "target", "kl_div targets")
+        broadcast = broadcast_shape(call.input.shape, call.target.shape)
+        if broadcast is None:
+            raise invalid_argument(
+                f"target.shape {list(call.target.shape)} does not broadcast with input.shape "
+                f"{list(call.input.shape)}",
+                "TARGET_SHAPE_MISMATCH",
+                "target.shape",
+                targetShape=list(call.target.shape),
+                inputShape=list(call.input.shape),
+            )
+        # A few bytes can broadcast to terabytes: the loss computed over the broadcast shape is a
+        # tensor too, held to the same limits before anything is allocated.
+        elements = math.prod(broadcast)
+        nbytes = elements * max(call.input.element_size(), call.target.element_size())
+        if limits is not None and (elements > limits.max_elements or nbytes > limits.max_bytes):
+            raise ResourceExhaustedError(
+                f"input.shape {list(call.input.shape)} and target.shape {list(call.target.shape)} "
+                f"broadcast to {list(broadcast)}: {elements} elements ({nbytes} bytes) to compute; this "
+                f"server accepts at most {limits.max_elements} elements and {limits.max_bytes} bytes per "
+                "tensor",
+                reason="TENSOR_TOO_LARGE",
+                field="target.shape",
+                metadata={
+                    "shape": str(list(broadcast)),
+                    "elements": str(elements),
+                    "bytes": str(nbytes),
+                    "maxElements": str(limits.max_elements),
+                    "maxBytes": str(limits.max_bytes),
+                },
+            )
+        return call
+
+    def loss_shape(self, call: LossCall, reduction: str) -> tuple[int, ...]:
+        if reduction != "none":
+            return ()
+        broadcast = broadcast_shape(call.input.shape, call.target.shape)
+        assert broadcast is not None, "validate() admits only broadcastable shapes"
+        return broadcast
+
+    def function(self, options: LossOptions, reduction: str) -> LossFunction:
+        assert isinstance(options, KlDivOptions)
+        log_target = options.log_target
+        return lambda x, t, _: F.kl_div(x, t, reduction=reduction, log_target=log_target)
+
+    def temporaries(self, call: LossCall) -> int:
+        """The per-element losses; and their gradients, or a 'none' loss's copy."""
+        return 2 if call.input_grad or call.target_grad or call.reduction == "none" else 1
+
+    def example(self) -> LossCall:
+        logits = torch.randn(4, 3)
+        return LossCall(
+            self.make_options("batchmean"),
+            torch.log_softmax(logits, 1),
+            torch.softmax(logits, 1),
+            input_grad=True,
+            target_grad=True,
+        )
+
+    def merge_params(self, call: LossCall) -> Hashable | None:
+        if call.target.shape != call.input.shape:
+            return None  # a broadcast: only alone
+        if call.input.dtype == torch.float16 and call.reduction == "batchmean":
+            return None  # torch sums in float16 before it divides: alone, the call gets torch's inf
+        options = call.options
+        assert isinstance(options, KlDivOptions)
+        return (options.log_target,)
+
+    def rows_of(self, call: LossCall) -> int:
+        return call.input.numel()
+
+    def input_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
+        return array.reshape(-1)
+
+    def target_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
+        return array.reshape(-1)
+
+    def from_rows(self, rows: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        return rows.reshape(shape)
+
+    def splittable(self, call: LossCall) -> bool:
+        return call.input.dim() >= 1 and call.target.shape == call.input.shape
+
+
+KL_DIV = KlDivLoss()
