@@ -188,3 +188,21 @@ def test_no_classes_over_three_or_five_dimensions_is_refused_as_torch_refuses_it
             with pytest.raises(InvalidArgumentError) as refused:
                 ENGINE.compute(call)
             assert refused.value.reason == "SHAPE_INVALID"
+
+
+def test_a_one_element_target_for_one_class_has_its_gradient_as_in_torch() -> None:
+    """Found by the property above: for a (C) input and a [1] target, torch's backward refuses the
+    shapes unless C = 1; lossd refuses exactly then."""
+    for classes, computes in ((1, True), (3, False)):
+        x, t = torch.randn(classes), torch.tensor([0])
+        call = LossCall(make_options("nll_loss", "sum"), x, t, input_grad=True)
+        if computes:
+            leaf = x.clone().requires_grad_()
+            expected = F.nll_loss(leaf, t, reduction="sum")
+            (grad,) = torch.autograd.grad(expected, leaf)
+            output = ENGINE.compute(call)
+            assert same_bits(output.loss, expected.detach()) and same_bits(output.input_grad, grad)
+        else:
+            with pytest.raises(InvalidArgumentError) as refused:
+                ENGINE.compute(call)
+            assert refused.value.reason == "TARGET_SHAPE_MISMATCH"

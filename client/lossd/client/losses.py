@@ -125,6 +125,10 @@ class LossDeclaration:
     """Its own scalar options and their defaults."""
     target_gradient: bool
     """Whether the target can have a gradient (the method has `return_target_grad`)."""
+    positional: tuple[str, ...]
+    """The arguments that may be given by position, in order (after `self`)."""
+    accepts: frozenset[str]
+    """Every argument's name."""
 
     @property
     def own(self) -> tuple[str, ...]:
@@ -150,6 +154,12 @@ def _declaration(name: str, method: Any) -> LossDeclaration:
         tensors=tuple(tensors),
         options=options,
         target_gradient="return_target_grad" in signature.parameters,
+        positional=tuple(
+            p.name
+            for p in signature.parameters.values()
+            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.name != "self"
+        ),
+        accepts=frozenset(signature.parameters) - {"self"},
     )
 
 

@@ -109,8 +109,9 @@ class ClassificationLoss(Loss):
             )
         expected = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
         if input.dim() == 1 and tuple(target.shape) == (1,):
-            if call.input_grad or call.target_grad:
-                # torch computes the loss but its backward refuses the shapes: so does lossd.
+            if (call.input_grad or call.target_grad) and classes != 1:
+                # torch computes the loss but its backward refuses the shapes (unless C = 1, where
+                # they agree): so does lossd.
                 raise invalid_argument(
                     f"target.shape is [1] for input.shape {list(input.shape)}: torch computes this loss "
                     'but not its gradient ("size mismatch"); give the target shape [] to get a gradient',

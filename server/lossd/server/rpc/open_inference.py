@@ -23,7 +23,7 @@ from lossd.server.losses import LOSSES, Loss, LossOutput
 from lossd.server.losses.checks import invalid_argument
 from lossd.server.memory import MemoryBudget
 from lossd.server.rpc.guard import HandlerCollector, guarded
-from lossd.server.rpc.requests import parse_message
+from lossd.server.rpc.requests import SPLIT_BYTES, parse_message
 from lossd.server.rpc.servicer import Context, LossServicer
 from lossd.server.rpc.status import abort
 from lossd.v1 import loss_service_pb2 as pb
@@ -245,6 +245,8 @@ def read_infer_request(raw: bytes) -> tuple[oip.ModelInferRequest, list[memoryvi
     """A serialized ModelInferRequest, parsed without its raw input contents, and those as views of
     `raw` (None when it has none: typed contents)."""
     kind = "inference.ModelInferRequest"
+    if len(raw) < SPLIT_BYTES:
+        return parse_message(oip.ModelInferRequest.FromString, raw, "the request", kind), None
     remainder, found = parse_message(
         lambda data: messages.split(data, {_RAW_INPUTS: True}), raw, "the request", kind
     )

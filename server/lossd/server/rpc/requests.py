@@ -162,12 +162,19 @@ def _tree(paths: Any) -> messages.FieldTree:
 _REQUEST_TREE = _tree(REQUEST_TENSORS)
 
 
+SPLIT_BYTES = 64 * 1024
+"""Messages from this size on are parsed without their tensors' bytes (which are then views of the
+received message); smaller ones by protobuf whole, where a copy costs less than walking the fields."""
+
+
 def read_request(
     raw: bytes, what: str = "the request"
 ) -> tuple[pb.ComputeLossRequest, dict[str, memoryview]]:
     """A serialized ComputeLossRequest, parsed without its tensors' bytes, and those bytes as views
     of `raw` by field: one copy of the request in memory, the one gRPC made."""
     kind = "lossd.v1.ComputeLossRequest"
+    if len(raw) < SPLIT_BYTES:
+        return parse_message(pb.ComputeLossRequest.FromString, raw, what, kind), {}
     remainder, found = parse_message(lambda data: messages.split(data, _REQUEST_TREE), raw, what, kind)
     request = parse_message(pb.ComputeLossRequest.FromString, remainder, what, kind)
     return request, {REQUEST_TENSORS[path]: views[-1] for path, views in found.items()}
@@ -234,6 +241,12 @@ def stream_response(output: LossOutput) -> tuple[pb.ComputeLossResponse, list[tu
     return response, chunks
 
 
+def _answer_bytes(output: LossOutput) -> int:
+    return sum(
+        value.nbytes for value in (output.loss, output.input_grad, output.target_grad) if value is not None
+    )
+
+
 _RESPONSE_FIELDS = {
     name: pb.ComputeLossResponse.DESCRIPTOR.fields_by_name[name].number
     for name in ("loss", "input_gradient", "target_gradient")
@@ -241,8 +254,17 @@ _RESPONSE_FIELDS = {
 
 
 def encode_response(output: LossOutput) -> bytes:
-    """The serialized ComputeLossResponse of the engine's result, each tensor's bytes copied once;
-    gradients that were not asked for are not sent."""
+    """The serialized ComputeLossResponse of the engine's result, each tensor's bytes copied once
+    (small answers through protobuf, which is quicker for them); gradients that were not asked
+    for are not sent."""
+    if _answer_bytes(output) < SPLIT_BYTES:
+        response = pb.ComputeLossResponse()
+        codec.encode(output.loss, "loss", out=response.loss)
+        if output.input_grad is not None:
+            codec.encode(output.input_grad, "input_gradient", out=response.input_gradient)
+        if output.target_grad is not None:
+            codec.encode(output.target_grad, "target_gradient", out=response.target_gradient)
+        return response.SerializeToString()
     pieces: list[bytes | memoryview] = []
     for name, value in (
         ("loss", output.loss),
