@@ -75,3 +75,23 @@ def test_cpu_and_cuda_servers_agree_within_rounding(gpu_client: LossClient, serv
     on_gpu = gpu_client.cross_entropy(logits, target, return_grad=True)
     torch.testing.assert_close(on_gpu.loss, on_cpu.loss)
     torch.testing.assert_close(on_gpu.grad, on_cpu.grad)
+
+
+def test_a_large_stream_gives_its_pinned_memory_back() -> None:
+    """Pinned receive buffers: counted as torch allocates them, returned to the driver after a
+    large stream, and the answer is torch's."""
+    from conftest import make_config
+
+    running = RunningServer(make_config(device="cuda"))
+    try:
+        staging = running.server.engine.staging
+        assert staging.pinned and staging.buffer_cost((64 << 20) + 1) == 128 << 20
+        logits = torch.randn(2048, 16384)  # 128 MiB: streamed, one pinned buffer of 128 MiB
+        labels = torch.randint(0, 16384, (2048,))
+        with LossClient(running.target, timeout=120) as client:
+            result = client.cross_entropy(logits, labels, return_grad=True)
+        expected = F.cross_entropy(logits.cuda(), labels.cuda())
+        torch.testing.assert_close(result.loss, expected.cpu(), rtol=1e-5, atol=0)
+        assert staging.large_pinned == 0, "released after the stream"
+    finally:
+        running.close()

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -258,26 +259,31 @@ def test_workers_share_the_port_and_their_metrics_add_up(tmp_path: Path) -> None
     assert rest.count("lossd stopped") == 2
 
 
-def test_device_memory_is_read_at_most_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each read builds torch's whole allocator statistics on the event loop: not after every batch."""
+def test_device_memory_is_read_off_the_event_loop_once_a_second() -> None:
+    """Each read builds torch's whole allocator statistics: a thread of its own reads it on a clock,
+    never a batch on the event loop."""
     from prometheus_client import CollectorRegistry
 
-    from lossd.server import metrics as metrics_module
     from lossd.server.metrics import ServerMetrics
 
-    reads: list[int] = []
-    clock = [100.0]
-    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: clock[0])
+    readers: list[str] = []
 
     def probe() -> tuple[int, int]:
-        reads.append(1)
-        return (len(reads), 2 * len(reads))
+        readers.append(threading.current_thread().name)
+        return (len(readers), 2 * len(readers))
 
     observed = ServerMetrics(CollectorRegistry(), build={"version": "x"}, device_memory=probe)
     for _ in range(50):
         observed.batch(1, 1, 0.001, [0.0])
-    assert len(reads) == 1
-    clock[0] += metrics_module.MEMORY_READ_S
-    observed.batch(1, 1, 0.001, [0.0])
-    assert len(reads) == 2
-    assert observed.registry.get_sample_value("lossd_device_memory_reserved_bytes") == 4
+    assert readers == []
+    stop = observed.watch_device_memory(interval_s=0.05)
+    deadline = time.monotonic() + 30
+    while len(readers) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop()
+    count = len(readers)
+    assert count >= 3 and set(readers) == {"lossd-device-memory"}
+    time.sleep(0.2)
+    assert len(readers) == count, "the watch stops"
+    assert observed.registry.get_sample_value("lossd_device_memory_reserved_bytes") == 2 * count
+    assert ServerMetrics(CollectorRegistry(), build={"version": "x"}).watch_device_memory() is not None

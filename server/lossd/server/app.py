@@ -116,6 +116,7 @@ class LossServer:
             on_failure=self._on_batch_failure,
         )
         self._stop_metrics: Callable[[], None] | None = None
+        self._stop_memory_watch: Callable[[], None] = lambda: None
         self._health = health_aio.HealthServicer()
         self._serving = False
         interceptors = []
@@ -216,8 +217,10 @@ class LossServer:
         # The device computes each loss once before the server says SERVING: a broken device fails
         # the start, and no caller pays for the CUDA context and the kernels' first load.
         started = time.perf_counter()
+        self.engine.limit_memory(self.config.device_memory_share)
         await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.warm_up)
         self.warm_up_s = time.perf_counter() - started
+        self._stop_memory_watch = self.metrics.watch_device_memory()
         self.batcher.start()
         await self._server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -241,6 +244,7 @@ class LossServer:
         await self.batcher.close()
         for executor in (self._executor, self._large_executor, self._wire):
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._stop_memory_watch)
         if self._stop_metrics is not None:
             await asyncio.to_thread(self._stop_metrics)
             self._stop_metrics = None

@@ -144,6 +144,11 @@ class ServerConfig:
     )
     max_queue_size: int = _setting(4096, "most requests waiting for compute; beyond it RESOURCE_EXHAUSTED")
     workers: int = _setting(1, "server processes sharing the port (and the device)")
+    device_memory_fraction: float = _setting(
+        0.0,
+        "share of the CUDA device's memory this process may allocate (torch's per-process cap); 0: "
+        "1/workers with several workers, else no cap",
+    )
     open_inference: bool = _setting(
         True, "also serve the Open Inference Protocol (KServe v2: inference.GRPCInferenceService): on or off"
     )
@@ -261,6 +266,8 @@ class ServerConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.device_memory_fraction <= 1.0:
+            raise ValueError(f"device_memory_fraction must be in [0, 1], got {self.device_memory_fraction}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
         if self.tls_client_ca_file and not self.tls_cert_file:
@@ -289,6 +296,15 @@ class ServerConfig:
         if self.max_connections:
             return self.max_connections
         return max(4, self.memory_bytes // 4 // self.stream_bytes_per_connection)
+
+    @property
+    def device_memory_share(self) -> float:
+        """The share of the device's memory this process may take (0: no cap): as set, or an even
+        share among the workers, whose allocator caches would otherwise push each other out of
+        memory."""
+        if self.device_memory_fraction:
+            return self.device_memory_fraction
+        return 1.0 / self.workers if self.workers > 1 else 0.0
 
     @property
     def admitted_bytes(self) -> int:

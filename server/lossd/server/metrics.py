@@ -8,6 +8,7 @@ processes: counters and histograms add up, gauges sum over the live workers.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import shutil
@@ -22,6 +23,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import multiprocess as prometheus_multiprocess
 from prometheus_client.exposition import MetricsHandler
+
+_LOGGER = logging.getLogger(__name__)
 
 __all__ = ["MULTIPROCESS_ENV", "ServerMetrics", "multiprocess_registry", "serve_metrics", "start_exporter"]
 
@@ -53,14 +56,15 @@ _BATCH_ROW_BUCKETS = (1, 8, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 
 
 MEMORY_READ_S = 1.0
-"""Least time between two reads of the device's memory for the gauges."""
+"""How often a thread of its own reads the device's memory for the gauges."""
 
 
 class ServerMetrics:
     """The server's metrics; also the batcher's `BatchObserver`.
 
     `device_memory` returns (allocated, reserved) bytes on the compute device, or None off CUDA;
-    it is read after each batch.
+    `watch_device_memory` reads it every `MEMORY_READ_S` on a thread of its own: each read builds
+    torch's whole allocator statistics, which the event loop should not wait for.
     """
 
     def __init__(
@@ -72,7 +76,6 @@ class ServerMetrics:
     ) -> None:
         self.registry = registry
         self._device_memory = device_memory
-        self._memory_read = -float("inf")
         kw: dict[str, Any] = {"registry": registry}
         self.requests = Counter(
             "lossd_requests", "Loss requests answered, by loss and gRPC status code.", ["loss", "code"], **kw
@@ -157,7 +160,6 @@ class ServerMetrics:
             **kw,
         )
         info.labels(**build).set(1)
-        self._update_memory()
 
     # -- the servicer's side ------------------------------------------------------------------------
 
@@ -188,24 +190,42 @@ class ServerMetrics:
         self.compute_seconds.observe(compute_s)
         for wait in queue_waits_s:
             self.queue_wait_seconds.observe(wait)
-        self._update_memory()
 
     def dropped(self, reason: str) -> None:
         self.dropped_requests.labels(reason).inc()
 
-    def _update_memory(self) -> None:
-        """Reads the device's memory at most every `MEMORY_READ_S`: each read builds torch's whole
-        allocator statistics, on the event loop, and a scrape every few seconds needs no more."""
+    def read_device_memory(self) -> None:
+        """Sets the device memory gauges from one read."""
         if self._device_memory is None:
             return
-        now = time.monotonic()
-        if now - self._memory_read < MEMORY_READ_S:
-            return
-        self._memory_read = now
         memory = self._device_memory()
         if memory is not None:
             self.memory_allocated.set(memory[0])
             self.memory_reserved.set(memory[1])
+
+    def watch_device_memory(self, interval_s: float = MEMORY_READ_S) -> Callable[[], None]:
+        """Reads the device's memory every `interval_s` on a daemon thread until the returned
+        function is called; nothing off CUDA."""
+        if self._device_memory is None:
+            return lambda: None
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                try:
+                    self.read_device_memory()
+                except Exception:  # a failed device: the engine reports it; the gauges keep their value
+                    _LOGGER.debug("reading the device's memory failed", exc_info=True)
+                stop.wait(interval_s)
+
+        thread = threading.Thread(target=watch, name="lossd-device-memory", daemon=True)
+        thread.start()
+
+        def stop_watching() -> None:
+            stop.set()
+            thread.join(5)
+
+        return stop_watching
 
 
 def multiprocess_registry() -> CollectorRegistry:

@@ -219,6 +219,12 @@ class LossEngine:
         if not self.device_works():
             raise DeviceFailure(self.device, RuntimeError("the device check failed after warm-up"))
 
+    def limit_memory(self, share: float) -> None:
+        """Caps what this process allocates on a CUDA device at `share` of its memory (0: no cap),
+        so that processes sharing the device each get theirs; nothing elsewhere."""
+        if self.device.type == "cuda" and 0.0 < share < 1.0:
+            torch.cuda.set_per_process_memory_fraction(share, self.device)
+
     def device_works(self) -> bool:
         """Whether the device still computes (see `lossd.server.engine.faults.device_works`)."""
         return device_works(self.device)
@@ -231,38 +237,32 @@ class LossEngine:
     def _merged(self, calls: Sequence[LossCall], key: MergeKey) -> list[LossOutput]:
         return compute_merged(calls, key, self.staging)
 
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if tensor.device == self.device else tensor.to(self.device)
-
     def _run(self, call: LossCall) -> LossOutput:
+        """One call alone: torch's own call on the device. Its tensors go up through the staging
+        (page-locked memory and asynchronous copies on CUDA) and its results come down with one
+        synchronisation; on the CPU nothing moves."""
+        upload = self.staging.upload
         function = call.loss.function(call.options, call.reduction)
-        input, target = self._to_device(call.input), self._to_device(call.target)
-        weight = None if call.weight is None else self._to_device(call.weight)
+        input, target = upload(call.input), upload(call.target)
+        weight = None if call.weight is None else upload(call.weight)
         if not (call.input_grad or call.target_grad):
             with torch.no_grad():
-                return LossOutput(loss=function(input, target, weight).cpu())
+                (loss,) = self.staging.download([function(input, target, weight)])
+            return LossOutput(loss=loss)
         with torch.enable_grad():
             # Fresh leaves: the decoded tensors may be shared, read-only views of the request.
             input = input.detach().requires_grad_(call.input_grad)
             target = target.detach().requires_grad_(call.target_grad)
             loss = function(input, target, weight)
-            upstream = (
-                torch.ones_like(loss) if call.grad_output is None else self._to_device(call.grad_output)
-            )
+            upstream = torch.ones_like(loss) if call.grad_output is None else upload(call.grad_output)
             leaves = [leaf for leaf in (input, target) if leaf.requires_grad]
             grads = list(torch.autograd.grad(loss, leaves, upstream))
-        input_grad = grads.pop(0) if call.input_grad else None
-        target_grad = grads.pop(0) if call.target_grad else None
+        wanted = call.grad_dtype
+        grads = [grad if wanted is None or grad.dtype == wanted else grad.to(wanted) for grad in grads]
+        results = self.staging.download([loss.detach(), *grads])
+        loss = results.pop(0)
         return LossOutput(
-            loss=loss.detach().cpu(),
-            input_grad=self._finish(input_grad, call.grad_dtype),
-            target_grad=self._finish(target_grad, call.grad_dtype),
+            loss=loss,
+            input_grad=results.pop(0) if call.input_grad else None,
+            target_grad=results.pop(0) if call.target_grad else None,
         )
-
-    @staticmethod
-    def _finish(grad: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
-        if grad is None:
-            return None
-        if dtype is not None and grad.dtype != dtype:
-            grad = grad.to(dtype)
-        return grad.cpu()

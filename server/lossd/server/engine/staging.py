@@ -51,6 +51,35 @@ def as_result(
 SPARE_BYTES = 1 << 30
 """The largest receive buffer kept for reuse (one at a time)."""
 
+RELEASE_PINNED_BYTES = 64 << 20
+"""Pinned buffers this large go back to the driver once their stream is over (smaller ones stay
+in torch's cache for the next call)."""
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """What a pinned buffer of `nbytes` takes: torch's caching host allocator rounds each block up
+    to a power of two."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 1 else nbytes
+
+
+_EMPTY_HOST_CACHE = ("_host_emptyCache", "_accelerator_emptyHostCache")
+"""torch's private calls that return cached, unused pinned blocks to the driver, by version."""
+
+
+def empty_pinned_cache() -> bool:
+    """Returns torch's cached pinned blocks that no tensor uses to the driver; False where this
+    torch has no way to (the blocks then stay cached, counted by the memory budget while used)."""
+    public = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    if callable(public):
+        public()
+        return True
+    for name in _EMPTY_HOST_CACHE:
+        function = getattr(torch._C, name, None)
+        if callable(function):
+            function()
+            return True
+    return False
+
 
 class Staging:
     """Moves concatenated host arrays to the device and results back.
@@ -64,6 +93,11 @@ class Staging:
         self.device = device
         self.pinned = pinned
         self._spare: torch.Tensor | None = None
+        self.large_pinned = 0  # pinned bytes handed out since the cache was last emptied
+
+    def buffer_cost(self, nbytes: int) -> int:
+        """Host memory a `host_buffer(nbytes)` takes: what the memory budget reserves for it."""
+        return pinned_bytes(nbytes) if self.pinned else nbytes
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A uint8 host tensor to receive request bytes into (pinned memory on CUDA).
@@ -76,7 +110,16 @@ class Staging:
         if spare is not None and nbytes <= spare.numel() <= 2 * nbytes:
             self._spare = None
             return spare[:nbytes]
+        if self.pinned and nbytes >= RELEASE_PINNED_BYTES:
+            self.large_pinned += pinned_bytes(nbytes)
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+
+    def release(self) -> None:
+        """After a stream's buffers are gone: large pinned blocks go back to the driver, so that
+        page-locked memory does not stay at its peak for the life of the process."""
+        if self.large_pinned:
+            self.large_pinned = 0
+            empty_pinned_cache()
 
     def recycle(self, buffer: torch.Tensor) -> None:
         """Offers a buffer from `host_buffer` back once nothing refers to its contents any more."""
@@ -97,11 +140,27 @@ class Staging:
         """Host arrays of device tensors, complete when this returns."""
         if self.device.type == "cpu":
             return [host_array(tensor) for tensor in tensors]
+        return [host_array(copy) for copy in self.download(tensors)]
+
+    def upload(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device: through page-locked memory and an asynchronous copy on CUDA
+        (no synchronisation: `download` ends the batch with one)."""
+        if tensor.device == self.device:
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.pinned)
+        host.copy_(tensor)
+        return host.to(self.device, non_blocking=self.pinned)
+
+    def download(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Host copies of device tensors, complete when this returns: one synchronisation for all."""
         copies = []
         for tensor in tensors:
+            if tensor.device.type == "cpu":
+                copies.append(tensor)
+                continue
             host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.pinned)
             host.copy_(tensor, non_blocking=self.pinned)
             copies.append(host)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        return [host_array(copy) for copy in copies]
+        return copies

@@ -129,7 +129,8 @@ class StreamedCall:
         request, shapes, plan = await self._decode(len(first), decode_header)
         self.loss = request.WhichOneof("loss") or "unset"
         if self._reservation is not None:
-            streamed = sum(nbytes for _, nbytes in plan.values())
+            # Receive buffers as the staging allocates them (pinned blocks round up on CUDA).
+            streamed = sum(self._engine.staging.buffer_cost(nbytes) for _, nbytes in plan.values())
             answer = self._engine.answer_bytes(shapes)
             need = (
                 2 * len(first)  # the header as received, and its inline tensors decoded
@@ -195,8 +196,17 @@ class StreamedCall:
         # Every computation on these bytes is over: the next stream may reuse their memory.
         del call
         self._plan = None
-        for buffer in buffers:
-            self._engine.staging.recycle(buffer)
+        staging = self._engine.staging
+        while buffers:  # no name left holding one: the pinned cache can then be emptied
+            staging.recycle(buffers.pop())
+        await self._release_pinned()
+
+    async def _release_pinned(self) -> None:
+        """Large pinned buffers back to the driver (off the event loop: freeing pinned memory can
+        wait on the device)."""
+        staging = self._engine.staging
+        if staging.large_pinned:
+            await self._decode(staging.large_pinned, staging.release)
 
     # -- whole -----------------------------------------------------------------------------------
 
@@ -283,6 +293,7 @@ class StreamedCall:
         for _, _, future in self._running:
             future.cancel()
         self._running.clear()
+        await self._release_pinned()
 
 
 def _tensor_header(shape: Sequence[int], dtype: torch.dtype) -> tensor_pb2.Tensor:
