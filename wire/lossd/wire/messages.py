@@ -16,7 +16,17 @@ from typing import Union
 
 from lossd.wire.errors import InvalidArgumentError
 
-__all__ = ["FieldTree", "bytes_field", "read_varint", "skip", "split", "tensor_field", "varint"]
+__all__ = [
+    "MAX_FIELDS",
+    "FieldTree",
+    "TooManyFields",
+    "bytes_field",
+    "read_varint",
+    "skip",
+    "split",
+    "tensor_field",
+    "varint",
+]
 
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
 
@@ -25,6 +35,15 @@ FieldTree = Mapping[int, Union["FieldTree", bool]]
 or the tree of a sub-message to walk into."""
 
 Pieces = list[bytes | memoryview]
+
+MAX_FIELDS = 256
+"""`split` walks at most this many fields; a real request has a few dozen. Walking a field costs
+about a microsecond in Python, where protobuf's C parser skips millions of (hostile, unknown) tiny
+fields in milliseconds: past this many, the caller parses the message whole instead."""
+
+
+class TooManyFields(Exception):
+    """The message has more fields than `split` walks (see `MAX_FIELDS`)."""
 
 
 def varint(value: int) -> bytes:
@@ -75,21 +94,32 @@ def skip(data: memoryview, pos: int, wire_type: int, reason: str = "REQUEST_MALF
     return end
 
 
-def split(raw: bytes | memoryview, tree: FieldTree) -> tuple[bytes, dict[tuple[int, ...], list[memoryview]]]:
+def split(
+    raw: bytes | memoryview, tree: FieldTree, max_fields: int = MAX_FIELDS
+) -> tuple[bytes, dict[tuple[int, ...], list[memoryview]]]:
     """The message `raw` without the fields `tree` names, and those fields' bytes by their path of
     field numbers, each a view of `raw`, in the order they came (protobuf keeps the last of a
-    singular field). Malformed bytes: `InvalidArgumentError` REQUEST_MALFORMED."""
+    singular field). Malformed bytes: `InvalidArgumentError` REQUEST_MALFORMED; more than
+    `max_fields` fields in the parts walked: `TooManyFields`."""
     found: dict[tuple[int, ...], list[memoryview]] = {}
-    pieces = _split(memoryview(raw), tree, (), found)
+    budget = [max_fields]
+    pieces = _split(memoryview(raw), tree, (), found, budget)
     return b"".join(pieces), found
 
 
 def _split(
-    data: memoryview, tree: FieldTree, path: tuple[int, ...], found: dict[tuple[int, ...], list[memoryview]]
+    data: memoryview,
+    tree: FieldTree,
+    path: tuple[int, ...],
+    found: dict[tuple[int, ...], list[memoryview]],
+    budget: list[int],
 ) -> Pieces:
     pieces: Pieces = []
     pos = 0
     while pos < len(data):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise TooManyFields
         start = pos
         tag, pos = read_varint(data, pos)
         tag_end = pos
@@ -107,7 +137,7 @@ def _split(
         if sub is True:
             found.setdefault((*path, field), []).append(body)
         elif isinstance(sub, Mapping):
-            inner = b"".join(_split(body, sub, (*path, field), found))
+            inner = b"".join(_split(body, sub, (*path, field), found, budget))
             pieces += [data[start:tag_end], varint(len(inner)), inner]
     return pieces
 

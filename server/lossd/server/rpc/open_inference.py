@@ -245,13 +245,17 @@ def read_infer_request(raw: bytes) -> tuple[oip.ModelInferRequest, list[memoryvi
     """A serialized ModelInferRequest, parsed without its raw input contents, and those as views of
     `raw` (None when it has none: typed contents)."""
     kind = "inference.ModelInferRequest"
-    if len(raw) < SPLIT_BYTES:
-        return parse_message(oip.ModelInferRequest.FromString, raw, "the request", kind), None
-    remainder, found = parse_message(
-        lambda data: messages.split(data, {_RAW_INPUTS: True}), raw, "the request", kind
-    )
-    request = parse_message(oip.ModelInferRequest.FromString, remainder, "the request", kind)
-    return request, found.get((_RAW_INPUTS,))
+    if len(raw) >= SPLIT_BYTES:
+        try:
+            remainder, found = parse_message(
+                lambda data: messages.split(data, {_RAW_INPUTS: True}), raw, "the request", kind
+            )
+        except messages.TooManyFields:  # no Triton client's request: protobuf's C parses it whole
+            pass
+        else:
+            request = parse_message(oip.ModelInferRequest.FromString, remainder, "the request", kind)
+            return request, found.get((_RAW_INPUTS,))
+    return parse_message(oip.ModelInferRequest.FromString, raw, "the request", kind), None
 
 
 def encode_infer_response(request: oip.ModelInferRequest, output: LossOutput, outputs: list[str]) -> bytes:
