@@ -43,6 +43,20 @@ def test_large_pinned_buffers_go_back_to_the_driver_once(monkeypatch: pytest.Mon
     assert emptied == [True] and staging.large_pinned == 0
 
 
+def test_a_failure_to_empty_the_pinned_cache_fails_no_call(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> bool:
+        raise RuntimeError("CUDA error: simulated")
+
+    monkeypatch.setattr(staging_module, "empty_pinned_cache", broken)
+    staging = Staging(torch.device("cpu"), pinned=True)
+    staging.large_pinned = 128 << 20
+    staging.release()  # logged, not raised
+    assert staging.large_pinned == 0
+    assert "could not return cached pinned memory" in caplog.text
+
+
 def test_the_pinned_cache_is_emptied_with_what_this_torch_offers(monkeypatch: pytest.MonkeyPatch) -> None:
     called: list[str] = []
     if hasattr(torch, "accelerator"):

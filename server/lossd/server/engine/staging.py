@@ -4,10 +4,13 @@ batch on CUDA)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+_LOGGER = logging.getLogger(__name__)
 
 __all__ = ["SPARE_BYTES", "Staging", "as_float64", "as_result", "host_array"]
 
@@ -119,7 +122,10 @@ class Staging:
         page-locked memory does not stay at its peak for the life of the process."""
         if self.large_pinned:
             self.large_pinned = 0
-            empty_pinned_cache()
+            try:  # housekeeping after the answer went out: it must not fail the call
+                empty_pinned_cache()
+            except Exception:
+                _LOGGER.warning("could not return cached pinned memory to the driver", exc_info=True)
 
     def recycle(self, buffer: torch.Tensor) -> None:
         """Offers a buffer from `host_buffer` back once nothing refers to its contents any more."""
