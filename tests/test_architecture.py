@@ -32,9 +32,8 @@ class Import:
     type_only: bool  # under `if TYPE_CHECKING:`
 
 
-def _module_name(path: Path) -> str:
-    relative = path.relative_to(path.parents[len(path.relative_to(ROOT).parts) - 2])
-    parts = list(relative.with_suffix("").parts)
+def _module_name(root: Path, path: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -43,7 +42,7 @@ def _module_name(path: Path) -> str:
 def _sources() -> Iterator[tuple[str, Path]]:
     for root in SOURCE_ROOTS:
         for path in sorted((ROOT / root).rglob("*.py")):
-            yield _module_name(path), path
+            yield _module_name(ROOT / root, path), path
 
 
 def _imports(module: str, path: Path) -> Iterator[Import]:

@@ -76,3 +76,13 @@ def test_a_truncated_large_request_is_malformed(cut: int) -> None:
         requests.read_request(raw)
     assert refused.value.reason == "REQUEST_MALFORMED"
     assert "lossd.v1.ComputeLossRequest" in refused.value.message
+
+
+def test_a_large_message_that_is_not_tensor_bytes_is_parsed_whole() -> None:
+    """Splitting would save nothing and hold the remainder as a third copy: protobuf parses it."""
+    small = prepare_call("nll_loss", np.zeros((2, 3), np.float32), np.zeros(2, np.int64)).unary()
+    raw = small.SerializeToString() + messages.bytes_field(999, b"\0" * (1 << 20))[0]
+    raw += messages.varint(1 << 20) + b"\0" * (1 << 20)  # field 999: 1 MiB of unknown bytes
+    request, data = requests.read_request(raw)
+    assert data == {}
+    assert request.input.data == small.input.data

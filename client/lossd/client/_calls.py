@@ -157,7 +157,9 @@ def prepare_call(
     """The call `F.<loss>(input, target, ...)`, with torch's argument names and defaults: the
     common ones here, the loss's own in `options` (see `lossd.client.losses`)."""
     declaration = DECLARATIONS[loss] if isinstance(loss, str) else loss
-    unknown = set(options) - set(declaration.tensors) - set(declaration.options)
+    unknown = [
+        name for name in options if name not in declaration.options and name not in declaration.tensors
+    ]
     if unknown:
         raise TypeError(f"{declaration.name}() got unexpected keyword arguments {sorted(unknown)}")
     if reduction not in _REDUCTIONS:

@@ -23,7 +23,7 @@ from lossd.server.losses import LOSSES, Loss, LossOutput
 from lossd.server.losses.checks import invalid_argument
 from lossd.server.memory import MemoryBudget
 from lossd.server.rpc.guard import HandlerCollector, guarded
-from lossd.server.rpc.requests import SPLIT_BYTES, parse_message
+from lossd.server.rpc.requests import read_split
 from lossd.server.rpc.servicer import Context, LossServicer
 from lossd.server.rpc.status import abort
 from lossd.v1 import loss_service_pb2 as pb
@@ -243,19 +243,11 @@ _RAW_OUTPUTS = oip.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_cont
 
 def read_infer_request(raw: bytes) -> tuple[oip.ModelInferRequest, list[memoryview] | None]:
     """A serialized ModelInferRequest, parsed without its raw input contents, and those as views of
-    `raw` (None when it has none: typed contents)."""
+    `raw` (None when it has none, or was parsed whole: then the request holds them)."""
     kind = "inference.ModelInferRequest"
-    if len(raw) >= SPLIT_BYTES:
-        try:
-            remainder, found = parse_message(
-                lambda data: messages.split(data, {_RAW_INPUTS: True}), raw, "the request", kind
-            )
-        except messages.TooManyFields:  # no Triton client's request: protobuf's C parses it whole
-            pass
-        else:
-            request = parse_message(oip.ModelInferRequest.FromString, remainder, "the request", kind)
-            return request, found.get((_RAW_INPUTS,))
-    return parse_message(oip.ModelInferRequest.FromString, raw, "the request", kind), None
+    tree = {_RAW_INPUTS: True}
+    request, found = read_split(raw, tree, oip.ModelInferRequest.FromString, "the request", kind)
+    return request, found.get((_RAW_INPUTS,))
 
 
 def encode_infer_response(request: oip.ModelInferRequest, output: LossOutput, outputs: list[str]) -> bytes:

@@ -24,6 +24,7 @@ __all__ = [
     "encode_response",
     "parse_request",
     "read_request",
+    "read_split",
     "stream_plan",
     "stream_response",
 ]
@@ -167,23 +168,34 @@ SPLIT_BYTES = 64 * 1024
 received message); smaller ones by protobuf whole, where a copy costs less than walking the fields."""
 
 
+def read_split(
+    raw: bytes, tree: messages.FieldTree, parse: Callable[[bytes], M], what: str, kind: str
+) -> tuple[M, dict[tuple[int, ...], list[memoryview]]]:
+    """A serialized message parsed without the bytes fields `tree` names, and those as views of
+    `raw` by path (see `lossd.wire.messages.split`). Small messages, and messages no client makes
+    (more fields than `split` walks, or a large remainder: what is not tensor bytes), are parsed by
+    protobuf whole, with nothing split off: there a copy costs less than the walk, or the walk would
+    save nothing."""
+    if len(raw) >= SPLIT_BYTES:
+        try:
+            remainder, found = parse_message(lambda data: messages.split(data, tree), raw, what, kind)
+        except messages.TooManyFields:
+            pass
+        else:
+            if len(remainder) < SPLIT_BYTES:
+                return parse_message(parse, remainder, what, kind), found
+            del remainder, found
+    return parse_message(parse, raw, what, kind), {}
+
+
 def read_request(
     raw: bytes, what: str = "the request"
 ) -> tuple[pb.ComputeLossRequest, dict[str, memoryview]]:
     """A serialized ComputeLossRequest, parsed without its tensors' bytes, and those bytes as views
     of `raw` by field: one copy of the request in memory, the one gRPC made."""
     kind = "lossd.v1.ComputeLossRequest"
-    if len(raw) >= SPLIT_BYTES:
-        try:
-            remainder, found = parse_message(
-                lambda data: messages.split(data, _REQUEST_TREE), raw, what, kind
-            )
-        except messages.TooManyFields:  # no client makes such a request: protobuf's C parser takes it
-            pass
-        else:
-            request = parse_message(pb.ComputeLossRequest.FromString, remainder, what, kind)
-            return request, {REQUEST_TENSORS[path]: views[-1] for path, views in found.items()}
-    return parse_message(pb.ComputeLossRequest.FromString, raw, what, kind), {}
+    request, found = read_split(raw, _REQUEST_TREE, pb.ComputeLossRequest.FromString, what, kind)
+    return request, {REQUEST_TENSORS[path]: views[-1] for path, views in found.items()}
 
 
 def call_from_request(

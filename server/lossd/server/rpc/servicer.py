@@ -264,8 +264,11 @@ class LossServicer:
                 def decode(raw: bytes) -> tuple[LossCall, int]:
                     request, data = build(raw)
                     named.append(request.WhichOneof("loss") or "unset")
-                    # Tensors that are no view of the message (OIP typed contents) were copies.
+                    # Tensors that are no view of the message (OIP typed contents) were copies; a
+                    # message parsed whole holds its bytes once more, and its tensors read them out.
                     copies = sum(view.nbytes for view in data.values() if view.obj is not raw)
+                    if not any(view.obj is raw for view in data.values()):
+                        copies += 2 * len(raw)
                     call = call_from_request(request, self._limits, data)
                     return self._engine.prepare(call, self._limits), copies
 
