@@ -1,5 +1,5 @@
-"""The soak, replica-kill and hostile-client runs, in their quick form: their own checks must pass
-(CI runs these)."""
+"""The soak, replica-kill, hostile-client and distillation runs, in their quick form: their own
+checks must pass (CI runs these)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _run(script: str) -> dict[str, object]:
+def _run(script: str, *args: str) -> dict[str, object]:
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick"], capture_output=True, text=True, timeout=240
+        [sys.executable, str(BENCHMARKS / script), "--quick", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     report = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps(report))
@@ -67,3 +70,20 @@ def test_the_gpu_fault_check_says_it_needs_cuda() -> None:
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert json.loads(done.stdout) == {"check": "gpu_faults", "skipped": "needs a CUDA device"}
+
+
+@pytest.mark.slow
+def test_distillation_quick() -> None:
+    """Smaller than the benchmark's own sizes (CI's time): bytes and memory are what is checked,
+    and that the gradients through lossd are local torch's (the benchmark checks that itself)."""
+    report = _run("distillation.py", "--tokens", "256", "--memory-tokens", "1024")
+    assert report["summary"] and report["teacher_bytes_ratio"] == 250.0
+    assert report["dense_request_bytes"] == 256 * 32000 * 8
+    assert (
+        isinstance(report["grad_cosine_sparse_vs_dense"], float)
+        and report["grad_cosine_sparse_vs_dense"] > 0.95
+    )
+    for key in ("dense_s", "sparse_s", "local_dense_s", "ideal_dense_s", "dense_ratio_vs_ideal"):
+        assert isinstance(report[key], float), key
+    peak = report["peak_vs_payload"]
+    assert peak is None or (isinstance(peak, float) and peak < 2.0), "inputs, gradient, one chunk"

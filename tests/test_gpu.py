@@ -95,3 +95,30 @@ def test_a_large_stream_gives_its_pinned_memory_back() -> None:
         assert staging.large_pinned == 0, "released after the stream"
     finally:
         running.close()
+
+
+@pytest.mark.parametrize("teacher", ["dense", "top-k"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_distillation_on_cuda_is_the_reference_on_cuda(
+    gpu_client: LossClient, teacher: str, reduction: str
+) -> None:
+    """The reference composition run on CUDA; within rounding (CUDA kernels need not be bitwise
+    reproducible across launches of different sizes)."""
+    from distillation_reference import reference_grad
+
+    student, teacher_logits = torch.randn(6, 40, 500) * 2, torch.randn(6, 40, 500) * 2
+    labels = torch.randint(0, 500, (6, 40))
+    labels[:, :3] = -100
+    kwargs = {"labels": labels, "beta": 0.5, "weight_hard": 0.2, "temperature": 2.0, "reduction": reduction}
+    target = teacher_logits
+    if teacher == "top-k":
+        values, ids = torch.log_softmax(teacher_logits, -1).topk(16, -1)
+        values[0, 0, 8:] = float("-inf")
+        target, kwargs["teacher_ids"] = values, ids
+    result = gpu_client.distillation(student.cuda(), target.cuda(), return_grad=True, **kwargs)  # type: ignore[arg-type]
+    on_device = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    loss, hard, soft, grad = reference_grad(student.cuda(), target.cuda(), **on_device)
+    for actual, expected in ((result.loss, loss), (result.hard_loss, hard), (result.soft_loss, soft)):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.grad, grad, rtol=1e-5, atol=1e-7)
+    assert torch.isfinite(result.grad).all()

@@ -73,6 +73,24 @@ def _upstream(shape: tuple[int, ...], reduction: int) -> Callable[[], pb.Compute
     return build
 
 
+def _distill(
+    teacher: np.ndarray = LOGITS, reduction: int = pb.REDUCTION_UNSPECIFIED, **options: object
+) -> Callable[[], pb.ComputeLossRequest]:
+    """A distillation request of LOGITS against `teacher`, its options (and tensors) set."""
+
+    def build() -> pb.ComputeLossRequest:
+        message = request("distillation", LOGITS, teacher)
+        message.reduction = reduction  # type: ignore[assignment]
+        for name, value in options.items():
+            if isinstance(value, np.ndarray):
+                codec.encode(value, name, out=getattr(message.distillation, name))
+            else:
+                setattr(message.distillation, name, value)
+        return message
+
+    return build
+
+
 RULES = [
     Rule(
         "dtype-unset",
@@ -333,6 +351,78 @@ RULES = [
         "gradients.grad_output.shape",
         ("grad_output.shape", "[4, 5]", "[4]"),
     ),
+    *[
+        Rule(f"distillation-{reason.lower()}-{field.rsplit('.', 1)[-1]}", build, reason, field, says)
+        for build, reason, field, says in (
+            (_distill(beta=1.5), "BETA_OUT_OF_RANGE", "distillation.beta", ("distillation.beta", "1.5")),
+            (
+                _distill(temperature=0.0),
+                "TEMPERATURE_INVALID",
+                "distillation.temperature",
+                ("temperature", "0.0"),
+            ),
+            (
+                _distill(weight_soft=-1.0),
+                "WEIGHT_INVALID",
+                "distillation.weight_soft",
+                ("weight_soft", "-1.0"),
+            ),
+            (
+                _distill(normalizer=-2.0),
+                "NORMALIZER_INVALID",
+                "distillation.normalizer",
+                ("normalizer", "-2.0"),
+            ),
+            (
+                _distill(normalizer=2.0, reduction=pb.REDUCTION_SUM),
+                "NORMALIZER_NOT_SUPPORTED",
+                "distillation.normalizer",
+                ("normalizer", "'sum'"),
+            ),
+            (
+                _distill(weight_hard=0.5),
+                "LABELS_MISSING",
+                "distillation.labels",
+                ("distillation.labels", "0.5"),
+            ),
+            (
+                _distill(top_k_renormalize=True),
+                "OPTION_NOT_APPLICABLE",
+                "distillation.top_k_renormalize",
+                ("top_k_renormalize", "sparse"),
+            ),
+            (
+                _distill(labels=np.array([0, 1, 9, 2])),
+                "LABEL_OUT_OF_RANGE",
+                "distillation.labels",
+                ("distillation.labels[2]", "9"),
+            ),
+            (
+                _distill(labels=np.array([0, 1])),
+                "LABELS_SHAPE_MISMATCH",
+                "distillation.labels.shape",
+                ("labels.shape", "[2]", "[4]"),
+            ),
+            (
+                _distill(teacher=RNG.standard_normal((4, 7)).astype(np.float32)),
+                "VOCABULARY_MISMATCH",
+                "target.shape",
+                ("7", "5"),
+            ),
+            (
+                _distill(teacher=np.zeros((4, 2), np.float32), teacher_ids=np.array([[0, 1]] * 3)),
+                "TEACHER_SHAPE_MISMATCH",
+                "distillation.teacher_ids.shape",
+                ("teacher_ids.shape", "[3, 2]", "[4, 2]"),
+            ),
+            (
+                _distill(teacher=np.zeros((4, 2), np.float32), teacher_ids=np.array([[0, 1]] * 3 + [[0, 5]])),
+                "TEACHER_ID_OUT_OF_RANGE",
+                "distillation.teacher_ids",
+                ("teacher_ids[3, 1]", "5"),
+            ),
+        )
+    ],
 ]
 
 

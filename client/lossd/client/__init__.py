@@ -1,6 +1,7 @@
 """The lossd Python client: remote PyTorch losses and gradients over gRPC.
 
-- `LossClient` / `AsyncLossClient`: `nll_loss`, `cross_entropy`, `kl_div` with torch's arguments;
+- `LossClient` / `AsyncLossClient`: `nll_loss`, `cross_entropy`, `kl_div` with torch's arguments,
+  and `distillation`;
   numpy arrays or torch tensors in, the same kind out.
 - `lossd.client.torch`: the same losses as autograd functions (needs torch).
 - `lossd.client.losses`: the losses, each declared once (what the methods and functions derive from).

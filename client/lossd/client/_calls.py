@@ -52,6 +52,10 @@ class LossResult(Generic[ArrayT]):
     """d(loss)/d(input), if `return_grad` was set."""
     target_grad: ArrayT | None = None
     """d(loss)/d(target), if `return_target_grad` was set."""
+    hard_loss: ArrayT | None = None
+    """A distillation's hard (cross-entropy) part, reduced like `loss`."""
+    soft_loss: ArrayT | None = None
+    """A distillation's soft (divergence) part, reduced like `loss`."""
 
 
 _INLINE_BYTES = 1 << 16
@@ -60,13 +64,21 @@ rather than in chunks of their own."""
 
 
 def _put_option_tensor(
-    call: PreparedCall, name: str, value: codec.TensorLike, message: tensor_pb2.Tensor, field: str
+    call: PreparedCall,
+    name: str,
+    value: codec.TensorLike,
+    message: tensor_pb2.Tensor,
+    field: str,
+    integers: bool = False,
 ) -> None:
-    """A loss's own tensor (class weights, say); plain numbers take the input's dtype, as torch
-    requires of weights."""
+    """A loss's own tensor (class weights, token ids, say); plain floats take the input's dtype, as
+    torch requires of weights, plain integers stay int64."""
     slot = chunks.REQUEST_SLOTS[name]
     if isinstance(value, np.ndarray) or codec.is_torch_tensor(value):
         call.put(slot, message, value, field)
+        return
+    if integers:
+        call.put(slot, message, np.asarray(value, dtype=np.int64), field)
         return
     input_dtype = call.request.input.dtype
     dtype = input_dtype if codec.is_floating(input_dtype) else None
@@ -81,6 +93,9 @@ class PreparedCall:
 
     request: pb.ComputeLossRequest
     pending: list[tuple[int, tensor_pb2.Tensor, memoryview]] = field(default_factory=list)
+    classes_last: bool = False
+    """The loss is over tokens with the vocabulary last (a distillation): one loss per token, and
+    its two parts besides."""
 
     @property
     def nbytes(self) -> int:
@@ -95,11 +110,15 @@ class PreparedCall:
         input_shape, target_shape = tuple(request.input.shape), tuple(request.target.shape)
         itemsize = codec.itemsize(request.input.dtype)
         nbytes = itemsize
-        if request.reduction == pb.REDUCTION_NONE:
+        if request.reduction == pb.REDUCTION_NONE and self.classes_last:
+            nbytes = math.prod(input_shape[:-1]) * max(itemsize, 4)
+        elif request.reduction == pb.REDUCTION_NONE:
             shape = input_shape
             with contextlib.suppress(ValueError):  # a loss whose operands broadcast (kl_div)
                 shape = tuple(np.broadcast_shapes(input_shape, target_shape))
             nbytes = math.prod(shape) * itemsize
+        if self.classes_last:
+            nbytes *= 3  # the loss, its hard and its soft part
         gradients = request.gradients
         for wanted, tensor in ((gradients.input, request.input), (gradients.target, request.target)):
             if wanted:
@@ -169,7 +188,9 @@ def prepare_call(
             field="reduction",
             metadata={"reduction": str(reduction)},
         )
-    call = PreparedCall(pb.ComputeLossRequest(reduction=_REDUCTIONS[reduction]))
+    call = PreparedCall(
+        pb.ComputeLossRequest(reduction=_REDUCTIONS[reduction]), classes_last=declaration.classes_last
+    )
     request = call.request
     call.put(pb.TENSOR_SLOT_INPUT, request.input, input, "input")
     call.put(pb.TENSOR_SLOT_TARGET, request.target, target, "target")
@@ -178,11 +199,12 @@ def prepare_call(
     for name in declaration.tensors:
         value = options.get(name)
         if value is not None:
-            _put_option_tensor(call, name, value, getattr(message, name), f"{declaration.name}.{name}")
+            field = f"{declaration.name}.{name}"
+            _put_option_tensor(call, name, value, getattr(message, name), field, name in declaration.indices)
     for name, default in declaration.options.items():
         value = options.get(name, default)
-        if value != default:  # unset fields mean torch's default on the server too
-            setattr(message, name, type(default)(value))
+        if value is not None and value != default:  # unset fields mean the default on the server too
+            setattr(message, name, value if default is None else type(default)(value))
     if return_grad or return_target_grad or grad_output is not None:
         gradients = request.gradients
         gradients.input = return_grad
@@ -223,8 +245,14 @@ def decode_response(
             bytes_ = extra.get(field)
             return codec.decode_numpy(message, field, data=bytes_, copy=bytes_ is None)
 
+    parts = {
+        name: decode(getattr(response, name), name)
+        for name in ("hard_loss", "soft_loss")
+        if response.HasField(name)
+    }
     return LossResult(
         loss=decode(response.loss, "loss"),
+        **parts,
         grad=decode(response.input_gradient, "input_gradient")
         if response.HasField("input_gradient")
         else None,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, TypeVar
 
 if TYPE_CHECKING:
     import numpy as np
@@ -24,9 +24,13 @@ if TYPE_CHECKING:
 
     from lossd.wire.codec import TensorLike
 
+    IndexLike: TypeAlias = TensorLike
+    """A tensor option of integers (token ids, labels): plain Python numbers stay int64."""
+
 __all__ = ["COMMON", "DECLARATIONS", "LossDeclaration", "Losses", "ReductionName"]
 
 ReductionName = Literal["none", "mean", "sum", "batchmean"]
+
 R_co = TypeVar("R_co", covariant=True)
 ArrayT = TypeVar("ArrayT", "np.ndarray", "torch.Tensor")
 
@@ -111,6 +115,41 @@ class Losses(Protocol[R_co]):
         'batchmean' is the KL divergence proper.
         """
 
+    def distillation(
+        self,
+        input: ArrayT,
+        target: TensorLike,
+        *,
+        teacher_ids: IndexLike | None = None,
+        labels: IndexLike | None = None,
+        beta: float = 0.0,
+        temperature: float = 1.0,
+        temperature_squared: bool = False,
+        weight_hard: float = 0.0,
+        weight_soft: float = 1.0,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        top_k_renormalize: bool = False,
+        truncate_teacher: bool = False,
+        normalizer: float | None = None,
+        reduction: ReductionName = "mean",
+        return_grad: bool = False,
+        grad_dtype: object = None,
+        grad_output: TensorLike | None = None,
+        timeout: float | None = None,
+    ) -> R_co:
+        """Knowledge distillation of the student's logits `input` (..., V) from a teacher, per token
+        `weight_hard * cross_entropy(input, labels) + weight_soft * D` (times T^2 with
+        `temperature_squared`), with TRL's and Liger Kernel's conventions.
+
+        `target` is the dense teacher (logits or log-probabilities, (..., V_t)), or, with
+        `teacher_ids` (..., k), the teacher's top-k log-probabilities (-inf pads), closed by a tail
+        bucket or renormalized (`top_k_renormalize`). `beta` 0 is forward KL(teacher || student),
+        1 reverse KL, between the generalized JSD. `labels` equal to `ignore_index` count in neither
+        term; 'mean' divides by the counted tokens, or by `normalizer` (a global count) when given.
+        The result also carries `hard_loss` and `soft_loss`; `return_grad` returns d(loss)/d(input).
+        """
+
 
 @dataclass(frozen=True)
 class LossDeclaration:
@@ -129,6 +168,10 @@ class LossDeclaration:
     """The arguments that may be given by position, in order (after `self`)."""
     accepts: frozenset[str]
     """Every argument's name."""
+    classes_last: bool = False
+    """Whether the classes are the input's last dimension (else its second, or its only one)."""
+    indices: tuple[str, ...] = ()
+    """Those of `tensors` that hold integers."""
 
     @property
     def own(self) -> tuple[str, ...]:
@@ -137,13 +180,20 @@ class LossDeclaration:
         return tuple(name for name in self.signature.parameters if name not in COMMON or name == "reduction")
 
 
+_CLASSES_LAST = frozenset({"distillation"})
+"""Losses over tokens whose vocabulary is the last dimension, as language models lay them out."""
+
+
 def _declaration(name: str, method: Any) -> LossDeclaration:
     signature = inspect.signature(method)
-    tensors, options = [], {}
+    tensors, indices, options = [], [], {}
     for parameter in signature.parameters.values():
         if parameter.name in COMMON:
             continue
-        if "TensorLike" in str(parameter.annotation):
+        if "IndexLike" in str(parameter.annotation):
+            tensors.append(parameter.name)
+            indices.append(parameter.name)
+        elif "TensorLike" in str(parameter.annotation):
             tensors.append(parameter.name)
         else:
             options[parameter.name] = parameter.default
@@ -160,6 +210,8 @@ def _declaration(name: str, method: Any) -> LossDeclaration:
             if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.name != "self"
         ),
         accepts=frozenset(signature.parameters) - {"self"},
+        classes_last=name in _CLASSES_LAST,
+        indices=tuple(indices),
     )
 
 

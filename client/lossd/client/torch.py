@@ -86,7 +86,12 @@ class _RemoteLoss(torch.autograd.Function):
         # A loss with one value per sample (or position) has one dimension fewer than its input:
         # the class dimension, 1 (0 for a single sample). One with a value per element has none.
         per_element = len(ctx.loss_shape) >= input.dim()
-        class_dim = None if per_element else (1 if input.dim() >= 2 else 0)
+        if per_element:
+            class_dim = None
+        elif call.declaration.classes_last:
+            class_dim = -1
+        else:
+            class_dim = 1 if input.dim() >= 2 else 0
         grads = [_scale(saved, upstream, ctx.loss_shape, class_dim) for saved in ctx.grads]
         if (call.input_grad and grads[0] is None) or (call.target_grad and grads[1] is None):
             # A broadcast operand: only the server can sum the upstream-weighted terms correctly.

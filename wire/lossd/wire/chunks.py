@@ -41,12 +41,16 @@ REQUEST_SLOTS = {
     "target": pb.TENSOR_SLOT_TARGET,
     "weight": pb.TENSOR_SLOT_WEIGHT,
     "grad_output": pb.TENSOR_SLOT_GRAD_OUTPUT,
+    "teacher_ids": pb.TENSOR_SLOT_TEACHER_IDS,
+    "labels": pb.TENSOR_SLOT_LABELS,
 }
 """The slot of a request tensor that travels in chunks, by its field's last name
 (`cross_entropy.weight` -> weight)."""
 
 RESPONSE_SLOTS = {
     "loss": pb.TENSOR_SLOT_LOSS,
+    "hard_loss": pb.TENSOR_SLOT_HARD_LOSS,
+    "soft_loss": pb.TENSOR_SLOT_SOFT_LOSS,
     "input_gradient": pb.TENSOR_SLOT_INPUT_GRADIENT,
     "target_gradient": pb.TENSOR_SLOT_TARGET_GRADIENT,
 }

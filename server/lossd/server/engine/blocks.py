@@ -56,6 +56,7 @@ class BlockPlan:
             input=call.input[start:stop],
             target=call.target[start:stop],
             grad_output=grad_output if wanted else None,
+            tensors={name: tensor[start:stop] for name, tensor in call.tensors.items()},
         )
 
     def block_loss_shape(self) -> tuple[int, ...]:
@@ -82,6 +83,9 @@ def block_plan(call: LossCall) -> BlockPlan | None:
         return None
     targets = call.target.reshape(-1).numpy() if loss.class_targets(call) else None
     denominator = float(denominators([call], [loss.rows_of(call)], targets)[0])
+    sample_bytes = math.prod(call.input.shape[1:]) * call.input.element_size()
+    if loss.merged_by_compute:  # computed by its own `compute`: it knows its loss's dtype and shape
+        return BlockPlan(call, samples, sample_bytes, denominator, loss.loss_dtype(call), loss_shape(call))
     meta = loss.function(call.options, call.reduction)(
         torch.empty(call.input.shape, dtype=call.input.dtype, device="meta"),
         torch.empty(call.target.shape, dtype=call.target.dtype, device="meta"),
@@ -92,7 +96,7 @@ def block_plan(call: LossCall) -> BlockPlan | None:
     return BlockPlan(
         call=call,
         samples=samples,
-        sample_bytes=math.prod(call.input.shape[1:]) * call.input.element_size(),
+        sample_bytes=sample_bytes,
         denominator=denominator,
         loss_dtype=meta.dtype,
         loss_shape=tuple(meta.shape),

@@ -22,9 +22,11 @@ _SMALL = 1 << 18
 _BF16_EXPONENT = 0x7F80
 
 
-def _has_nonfinite(tensor: torch.Tensor) -> bool:
+def _has_nonfinite(tensor: torch.Tensor, log_probabilities: bool = False) -> bool:
     if tensor.dtype not in FLOATING or tensor.numel() == 0:
         return False
+    if log_probabilities:  # -inf is probability 0, a value: NaN and +inf are what is not finite
+        return bool((torch.isnan(tensor) | torch.isposinf(tensor)).any())
     if tensor.numel() >= _SMALL or tensor.device.type != "cpu":
         return not bool(torch.isfinite(tensor).all())
     if tensor.dtype == torch.bfloat16:
@@ -35,13 +37,18 @@ def _has_nonfinite(tensor: torch.Tensor) -> bool:
 
 def nonfinite_fields(call: LossCall) -> tuple[str, ...]:
     """The request fields of `call` that hold a NaN or an infinity, in request order."""
+    name = call.loss.name
     tensors = (
         ("input", call.input),
         ("target", call.target),
-        (f"{call.loss.name}.weight", call.weight),
+        (f"{name}.weight", call.weight),
+        *((f"{name}.{field}", tensor) for field, tensor in call.tensors.items()),
         ("gradients.grad_output", call.grad_output),
     )
-    return tuple(name for name, tensor in tensors if tensor is not None and _has_nonfinite(tensor))
+    logs = call.loss.log_probabilities
+    return tuple(
+        field for field, tensor in tensors if tensor is not None and _has_nonfinite(tensor, field in logs)
+    )
 
 
 def nonfinite_error(fields: tuple[str, ...]) -> InvalidArgumentError:

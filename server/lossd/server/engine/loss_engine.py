@@ -122,7 +122,9 @@ class LossEngine:
     @staticmethod
     def answer_bytes(call: LossCall) -> int:
         """Bytes of a prepared call's answer tensors: the loss and the requested gradients."""
-        nbytes = math.prod(loss_shape(call)) * call.input.element_size()
+        nbytes = (
+            math.prod(loss_shape(call)) * call.loss.loss_dtype(call).itemsize * (1 + len(call.loss.parts))
+        )
         for wanted, tensor in ((call.input_grad, call.input), (call.target_grad, call.target)):
             if wanted:
                 itemsize = call.grad_dtype.itemsize if call.grad_dtype is not None else tensor.element_size()
@@ -136,9 +138,7 @@ class LossEngine:
         and softmax, a kl_div broadcast's per-element losses and gradients, at 32 bits at least),
         a merged computation's concatenated rows (a merge is at most `MERGE_COPY_BYTES`), and its
         per-row float64 sums."""
-        factor = call.loss.temporaries(call)
-        elements = max(call.input.numel(), math.prod(loss_shape(call, "none")))
-        temporaries = factor * elements * max(call.input.element_size(), 4)
+        temporaries = call.loss.scratch_bytes(call)
         merged = min(call.input.nbytes + call.target.nbytes, MERGE_COPY_BYTES) + 16 * call.loss.rows_of(call)
         return temporaries + merged + 4096
 
@@ -238,31 +238,20 @@ class LossEngine:
         return compute_merged(calls, key, self.staging)
 
     def _run(self, call: LossCall) -> LossOutput:
-        """One call alone: torch's own call on the device. Its tensors go up through the staging
+        """One call alone: its loss's computation on the device. Its tensors go up through the staging
         (page-locked memory and asynchronous copies on CUDA) and its results come down with one
         synchronisation; on the CPU nothing moves."""
-        upload = self.staging.upload
-        function = call.loss.function(call.options, call.reduction)
-        input, target = upload(call.input), upload(call.target)
-        weight = None if call.weight is None else upload(call.weight)
-        if not (call.input_grad or call.target_grad):
-            with torch.no_grad():
-                (loss,) = self.staging.download([function(input, target, weight)])
-            return LossOutput(loss=loss)
-        with torch.enable_grad():
-            # Fresh leaves: the decoded tensors may be shared, read-only views of the request.
-            input = input.detach().requires_grad_(call.input_grad)
-            target = target.detach().requires_grad_(call.target_grad)
-            loss = function(input, target, weight)
-            upstream = torch.ones_like(loss) if call.grad_output is None else upload(call.grad_output)
-            leaves = [leaf for leaf in (input, target) if leaf.requires_grad]
-            grads = list(torch.autograd.grad(loss, leaves, upstream))
+        computed = call.loss.compute(call, self.staging.upload)
         wanted = call.grad_dtype
-        grads = [grad if wanted is None or grad.dtype == wanted else grad.to(wanted) for grad in grads]
-        results = self.staging.download([loss.detach(), *grads])
+        grads = [
+            grad if wanted is None or grad.dtype == wanted else grad.to(wanted) for grad in computed.grads
+        ]
+        names = list(computed.parts)
+        results = self.staging.download([computed.loss, *grads, *computed.parts.values()])
         loss = results.pop(0)
         return LossOutput(
             loss=loss,
             input_grad=results.pop(0) if call.input_grad else None,
             target_grad=results.pop(0) if call.target_grad else None,
+            parts=dict(zip(names, results, strict=True)),
         )

@@ -17,6 +17,7 @@ Pure torch and numpy; nothing of gRPC, protobuf or metrics.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -81,6 +82,8 @@ def denominators(calls: Sequence[LossCall], counts: Sequence[int], targets: np.n
     for i, call in enumerate(calls):
         if call.reduction == "batchmean":
             result[i] = call.loss.samples_divisor(call)
+        elif call.reduction == "mean" and (divisor := call.loss.mean_divisor(call)) is not None:
+            result[i] = divisor
         elif call.reduction == "mean":
             result[i] = counts[i]
             means.append(i)
@@ -95,6 +98,8 @@ def denominators(calls: Sequence[LossCall], counts: Sequence[int], targets: np.n
 def compute_merged(calls: Sequence[LossCall], key: MergeKey, staging: Staging) -> list[LossOutput]:
     """Computes calls that share `key` together; results on the host, in call order."""
     loss = key.loss
+    if loss.merged_by_compute:
+        return _merged_by_compute(calls, key, staging)
     counts = [loss.rows_of(call) for call in calls]
     indices = loss.class_targets(calls[0])
     targets = [loss.target_rows(host_array(call.target), call) for call in calls]
@@ -136,6 +141,67 @@ def compute_merged(calls: Sequence[LossCall], key: MergeKey, staging: Staging) -
             grad = loss.from_rows(host[-1][rows], call.target.shape)
             target_grad = as_result(grad, call.target.dtype, call.grad_dtype)
         outputs.append(LossOutput(loss=value, input_grad=input_grad, target_grad=target_grad))
+    return outputs
+
+
+def _rows(arrays: Sequence[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
+    """Host arrays of rows concatenated into one host tensor of `dtype` (bfloat16 from its bits)."""
+    joined = torch.from_numpy(np.concatenate(arrays))
+    return joined.view(torch.bfloat16) if dtype == torch.bfloat16 else joined
+
+
+def _merged_by_compute(calls: Sequence[LossCall], key: MergeKey, staging: Staging) -> list[LossOutput]:
+    """Calls merged as one call of their concatenated rows, computed by their loss under reduction
+    'none' with each row's upstream gradient; each call's loss and parts reduced in float64."""
+    loss, first = key.loss, calls[0]
+    counts = [loss.rows_of(call) for call in calls]
+    divisors = denominators(calls, counts, None)
+    tensors = {
+        name: _rows(
+            [loss.tensor_rows(name, host_array(call.tensors[name]), call) for call in calls], tensor.dtype
+        )
+        for name, tensor in first.tensors.items()
+    }
+    wanted = key.input_grad or key.target_grad
+    merged = LossCall(
+        options=dataclasses.replace(first.options, reduction="none"),
+        input=_rows([loss.input_rows(host_array(call.input), call) for call in calls], key.input_dtype),
+        target=_rows([loss.target_rows(host_array(call.target), call) for call in calls], key.target_dtype),
+        weight=first.weight,
+        input_grad=key.input_grad,
+        target_grad=key.target_grad,
+        grad_output=torch.from_numpy(_upstream(calls, counts, divisors)) if wanted else None,
+        tensors=tensors,
+    )
+    computed = loss.compute(merged, staging.upload)
+    names = list(computed.parts)
+    loss_dtype = computed.loss.dtype
+    host = staging.to_host([computed.loss, *computed.parts.values(), *computed.grads])
+    values = dict(zip(["loss", *names], host, strict=False))
+    grads = host[1 + len(names) :]
+    reduced = {
+        name: _reductions(calls, array, loss_dtype, counts, divisors) for name, array in values.items()
+    }
+    bounds = np.cumsum([0, *counts])
+    outputs = []
+    for i, call in enumerate(calls):
+        rows = slice(bounds[i], bounds[i + 1])
+        results = {}
+        for name, array in values.items():
+            value = reduced[name][i]
+            if value is None:
+                value = as_result(array[rows].reshape(loss_shape(call, "none")), loss_dtype)
+            results[name] = value
+        input_grad = target_grad = None
+        if key.input_grad:
+            input_grad = as_result(
+                loss.from_rows(grads[0][rows], call.input.shape), call.input.dtype, call.grad_dtype
+            )
+        if key.target_grad:
+            grad = loss.from_rows(grads[-1][rows], call.target.shape)
+            target_grad = as_result(grad, call.target.dtype, call.grad_dtype)
+        main = results.pop("loss")
+        outputs.append(LossOutput(loss=main, input_grad=input_grad, target_grad=target_grad, parts=results))
     return outputs
 
 

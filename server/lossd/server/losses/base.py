@@ -14,8 +14,9 @@ by its fields, without importing protobuf).
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -24,13 +25,26 @@ import torch
 if TYPE_CHECKING:  # the codec imports protobuf, which the losses must not need
     from lossd.wire.codec import TensorLimits
 
-__all__ = ["REDUCTIONS", "Loss", "LossCall", "LossFunction", "LossOptions", "LossOutput", "OipTensor"]
+__all__ = [
+    "REDUCTIONS",
+    "Computed",
+    "Loss",
+    "LossCall",
+    "LossFunction",
+    "LossOptions",
+    "LossOutput",
+    "OipTensor",
+    "Upload",
+]
 
 REDUCTIONS = ("none", "mean", "sum", "batchmean")
 """torch's reduction names, across losses."""
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 """`f(input, target, weight)`: one loss with its options bound."""
+
+Upload = Callable[[torch.Tensor], torch.Tensor]
+"""Moves a host tensor to the engine's device."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,7 @@ class LossCall:
     target_grad: bool = False
     grad_dtype: torch.dtype | None = None
     grad_output: torch.Tensor | None = None
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def loss(self) -> Loss:
@@ -73,12 +88,24 @@ class LossCall:
 class LossOutput:
     """The loss and the gradients asked for, on the host: torch tensors, or numpy arrays where the
     merged path produced them (any dtype but bfloat16). `nonfinite` names the request fields that
-    held NaN or infinity (computed with, as torch does, and counted)."""
+    held NaN or infinity (computed with, as torch does, and counted). `parts`: the loss's named
+    parts (`Loss.parts`), each shaped like `loss`."""
 
     loss: torch.Tensor | np.ndarray
     input_grad: torch.Tensor | np.ndarray | None = None
     target_grad: torch.Tensor | np.ndarray | None = None
     nonfinite: tuple[str, ...] = ()
+    parts: Mapping[str, torch.Tensor | np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Computed:
+    """A call's results on the device, before they come down: the loss, its parts, and the
+    gradients asked for (input's, then target's)."""
+
+    loss: torch.Tensor
+    grads: list[torch.Tensor]
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -104,6 +131,16 @@ class Loss(abc.ABC):
     reductions: ClassVar[tuple[str, ...]] = ("none", "mean", "sum")
     tensors: ClassVar[tuple[str, ...]] = ()
     """Optional tensors in the loss's options message ("weight"), in request order."""
+    parts: ClassVar[tuple[str, ...]] = ()
+    """The named parts of the loss a response carries besides it (response fields)."""
+    log_probabilities: ClassVar[tuple[str, ...]] = ()
+    """Request fields that hold log-probabilities, where -inf is a value (probability 0), not a
+    fault: only NaN and +inf count as non-finite there."""
+    oip_tensors: ClassVar[Mapping[str, str]] = {}
+    """The OIP datatype of each of `tensors` that is not FP32."""
+    merged_by_compute: ClassVar[bool] = False
+    """Whether calls merge as one call of their concatenated rows under reduction 'none', through
+    `compute` (a loss with tensors of its own or parts), rather than through `function`."""
     parameters: ClassVar[Mapping[str, type]] = {}
     """The scalar fields of the options message and their Python types (also the OIP parameters)."""
     options_type: ClassVar[type[LossOptions]] = LossOptions
@@ -145,10 +182,39 @@ class Loss(abc.ABC):
     def temporaries(self, call: LossCall) -> int:
         """How many input-sized temporaries (at 32 bits at least) torch's computation holds."""
 
+    def scratch_bytes(self, call: LossCall) -> int:
+        """Memory the computation of a validated call takes besides its tensors and answer: its
+        input-sized temporaries (`temporaries`), at 32 bits at least."""
+        elements = max(call.input.numel(), math.prod(self.loss_shape(call, "none")))
+        return self.temporaries(call) * elements * max(call.input.element_size(), 4)
+
     def example(self) -> LossCall:
         """A small call with an input gradient, computed once at start-up to warm the device."""
         logits = torch.randn(4, 3)
         return LossCall(self.make_options("mean"), logits, torch.tensor([0, 1, 2, 0]), input_grad=True)
+
+    def compute(self, call: LossCall, upload: Upload) -> Computed:
+        """A validated call on the device: torch's own call and `torch.autograd.grad` of it. A loss
+        with its own way of computing (in chunks, say) overrides this."""
+        function = self.function(call.options, call.reduction)
+        input, target = upload(call.input), upload(call.target)
+        weight = None if call.weight is None else upload(call.weight)
+        if not (call.input_grad or call.target_grad):
+            with torch.no_grad():
+                return Computed(function(input, target, weight), [])
+        with torch.enable_grad():
+            # Fresh leaves: the decoded tensors may be shared, read-only views of the request.
+            input = input.detach().requires_grad_(call.input_grad)
+            target = target.detach().requires_grad_(call.target_grad)
+            loss = function(input, target, weight)
+            upstream = torch.ones_like(loss) if call.grad_output is None else upload(call.grad_output)
+            leaves = [leaf for leaf in (input, target) if leaf.requires_grad]
+            grads = list(torch.autograd.grad(loss, leaves, upstream))
+        return Computed(loss.detach(), grads)
+
+    def loss_dtype(self, call: LossCall) -> torch.dtype:
+        """The dtype of the loss a valid call returns."""
+        return call.input.dtype
 
     # -- rows: merged calls and stream blocks -----------------------------------------------------
 
@@ -173,6 +239,15 @@ class Loss(abc.ABC):
     @abc.abstractmethod
     def from_rows(self, rows: np.ndarray, shape: Sequence[int]) -> np.ndarray:
         """Rows back to a tensor of `shape` (a gradient's: the input's or the target's)."""
+
+    def tensor_rows(self, name: str, array: np.ndarray, call: LossCall) -> np.ndarray:
+        """One of a call's own `tensors` as rows, matching `input_rows`."""
+        return array.reshape(self.rows_of(call), -1)
+
+    def mean_divisor(self, call: LossCall) -> float | None:
+        """What a 'mean' divides by, when the loss decides it from the call alone (None: the rows,
+        or `mean_weights`)."""
+        return None
 
     def class_targets(self, call: LossCall) -> bool:
         """Whether the target holds one class index per row (concatenated flat when merged)."""

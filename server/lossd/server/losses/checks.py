@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lossd.wire.errors import InvalidArgumentError
 
-__all__ = ["FLOATING", "broadcast_shape", "dtype_name", "invalid_argument", "require_floating"]
+__all__ = [
+    "FLOATING",
+    "OutOfRange",
+    "broadcast_shape",
+    "dtype_name",
+    "invalid_argument",
+    "out_of_range",
+    "require_floating",
+]
 
 FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -42,3 +51,21 @@ def broadcast_shape(a: torch.Size, b: torch.Size) -> tuple[int, ...] | None:
         result.append(y if x == 1 else x)
     longer = a if len(a) > len(b) else b
     return (*longer[: len(longer) - len(result)], *reversed(result))
+
+
+OutOfRange = tuple[list[int], int, int]
+"""The first bad index's position and value, and how many there are."""
+
+
+def out_of_range(values: np.ndarray, limit: int, exempt: np.ndarray | None = None) -> OutOfRange | None:
+    """Indices outside [0, limit) that are not `exempt` (ignored labels, padding), checked on the
+    host: a bad index must never reach a (CUDA) kernel. Fast when all are in range (min and max)."""
+    if not values.size or (values.min() >= 0 and values.max() < limit):
+        return None
+    bad = (values < 0) | (values >= limit)
+    if exempt is not None:
+        bad &= ~exempt
+    if not bad.any():
+        return None
+    position = [int(i) for i in np.argwhere(bad)[0]] if bad.ndim else []
+    return position, int(values[tuple(position)]), int(bad.sum())

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lossd.server.losses.base import Loss, LossCall, LossOptions, OipTensor
-from lossd.server.losses.checks import dtype_name, invalid_argument
+from lossd.server.losses.checks import dtype_name, invalid_argument, out_of_range
 
 if TYPE_CHECKING:
     pass
@@ -144,24 +144,20 @@ class ClassificationLoss(Loss):
         wide = target if target.dtype == torch.int64 else target.to(torch.int64)
         if wide.device.type == "meta":  # a StreamLoss header: the values are checked once they arrive
             return wide
-        values = wide.numpy()  # host-side: a bad index must never reach a (CUDA) kernel
-        if values.size and (values.min() < 0 or values.max() >= classes):  # the rare, slow path
-            bad = ((values < 0) | (values >= classes)) & (values != ignore_index)
-        else:
-            bad = None
-        if bad is not None and bad.any():
-            position = [int(i) for i in np.argwhere(bad)[0]] if bad.ndim else []
-            value = int(values[tuple(position)])
+        values = wide.numpy()
+        found = out_of_range(values, classes, values == ignore_index)
+        if found is not None:
+            position, value, count = found
             raise invalid_argument(
                 f"target{position} is {value}, outside [0, {classes}) for {classes} classes and not "
-                f"ignore_index ({ignore_index}); {int(bad.sum())} target(s) are out of range",
+                f"ignore_index ({ignore_index}); {count} target(s) are out of range",
                 "TARGET_OUT_OF_RANGE",
                 "target",
                 value=value,
                 index=position,
                 classes=classes,
                 ignoreIndex=ignore_index,
-                count=int(bad.sum()),
+                count=count,
             )
         return wide
 

@@ -2,13 +2,14 @@
 
 Triton's and KServe's clients (C++, Python, Java, Go) speak `inference.GRPCInferenceService`; this
 servicer answers them with lossd's losses, one model per loss (`nll_loss`, `cross_entropy`,
-`kl_div`: every loss in `lossd.server.losses.LOSSES`), version "1". Inputs carry torch's argument
-names (`input`, `target`, the loss's own tensors such as `weight`, `grad_output`), options come as
-request parameters (the loss's `parameters`), and the outputs are `loss`, `input_grad` and
-`target_grad`; requesting a gradient output is what asks for the gradient. A ModelInferRequest is
-translated into a `lossd.v1.ComputeLossRequest` (the tensors' bytes are not decoded, only moved)
-and answered by `LossServicer.answer`, so validation, limits, batching, metrics and failure
-handling are exactly those of `ComputeLoss`; the answer's tensors go back as raw output contents.
+`kl_div`, `distillation`: every loss in `lossd.server.losses.LOSSES`), version "1". Inputs carry
+torch's argument names (`input`, `target`, the loss's own tensors such as `weight`, `grad_output`),
+options come as request parameters (the loss's `parameters`), and the outputs are `loss`, its parts
+(a distillation's `hard_loss` and `soft_loss`), `input_grad` and `target_grad`; requesting a
+gradient output is what asks for the gradient. A ModelInferRequest is translated into a
+`lossd.v1.ComputeLossRequest` (the tensors' bytes are not decoded, only moved) and answered by
+`LossServicer.answer`, so validation, limits, batching, metrics and failure handling are exactly
+those of `ComputeLoss`; the answer's tensors go back as raw output contents.
 """
 
 from __future__ import annotations
@@ -74,7 +75,11 @@ _REDUCTIONS = {
 }
 # Scheduling parameters Triton's clients may send; they mean nothing to a loss and are ignored.
 _IGNORED = frozenset({"priority", "timeout", "sequence_id", "sequence_start", "sequence_end"})
-_OUTPUTS = ("loss", "input_grad", "target_grad")
+
+
+def _outputs(loss: Loss) -> tuple[str, ...]:
+    """A model's outputs: the loss, its parts, the gradients it has."""
+    return ("loss", *loss.parts, "input_grad", *(("target_grad",) if loss.target_gradient else ()))
 
 
 ECHO_CHARS = 64
@@ -201,10 +206,11 @@ def loss_request(
             )
         _apply(message, loss, options, name, _parameter(request.parameters, name))
     outputs = [wanted.name for wanted in request.outputs] or ["loss"]
+    known = _outputs(loss)
     for name in outputs:
-        if name not in _OUTPUTS or outputs.count(name) > 1:
+        if name not in known or outputs.count(name) > 1:
             raise invalid_argument(
-                f"output {shown(name)!r} is unknown or repeated; the outputs are {', '.join(_OUTPUTS)}",
+                f"output {shown(name)!r} is unknown or repeated; the outputs are {', '.join(known)}",
                 "OUTPUT_UNKNOWN",
                 f"outputs.{shown(name)}",
                 output=shown(name),
@@ -253,7 +259,12 @@ def read_infer_request(raw: bytes) -> tuple[oip.ModelInferRequest, list[memoryvi
 def encode_infer_response(request: oip.ModelInferRequest, output: LossOutput, outputs: list[str]) -> bytes:
     """The engine's result as a serialized ModelInferResponse, each output's bytes copied once."""
     answer = oip.ModelInferResponse(model_name=request.model_name, model_version=VERSION, id=request.id)
-    tensors = {"loss": output.loss, "input_grad": output.input_grad, "target_grad": output.target_grad}
+    tensors = {
+        "loss": output.loss,
+        **output.parts,
+        "input_grad": output.input_grad,
+        "target_grad": output.target_grad,
+    }
     contents: list[bytes | memoryview] = []
     for name in outputs:
         value = tensors[name]
@@ -273,10 +284,13 @@ def _metadata(loss: Loss) -> oip.ModelMetadataResponse:
         tensor(name="input", datatype="FP32", shape=[-1, -1]),
         tensor(name=target.name, datatype=target.datatype, shape=target.shape),
     ]
-    inputs += [tensor(name=name, datatype="FP32", shape=[-1]) for name in loss.tensors]
+    inputs += [
+        tensor(name=name, datatype=loss.oip_tensors.get(name, "FP32"), shape=[-1]) for name in loss.tensors
+    ]
     inputs.append(tensor(name="grad_output", datatype="FP32", shape=[-1]))
     outputs = [
         tensor(name="loss", datatype="FP32", shape=[]),
+        *(tensor(name=name, datatype="FP32", shape=[]) for name in loss.parts),
         tensor(name="input_grad", datatype="FP32", shape=[-1, -1]),
     ]
     if loss.target_gradient:

@@ -105,6 +105,7 @@ def _call(request: pb.ComputeLossRequest, make: TensorMaker) -> LossCall:
         target_grad=gradients.target,
         grad_dtype=_grad_dtype(gradients),
         grad_output=grad_output,
+        tensors={field: tensor for field, tensor in extra.items() if field != "weight"},
     )
 
 
@@ -235,62 +236,46 @@ def stream_plan(
     return _call(request, make), plan
 
 
+def _answer(output: LossOutput) -> list[tuple[str, Any]]:
+    """The response's tensors by field, in field order: the loss, its parts, the gradients asked for."""
+    tensors: list[tuple[str, Any]] = [("loss", output.loss), *output.parts.items()]
+    tensors += [("input_gradient", output.input_grad), ("target_gradient", output.target_grad)]
+    return [(name, value) for name, value in tensors if value is not None]
+
+
 def stream_response(output: LossOutput) -> tuple[pb.ComputeLossResponse, list[tuple[int, memoryview]]]:
-    """The StreamLoss answer: a header with the loss and the gradients' dtypes and shapes, and each
-    gradient's bytes (slot, view) to send in chunks."""
+    """The StreamLoss answer: a header with the loss (and its parts) and the gradients' dtypes and
+    shapes, and the bytes (slot, view) of each tensor to send in chunks: the gradients always, a
+    loss that outgrows `INLINE_LOSS_BYTES` (one per element) too."""
     response = pb.ComputeLossResponse()
-    chunks: list[tuple[int, memoryview]] = []
-    loss, loss_dtype = codec.to_wire(output.loss)
-    if loss.nbytes <= INLINE_LOSS_BYTES:  # a reduced loss: inline
-        codec.encode(output.loss, "loss", out=response.loss)
-    else:  # a `none` loss can outgrow any message: in chunks like the gradients
-        response.loss.CopyFrom(codec.header(loss.shape, loss_dtype))
-        chunks.append((int(pb.TENSOR_SLOT_LOSS), codec.wire_view(loss)))
-    for slot, value, message in (
-        (pb.TENSOR_SLOT_INPUT_GRADIENT, output.input_grad, response.input_gradient),
-        (pb.TENSOR_SLOT_TARGET_GRADIENT, output.target_grad, response.target_gradient),
-    ):
-        if value is None:
+    pieces: list[tuple[int, memoryview]] = []
+    for name, value in _answer(output):
+        message = getattr(response, name)
+        array, dtype = codec.to_wire(value, name)
+        if not name.endswith("_gradient") and array.nbytes <= INLINE_LOSS_BYTES:  # a reduced loss: inline
+            codec.encode(value, name, out=message)
             continue
-        array, dtype = codec.to_wire(value)
         message.CopyFrom(codec.header(array.shape, dtype))
         if array.size:
-            chunks.append((int(slot), codec.wire_view(array)))
-    return response, chunks
+            pieces.append((int(chunks.RESPONSE_SLOTS[name]), codec.wire_view(array)))
+    return response, pieces
 
 
-def _answer_bytes(output: LossOutput) -> int:
-    return sum(
-        value.nbytes for value in (output.loss, output.input_grad, output.target_grad) if value is not None
-    )
-
-
-_RESPONSE_FIELDS = {
-    name: pb.ComputeLossResponse.DESCRIPTOR.fields_by_name[name].number
-    for name in ("loss", "input_gradient", "target_gradient")
-}
+_RESPONSE_FIELDS = {field.name: field.number for field in pb.ComputeLossResponse.DESCRIPTOR.fields}
 
 
 def encode_response(output: LossOutput) -> bytes:
     """The serialized ComputeLossResponse of the engine's result, each tensor's bytes copied once
     (small answers through protobuf, which is quicker for them); gradients that were not asked
     for are not sent."""
-    if _answer_bytes(output) < SPLIT_BYTES:
+    answer = _answer(output)
+    if sum(value.nbytes for _, value in answer) < SPLIT_BYTES:
         response = pb.ComputeLossResponse()
-        codec.encode(output.loss, "loss", out=response.loss)
-        if output.input_grad is not None:
-            codec.encode(output.input_grad, "input_gradient", out=response.input_gradient)
-        if output.target_grad is not None:
-            codec.encode(output.target_grad, "target_gradient", out=response.target_gradient)
+        for name, value in answer:
+            codec.encode(value, name, out=getattr(response, name))
         return response.SerializeToString()
     pieces: list[bytes | memoryview] = []
-    for name, value in (
-        ("loss", output.loss),
-        ("input_gradient", output.input_grad),
-        ("target_gradient", output.target_grad),
-    ):
-        if value is None:
-            continue
+    for name, value in answer:
         array, dtype = codec.to_wire(value, name)
         header = codec.header(array.shape, dtype).SerializeToString()
         pieces += messages.tensor_field(_RESPONSE_FIELDS[name], header, _DATA, codec.wire_view(array))

@@ -80,7 +80,7 @@ class StreamedCall:
         self._submitted = 0
         self._running: collections.deque[tuple[int, int, asyncio.Future[LossOutput]]] = collections.deque()
         self._header_sent = False
-        self._total = 0.0
+        self._totals: dict[str, float] = {}
 
     async def _write(self, message: bytes) -> None:
         self.sent += len(message)
@@ -241,6 +241,8 @@ class StreamedCall:
         assert plan is not None
         call = plan.call
         header = pb.ComputeLossResponse(loss=_tensor_header(plan.loss_shape, plan.loss_dtype))
+        for name in call.loss.parts:
+            getattr(header, name).CopyFrom(_tensor_header(plan.loss_shape, plan.loss_dtype))
         if call.input_grad:
             header.input_gradient.CopyFrom(
                 _tensor_header(call.input.shape, call.grad_dtype or call.input.dtype)
@@ -258,10 +260,12 @@ class StreamedCall:
         if not self._header_sent:
             await self._write(chunks.encode_header(self._header()))
             self._header_sent = True
-        if plan.call.options.reduction == "none":
-            await self._send_rows(pb.TENSOR_SLOT_LOSS, output.loss, start)
-        else:
-            self._total += _float64_sum(output.loss)
+        losses = [("loss", output.loss), *output.parts.items()]
+        for name, value in losses:
+            if plan.call.options.reduction == "none":
+                await self._send_rows(chunks.RESPONSE_SLOTS[name], value, start)
+            else:
+                self._totals[name] = self._totals.get(name, 0.0) + _float64_sum(value)
         if output.input_grad is not None:
             await self._send_rows(pb.TENSOR_SLOT_INPUT_GRADIENT, output.input_grad, start)
         if output.target_grad is not None:
@@ -285,8 +289,9 @@ class StreamedCall:
             await self._write(chunks.encode_header(self._header()))
             self._header_sent = True
         if plan.call.options.reduction != "none":
-            array, _ = codec.to_wire(plan.reduce(self._total))
-            await self._write(chunks.encode_chunk(pb.TENSOR_SLOT_LOSS, 0, codec.wire_view(array)))
+            for name in ("loss", *plan.call.loss.parts):
+                array, _ = codec.to_wire(plan.reduce(self._totals.get(name, 0.0)))
+                await self._write(chunks.encode_chunk(chunks.RESPONSE_SLOTS[name], 0, codec.wire_view(array)))
 
     async def close(self) -> None:
         """Cancels blocks still computing (the call failed or was cancelled)."""

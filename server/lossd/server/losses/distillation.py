@@ -1,0 +1,597 @@
+"""Knowledge distillation: a student's logits against a teacher's distribution (dense, or its top-k),
+plus an optional cross-entropy on hard labels, in one call.
+
+The semantics are TRL's (`GKDTrainer.generalized_jsd_loss`, top-k with `loss_add_tail`) and Liger
+Kernel's (`LigerFusedLinearJSDLoss`): per token, with student log-probabilities `ls` and teacher
+log-probabilities `lt` at temperature T,
+
+    beta = 0: D = KL(teacher || student)    beta = 1: D = KL(student || teacher)
+    else:     D = beta KL(teacher || m) + (1 - beta) KL(student || m),  m = (1 - beta) p_s + beta p_t
+    loss = weight_hard * cross_entropy(s, labels) + weight_soft * D (* T^2 with temperature_squared)
+
+summed over the vocabulary, never divided by it; tokens whose label is `ignore_index` count in
+neither term. `0 log 0` is 0, so a teacher probability of exactly 0 and `-inf` padding are values,
+not NaN. float16 and bfloat16 logits are computed in float32, as Liger does.
+
+The computation runs in chunks of tokens (`CHUNK_ELEMENTS` student values each), so a call holds its
+inputs, its gradient and one chunk's temporaries, never several float32 copies of tokens x V. A call
+that fits one chunk is exactly the reference composition of torch operations, reduction and
+autograd included; in several chunks each token's values and gradient are the same, and the
+reduction sums the chunks' sums in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lossd.server.losses.base import Computed, Loss, LossCall, LossFunction, LossOptions, OipTensor, Upload
+from lossd.server.losses.checks import dtype_name, invalid_argument, out_of_range, require_floating
+
+if TYPE_CHECKING:
+    from lossd.wire.codec import TensorLimits
+
+__all__ = ["CHUNK_ELEMENTS", "DISTILLATION", "DistillationLoss", "DistillationOptions", "token_losses"]
+
+CHUNK_ELEMENTS = 1 << 21
+"""Student values per chunk: 8 MiB per float32 temporary, about ten of them live at once."""
+
+TAIL_CLAMP = -1e-7
+"""The top-k tail bucket is log(1 - exp(min(logsumexp(values), TAIL_CLAMP))): never log(0)."""
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
+_OPTIONAL = frozenset({"temperature", "weight_soft", "ignore_index", "normalizer"})
+
+
+@dataclass(frozen=True)
+class DistillationOptions(LossOptions):
+    """The options of a distillation call and their defaults (TRL's loss: forward KL, T = 1)."""
+
+    beta: float = 0.0
+    temperature: float = 1.0
+    temperature_squared: bool = False
+    weight_hard: float = 0.0
+    weight_soft: float = 1.0
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    top_k_renormalize: bool = False
+    truncate_teacher: bool = False
+    normalizer: float | None = None
+
+
+def _has_zero(lp: torch.Tensor) -> bool:
+    """Whether log-probabilities may hold -inf (probability 0): always on a device (asking would
+    wait for it), on the CPU by one reduction (NaN counts too: masking is then the safe side)."""
+    if lp.device.type != "cpu" or lp.numel() == 0:
+        return lp.numel() > 0
+    least = lp.detach().min()
+    return bool(least == -math.inf) or bool(least.isnan())
+
+
+def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """sum_v p (log p - log q) over the last dimension, with 0 log 0 = 0: where p is 0 both logs
+    are replaced by 0 before they meet, so neither the value nor the gradient sees -inf - -inf.
+    Without any 0 the replacement changes nothing (values nor gradients) and is skipped: most
+    calls have none, and the fills would cost a quarter of the computation."""
+    if _has_zero(lp):
+        zero = lp == -math.inf
+        return (lp.exp() * (lp.masked_fill(zero, 0.0) - lq.masked_fill(zero, 0.0))).sum(-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def _divergence(ls: torch.Tensor, lt: torch.Tensor, beta: float) -> torch.Tensor:
+    if beta == 0.0:
+        return _kl(lt, ls)
+    if beta == 1.0:
+        return _kl(ls, lt)
+    # Where both sides are 0 (top-k padding) so is the mixture; its logsumexp is taken over zeros
+    # there instead, whose gradient is finite (that of -inf over -inf is not), and the -inf put back.
+    if _has_zero(ls) and _has_zero(lt):
+        absent = (ls == -math.inf) & (lt == -math.inf)
+        safe_s, safe_t = ls.masked_fill(absent, 0.0), lt.masked_fill(absent, 0.0)
+        mixture = torch.logsumexp(torch.stack([safe_s + math.log1p(-beta), safe_t + math.log(beta)]), 0)
+        mixture = mixture.masked_fill(absent, -math.inf)
+    else:
+        mixture = torch.logsumexp(torch.stack([ls + math.log1p(-beta), lt + math.log(beta)]), 0)
+    return beta * _kl(lt, mixture) + (1.0 - beta) * _kl(ls, mixture)
+
+
+def _with_tail(lp: torch.Tensor) -> torch.Tensor:
+    mass = torch.logsumexp(lp, -1, keepdim=True).clamp(max=TAIL_CLAMP)
+    return torch.cat([lp, torch.log(-torch.expm1(mass))], -1)
+
+
+def _renormalized(lp: torch.Tensor) -> torch.Tensor:
+    total = torch.logsumexp(lp, -1, keepdim=True)
+    return lp - total.masked_fill(total == -math.inf, 0.0)  # an all-padding token stays all -inf
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16 and bfloat16 logits are computed (and the loss returned) in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def token_losses(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    teacher_ids: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    options: DistillationOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token (total, hard, soft) for rows of tokens: `student` (n, V), `teacher` (n, V_t) or
+    its top-k log-probabilities (n, k) with `teacher_ids`, `labels` (n) int64 or None."""
+    dtype = compute_dtype(student.dtype)
+    s = student.to(dtype)
+    vocabulary = s.shape[-1]
+    temperature = options.temperature
+    # x / 1 is x, bit for bit, and so is its gradient: at T = 1 the divisions are left out.
+    ls = F.log_softmax(s if temperature == 1.0 else s / temperature, dim=-1)
+    if teacher_ids is None:
+        t = teacher[:, :vocabulary] if teacher.shape[-1] != vocabulary else teacher
+        t = t.to(dtype)
+        lt = F.log_softmax(t if temperature == 1.0 else t / temperature, dim=-1)
+    else:
+        lt = teacher.to(dtype)
+        padding = lt == -math.inf
+        ls = ls.gather(-1, teacher_ids.masked_fill(padding, 0)).masked_fill(padding, -math.inf)
+        if options.top_k_renormalize:
+            ls, lt = _renormalized(ls), _renormalized(lt)
+        else:
+            ls, lt = _with_tail(ls), _with_tail(lt)
+    soft = options.weight_soft * _divergence(ls, lt, options.beta)
+    if options.temperature_squared:
+        soft = soft * (temperature * temperature)
+    if labels is None:
+        hard = torch.zeros_like(soft)
+        return soft, hard, soft
+    counted = labels != options.ignore_index
+    soft = soft.masked_fill(~counted, 0.0)
+    if options.weight_hard == 0.0:
+        hard = torch.zeros_like(soft)
+        return soft, hard, soft
+    hard = options.weight_hard * F.cross_entropy(
+        s,
+        labels,
+        ignore_index=options.ignore_index,
+        label_smoothing=options.label_smoothing,
+        reduction="none",
+    )
+    return hard + soft, hard, soft
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """A call's tensors on the device as rows of tokens."""
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    teacher_ids: torch.Tensor | None
+    labels: torch.Tensor | None
+
+    def chunk(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        ids = None if self.teacher_ids is None else self.teacher_ids[rows]
+        labels = None if self.labels is None else self.labels[rows]
+        return self.teacher[rows], ids, labels
+
+
+class DistillationLoss(Loss):
+    """Input: the student's logits (..., V). Target: the dense teacher (..., V_t), or the top-k
+    teacher's log-probabilities (..., k) with `teacher_ids`. Optional `labels` (...). Tokens are the
+    rows: one loss per token for 'none'."""
+
+    name: ClassVar[str] = "distillation"
+    reductions: ClassVar[tuple[str, ...]] = ("none", "mean", "sum")
+    tensors: ClassVar[tuple[str, ...]] = ("teacher_ids", "labels")
+    parts: ClassVar[tuple[str, ...]] = ("hard_loss", "soft_loss")
+    parameters: ClassVar[Mapping[str, type]] = {
+        "beta": float,
+        "temperature": float,
+        "temperature_squared": bool,
+        "weight_hard": float,
+        "weight_soft": float,
+        "ignore_index": int,
+        "label_smoothing": float,
+        "top_k_renormalize": bool,
+        "truncate_teacher": bool,
+        "normalizer": float,
+    }
+    options_type: ClassVar[type[LossOptions]] = DistillationOptions
+    target_gradient: ClassVar[bool] = False
+    log_probabilities: ClassVar[tuple[str, ...]] = ("target",)
+    oip_target: ClassVar[OipTensor] = OipTensor("target", "FP32", (-1, -1))
+    oip_tensors: ClassVar[Mapping[str, str]] = {"teacher_ids": "INT64", "labels": "INT64"}
+
+    def options(self, message: Any, reduction: str) -> LossOptions:
+        """Unset optional fields take their defaults (temperature 1, weight_soft 1, ...)."""
+        values = {
+            name: getattr(message, name)
+            for name in self.parameters
+            if name not in _OPTIONAL or message.HasField(name)
+        }
+        return self.make_options(reduction, **values)
+
+    # -- rules ----------------------------------------------------------------------------------
+
+    def validate(self, call: LossCall, limits: TensorLimits | None) -> LossCall:
+        options = call.options
+        assert isinstance(options, DistillationOptions)
+        self._check_options(options, call)
+        student, teacher = call.input, call.target
+        if student.dim() == 0 or student.shape[-1] == 0:
+            raise invalid_argument(
+                f"input.shape is {list(student.shape)}; distillation needs the student's logits "
+                "(..., V) with V >= 1",
+                "SHAPE_INVALID",
+                "input.shape",
+                inputShape=list(student.shape),
+            )
+        require_floating(teacher, "target", "the teacher")
+        lead, vocabulary = tuple(student.shape[:-1]), student.shape[-1]
+        if teacher.dim() == 0 or tuple(teacher.shape[:-1]) != lead:
+            raise invalid_argument(
+                f"target.shape is {list(teacher.shape)}; the teacher must have the student's leading "
+                f"dimensions {list(lead)} and one last dimension (input.shape {list(student.shape)})",
+                "TEACHER_SHAPE_MISMATCH",
+                "target.shape",
+                targetShape=list(teacher.shape),
+                inputShape=list(student.shape),
+            )
+        tensors = dict(call.tensors)
+        ids = tensors.get("teacher_ids")
+        if ids is None:
+            self._check_dense(options, vocabulary, teacher.shape[-1])
+        else:
+            tensors["teacher_ids"] = self._teacher_ids(ids, teacher, vocabulary, options)
+        labels = tensors.get("labels")
+        if labels is not None:
+            tensors["labels"] = self._labels(labels, lead, vocabulary, options.ignore_index)
+        return dataclasses.replace(call, tensors=tensors)
+
+    def _check_options(self, options: DistillationOptions, call: LossCall) -> None:
+        def bad(name: str, rule: str, reason: str) -> None:
+            value = getattr(options, name)
+            raise invalid_argument(
+                f"distillation.{name} is {value}; it must be {rule}",
+                reason,
+                f"distillation.{name}",
+                value=value,
+            )
+
+        if not 0.0 <= options.beta <= 1.0:
+            bad(
+                "beta",
+                "in [0, 1] (0: forward KL, 1: reverse KL, between: generalized JSD)",
+                "BETA_OUT_OF_RANGE",
+            )
+        if not (math.isfinite(options.temperature) and options.temperature > 0.0):
+            bad("temperature", "finite and > 0", "TEMPERATURE_INVALID")
+        for name in ("weight_hard", "weight_soft"):
+            value = getattr(options, name)
+            if not (math.isfinite(value) and value >= 0.0):
+                bad(name, "finite and >= 0", "WEIGHT_INVALID")
+        if not 0.0 <= options.label_smoothing <= 1.0:
+            bad("label_smoothing", "in [0, 1]", "LABEL_SMOOTHING_OUT_OF_RANGE")
+        if options.normalizer is not None:
+            if not (math.isfinite(options.normalizer) and options.normalizer > 0.0):
+                bad("normalizer", "finite and > 0", "NORMALIZER_INVALID")
+            if call.reduction != "mean":
+                raise invalid_argument(
+                    f"distillation.normalizer is set with reduction {call.reduction!r}; it divides the "
+                    "summed loss, which is what 'mean' does: leave the reduction unset or 'mean'",
+                    "NORMALIZER_NOT_SUPPORTED",
+                    "distillation.normalizer",
+                    reduction=call.reduction,
+                )
+        if "labels" not in call.tensors:
+            for name in ("weight_hard", "label_smoothing"):
+                if getattr(options, name) != 0.0:
+                    raise invalid_argument(
+                        f"distillation.{name} is {getattr(options, name)} but distillation.labels is "
+                        "unset: the hard term needs labels",
+                        "LABELS_MISSING",
+                        "distillation.labels",
+                        option=name,
+                    )
+        sparse = "teacher_ids" in call.tensors
+        for name, wanted in (("top_k_renormalize", True), ("truncate_teacher", False)):
+            if getattr(options, name) and sparse != wanted:
+                kind = "a sparse (top-k) teacher" if wanted else "a dense teacher"
+                raise invalid_argument(
+                    f"distillation.{name} is set, but it applies to {kind} only (distillation.teacher_ids "
+                    f"is {'unset' if wanted else 'set'})",
+                    "OPTION_NOT_APPLICABLE",
+                    f"distillation.{name}",
+                )
+
+    @staticmethod
+    def _check_dense(options: DistillationOptions, vocabulary: int, teacher_vocabulary: int) -> None:
+        if teacher_vocabulary == vocabulary or (options.truncate_teacher and teacher_vocabulary > vocabulary):
+            return
+        hint = (
+            "; set distillation.truncate_teacher to use the teacher's first V entries"
+            if teacher_vocabulary > vocabulary
+            else ""
+        )
+        raise invalid_argument(
+            f"the teacher's vocabulary (target.shape[-1] = {teacher_vocabulary}) differs from the "
+            f"student's (input.shape[-1] = {vocabulary}){hint}",
+            "VOCABULARY_MISMATCH",
+            "target.shape",
+            teacherVocabulary=teacher_vocabulary,
+            studentVocabulary=vocabulary,
+        )
+
+    @staticmethod
+    def _teacher_ids(
+        ids: torch.Tensor, values: torch.Tensor, vocabulary: int, options: DistillationOptions
+    ) -> torch.Tensor:
+        field = "distillation.teacher_ids"
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise invalid_argument(
+                f"{field}.dtype is {dtype_name(ids.dtype)}; teacher ids must be int64 or int32",
+                "DTYPE_NOT_SUPPORTED",
+                f"{field}.dtype",
+                dtype=dtype_name(ids.dtype),
+            )
+        if ids.shape != values.shape:
+            raise invalid_argument(
+                f"{field}.shape is {list(ids.shape)}; it must be target.shape {list(values.shape)}, one id "
+                "per teacher log-probability",
+                "TEACHER_SHAPE_MISMATCH",
+                f"{field}.shape",
+                idsShape=list(ids.shape),
+                targetShape=list(values.shape),
+            )
+        wide = ids if ids.dtype == torch.int64 else ids.to(torch.int64)
+        if "meta" in (wide.device.type, values.device.type):  # a StreamLoss header: checked on arrival
+            return wide
+        padding = torch.isneginf(values)
+        found = out_of_range(wide.numpy(), vocabulary, padding.numpy())
+        if found is not None:
+            position, value, count = found
+            raise invalid_argument(
+                f"{field}{position} is {value}, outside [0, {vocabulary}) for the student's "
+                f"{vocabulary} logits (only padding, a -inf teacher value, may hold any id); "
+                f"{count} id(s) are out of range",
+                "TEACHER_ID_OUT_OF_RANGE",
+                field,
+                value=value,
+                index=position,
+                vocabulary=vocabulary,
+                count=count,
+            )
+        if padding.any():
+            wide = wide.masked_fill(padding, 0)
+        return wide
+
+    @staticmethod
+    def _labels(
+        labels: torch.Tensor, lead: tuple[int, ...], vocabulary: int, ignore_index: int
+    ) -> torch.Tensor:
+        field = "distillation.labels"
+        if labels.dtype not in _INDEX_DTYPES:
+            raise invalid_argument(
+                f"{field}.dtype is {dtype_name(labels.dtype)}; labels must be int64, int32 or uint8",
+                "DTYPE_NOT_SUPPORTED",
+                f"{field}.dtype",
+                dtype=dtype_name(labels.dtype),
+            )
+        if tuple(labels.shape) != lead:
+            raise invalid_argument(
+                f"{field}.shape is {list(labels.shape)}; it must be the student's leading dimensions "
+                f"{list(lead)}, one label per token",
+                "LABELS_SHAPE_MISMATCH",
+                f"{field}.shape",
+                labelsShape=list(labels.shape),
+                expectedShape=list(lead),
+            )
+        wide = labels if labels.dtype == torch.int64 else labels.to(torch.int64)
+        if wide.device.type == "meta":
+            return wide
+        values = wide.numpy()
+        found = out_of_range(values, vocabulary, values == ignore_index)
+        if found is not None:
+            position, value, count = found
+            raise invalid_argument(
+                f"{field}{position} is {value}, outside [0, {vocabulary}) and not ignore_index "
+                f"({ignore_index}); {count} label(s) are out of range",
+                "LABEL_OUT_OF_RANGE",
+                field,
+                value=value,
+                index=position,
+                vocabulary=vocabulary,
+                ignoreIndex=ignore_index,
+                count=count,
+            )
+        return wide
+
+    def loss_shape(self, call: LossCall, reduction: str) -> tuple[int, ...]:
+        return tuple(call.input.shape[:-1]) if reduction == "none" else ()
+
+    def loss_dtype(self, call: LossCall) -> torch.dtype:
+        return compute_dtype(call.input.dtype)
+
+    # -- computation ----------------------------------------------------------------------------
+
+    def function(self, options: LossOptions, reduction: str) -> LossFunction:
+        """The per-token loss of a dense teacher without labels, `f(student, teacher, None)`: the
+        loss as one torch function, for callers that have no `LossCall` (a distillation call itself
+        is computed by `compute`, which also takes top-k teachers and labels)."""
+        assert isinstance(options, DistillationOptions)
+
+        def loss(student: torch.Tensor, teacher: torch.Tensor, _: torch.Tensor | None) -> torch.Tensor:
+            vocabulary = student.shape[-1]
+            total, _hard, _soft = token_losses(
+                student.reshape(-1, vocabulary), teacher.reshape(-1, teacher.shape[-1]), None, None, options
+            )
+            total = total.reshape(student.shape[:-1])
+            return total if reduction == "none" else total.sum() if reduction == "sum" else total.mean()
+
+        return loss
+
+    def temporaries(self, call: LossCall) -> int:
+        return 0  # bounded by the chunk, not the input: see `scratch_bytes`
+
+    def scratch_bytes(self, call: LossCall) -> int:
+        """About a dozen float32 (float64) temporaries of one chunk, and the per-token vectors."""
+        itemsize = compute_dtype(call.input.dtype).itemsize
+        vocabulary = max(call.input.shape[-1], call.target.shape[-1] + 1) if call.input.dim() else 1
+        chunk = min(self.rows_of(call), max(1, CHUNK_ELEMENTS // max(vocabulary, 1))) * vocabulary
+        return 12 * chunk * itemsize + 8 * itemsize * self.rows_of(call)
+
+    def example(self) -> LossCall:
+        student, teacher = torch.randn(4, 5), torch.randn(4, 5)
+        options = self.make_options("mean", beta=0.5, weight_hard=0.5)
+        return LossCall(
+            options, student, teacher, input_grad=True, tensors={"labels": torch.tensor([0, 1, 4, 2])}
+        )
+
+    def compute(self, call: LossCall, upload: Upload) -> Computed:
+        options = call.options
+        assert isinstance(options, DistillationOptions)
+        vocabulary = call.input.shape[-1]
+        tokens = self.rows_of(call)
+        ids, labels = call.tensors.get("teacher_ids"), call.tensors.get("labels")
+        rows = _Rows(
+            student=upload(call.input).reshape(tokens, vocabulary),
+            teacher=upload(call.target).reshape(tokens, call.target.shape[-1]),
+            teacher_ids=None if ids is None else upload(ids).reshape(tokens, ids.shape[-1]),
+            labels=None if labels is None else upload(labels).reshape(tokens),
+        )
+        dtype = compute_dtype(call.input.dtype)
+        device = rows.student.device
+        reduction = call.reduction
+        divisor: torch.Tensor | float | None = None
+        if reduction == "mean":
+            if options.normalizer is not None:
+                divisor = options.normalizer
+            elif rows.labels is None:
+                divisor = float(max(tokens, 1))
+            else:  # a device tensor: no synchronisation to count
+                divisor = (rows.labels != options.ignore_index).sum().clamp(min=1)
+        upstream = None
+        if call.input_grad:
+            upstream = (
+                torch.ones((), dtype=dtype, device=device)
+                if call.grad_output is None
+                else upload(call.grad_output).to(dtype)
+            )
+        if upstream is not None and reduction == "none":
+            upstream = upstream.expand(call.input.shape[:-1]).reshape(tokens)
+        step = max(1, CHUNK_ELEMENTS // vocabulary)
+        if tokens <= step:
+            return self._whole(call, rows, options, divisor, upstream)
+        grad = torch.empty_like(rows.student) if call.input_grad else None
+        per_token = None
+        if reduction == "none":
+            per_token = [torch.empty(tokens, dtype=dtype, device=device) for _ in range(3)]
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        token_upstream = None
+        if upstream is not None and reduction != "none":
+            token_upstream = upstream if divisor is None else upstream / divisor
+        for start in range(0, tokens, step):
+            chunk = slice(start, min(tokens, start + step))
+            teacher, chunk_ids, chunk_labels = rows.chunk(chunk)
+            leaf = rows.student[chunk].detach().requires_grad_(grad is not None)
+            with torch.enable_grad() if grad is not None else torch.no_grad():
+                values = token_losses(leaf, teacher, chunk_ids, chunk_labels, options)
+                if grad is not None:
+                    if per_token is not None:
+                        assert upstream is not None
+                        weights = upstream[chunk]
+                    else:
+                        assert token_upstream is not None
+                        weights = token_upstream.expand(values[0].shape)
+                    (grad[chunk],) = torch.autograd.grad(values[0], leaf, weights)
+            if per_token is not None:
+                for out, value in zip(per_token, values, strict=True):
+                    out[chunk] = value.detach()
+            else:
+                sums += torch.stack([value.detach().sum(dtype=torch.float64) for value in values])
+        grads = [] if grad is None else [grad.reshape(call.input.shape)]
+        if per_token is not None:
+            shape = call.input.shape[:-1]
+            total, hard, soft = (value.reshape(shape) for value in per_token)
+        else:
+            reduced = sums if divisor is None else sums / divisor
+            total, hard, soft = reduced.to(dtype).unbind()
+        return Computed(total, grads, {"hard_loss": hard, "soft_loss": soft})
+
+    def _whole(
+        self,
+        call: LossCall,
+        rows: _Rows,
+        options: DistillationOptions,
+        divisor: torch.Tensor | float | None,
+        upstream: torch.Tensor | None,
+    ) -> Computed:
+        """A call that fits one chunk: the reference composition itself, reduction and autograd."""
+        leaf = rows.student.detach().requires_grad_(upstream is not None)
+        with torch.enable_grad() if upstream is not None else torch.no_grad():
+            values = token_losses(leaf, rows.teacher, rows.teacher_ids, rows.labels, options)
+            if call.reduction == "none":
+                total, hard, soft = (value.reshape(call.input.shape[:-1]) for value in values)
+            else:
+                total, hard, soft = (value.sum() for value in values)
+                if divisor is not None:
+                    total, hard, soft = total / divisor, hard / divisor, soft / divisor
+            grads = []
+            if upstream is not None:
+                (grad,) = torch.autograd.grad(total, leaf, upstream.reshape(total.shape))
+                grads.append(grad.reshape(call.input.shape))
+        parts = {"hard_loss": hard.detach(), "soft_loss": soft.detach()}
+        return Computed(total.detach(), grads, parts)
+
+    # -- rows -------------------------------------------------------------------------------------
+
+    merged_by_compute: ClassVar[bool] = True
+
+    def merge_params(self, call: LossCall) -> Hashable | None:
+        """Calls with the same vocabularies, kind of teacher, labels or not, and options (but their
+        reductions and normalizers) are tokens of one computation."""
+        options = call.options
+        assert isinstance(options, DistillationOptions)
+        return (
+            call.input.shape[-1],
+            call.target.shape[-1],
+            tuple(sorted(call.tensors)),
+            dataclasses.replace(options, reduction="none", normalizer=None),
+        )
+
+    def mean_divisor(self, call: LossCall) -> float | None:
+        options = call.options
+        assert isinstance(options, DistillationOptions)
+        if options.normalizer is not None:
+            return options.normalizer
+        labels = call.tensors.get("labels")
+        counted = self.rows_of(call) if labels is None else int((labels != options.ignore_index).sum())
+        return float(max(counted, 1))
+
+    def tensor_rows(self, name: str, array: np.ndarray, call: LossCall) -> np.ndarray:
+        rows = self.rows_of(call)
+        return array.reshape(rows) if name == "labels" else array.reshape(rows, array.shape[-1])
+
+    def rows_of(self, call: LossCall) -> int:
+        return math.prod(call.input.shape[:-1]) if call.input.dim() else 1
+
+    def input_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
+        return array.reshape(-1, call.input.shape[-1])
+
+    def target_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
+        return array.reshape(-1, call.target.shape[-1])
+
+    def from_rows(self, rows: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        return rows.reshape(shape)
+
+    def splittable(self, call: LossCall) -> bool:
+        return call.input.dim() >= 2
+
+
+DISTILLATION = DistillationLoss()
