@@ -57,7 +57,13 @@ def test_reflection_lists_and_describes_the_service(server: RunningServer) -> No
         for raw in described.file_descriptor_response.file_descriptor_proto
     ]
     service = next(f for f in files if f.name == "lossd/v1/loss_service.proto").service[0]
-    assert [m.name for m in service.method] == ["ComputeLoss", "StreamLoss"]
+    assert [m.name for m in service.method] == [
+        "ComputeLoss",
+        "StreamLoss",
+        "PutTensor",
+        "ListTensors",
+        "DeleteTensor",
+    ]
     assert "lossd/v1/tensor.proto" in {f.name for f in files}  # dependencies travel too
 
 

@@ -423,6 +423,14 @@ RULES = [
             ),
         )
     ],
+    Rule(
+        "resident-with-data",
+        lambda: _with(request(), lambda m: setattr(m.input, "resident_id", "sha256:00")),
+        "RESIDENT_NOT_FOUND",
+        "input.resident_id",
+        ("input.resident_id", "sha256:00"),
+        grpc.StatusCode.NOT_FOUND,
+    ),
 ]
 
 
@@ -483,6 +491,7 @@ def test_every_reason_the_server_emits_is_tested() -> None:
     emitted = set(re.findall(r'"([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)"', "\n".join(sources)))
     emitted -= {name for module in modules for name in getattr(module, "__all__", ())}  # names, not reasons
     tested = {rule.reason for rule in RULES} | {"TENSOR_TOO_LARGE", "REQUEST_MALFORMED"}
+    tested |= {"RESIDENT_MISMATCH"}  # tests/test_resident.py::test_errors
     assert emitted <= tested, f"untested reasons: {sorted(emitted - tested)}"
     assert len({rule.id for rule in RULES}) == len(RULES)
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from lossd.wire.version import __version__
 
 if TYPE_CHECKING:
-    from lossd.client._calls import LossResult
+    from lossd.client._calls import LossResult, Resident
     from lossd.client._client import AsyncLossClient, LossClient
     from lossd.wire.errors import (
         DeadlineExceededError,
@@ -38,6 +38,7 @@ __all__ = [
     "LossClient",
     "LossResult",
     "LossdError",
+    "Resident",
     "ResourceExhaustedError",
     "UnavailableError",
     "__version__",
@@ -47,6 +48,7 @@ _HOMES = {
     "AsyncLossClient": "lossd.client._client",
     "LossClient": "lossd.client._client",
     "LossResult": "lossd.client._calls",
+    "Resident": "lossd.client._calls",
     "DeadlineExceededError": "lossd.client.errors",
     "InternalError": "lossd.client.errors",
     "InvalidArgumentError": "lossd.client.errors",

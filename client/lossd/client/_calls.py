@@ -15,6 +15,7 @@ from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
 from lossd.wire import chunks, codec
 from lossd.wire.errors import DataLossError, InvalidArgumentError
+from lossd.wire.resident import content_id
 
 if TYPE_CHECKING:
     import torch
@@ -23,6 +24,7 @@ __all__ = [
     "ArrayT",
     "LossResult",
     "PreparedCall",
+    "Resident",
     "StreamReceiver",
     "build_request",
     "decode_response",
@@ -58,6 +60,37 @@ class LossResult(Generic[ArrayT]):
     """A distillation's soft (divergence) part, reduced like `loss`."""
 
 
+@dataclass(frozen=True, eq=False)
+class Resident:
+    """A tensor the server holds (`LossClient.resident`): pass it wherever a loss takes a tensor, and
+    only its id travels. It keeps the tensor's bytes, to upload them again to a server that does not
+    hold it (another replica, a restarted server, one that let it go). It views the tensor's memory
+    where it can: change the tensor afterwards and make a new handle, for a changed tensor is another
+    resident tensor."""
+
+    id: str
+    dtype: int
+    shape: tuple[int, ...]
+    data: memoryview
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def __repr__(self) -> str:
+        return f"Resident({self.id[:19]}..., {codec.data_type_name(self.dtype)}, {list(self.shape)})"
+
+    def header(self) -> tensor_pb2.Tensor:
+        return codec.header(self.shape, self.dtype)
+
+    @classmethod
+    def of(cls, value: codec.TensorLike) -> Resident:
+        """A handle for a tensor (its id computed here, as the server computes it)."""
+        array, dtype = codec.to_wire(value, "tensor")
+        data = codec.wire_view(array)
+        return cls(content_id(dtype, array.shape, data), dtype, tuple(array.shape), data)
+
+
 _INLINE_BYTES = 1 << 16
 """In a StreamLoss header, tensors up to this size (or the chunk size, if smaller) travel inline
 rather than in chunks of their own."""
@@ -66,7 +99,7 @@ rather than in chunks of their own."""
 def _put_option_tensor(
     call: PreparedCall,
     name: str,
-    value: codec.TensorLike,
+    value: codec.TensorLike | Resident,
     message: tensor_pb2.Tensor,
     field: str,
     integers: bool = False,
@@ -74,7 +107,7 @@ def _put_option_tensor(
     """A loss's own tensor (class weights, token ids, say); plain floats take the input's dtype, as
     torch requires of weights, plain integers stay int64."""
     slot = chunks.REQUEST_SLOTS[name]
-    if isinstance(value, np.ndarray) or codec.is_torch_tensor(value):
+    if isinstance(value, (np.ndarray, Resident)) or codec.is_torch_tensor(value):
         call.put(slot, message, value, field)
         return
     if integers:
@@ -93,6 +126,8 @@ class PreparedCall:
 
     request: pb.ComputeLossRequest
     pending: list[tuple[int, tensor_pb2.Tensor, memoryview]] = field(default_factory=list)
+    residents: list[Resident] = field(default_factory=list)
+    """The resident tensors the call names."""
     classes_last: bool = False
     """The loss is over tokens with the vocabulary last (a distillation): one loss per token, and
     its two parts besides."""
@@ -129,10 +164,15 @@ class PreparedCall:
         self,
         slot: int,
         message: tensor_pb2.Tensor,
-        value: codec.TensorLike,
+        value: codec.TensorLike | Resident,
         name: str,
         dtype: int | None = None,
     ) -> None:
+        if isinstance(value, Resident):
+            message.CopyFrom(value.header())
+            message.resident_id = value.id
+            self.residents.append(value)
+            return
         array, code = codec.to_wire(value, name, dtype)
         message.dtype = code  # type: ignore[assignment]
         message.shape[:] = array.shape

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -11,6 +11,7 @@ import grpc
 from lossd.client._calls import (
     LossResult,
     PreparedCall,
+    Resident,
     StreamReceiver,
     decode_response,
     prepare_call,
@@ -20,7 +21,13 @@ from lossd.client.losses import DECLARATIONS, LossDeclaration, Losses
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd.wire import chunks
-from lossd.wire.errors import FailedPreconditionError, LossdError, ResourceExhaustedError, UnavailableError
+from lossd.wire.errors import (
+    FailedPreconditionError,
+    LossdError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from lossd.wire.status import from_rpc_error
 
 __all__ = ["DEFAULT_TARGET", "AsyncLossClient", "LossClient"]
@@ -29,6 +36,7 @@ DEFAULT_TARGET = "localhost:50051"
 DEFAULT_STREAM_THRESHOLD = 4 << 20
 """Calls whose tensors hold more bytes than this go as a StreamLoss stream (4 MiB)."""
 STREAM_METHOD = "/lossd.v1.LossService/StreamLoss"
+PUT_TENSOR_METHOD = "/lossd.v1.LossService/PutTensor"
 _UNLIMITED = -1
 
 ChannelOptions = Sequence[tuple[str, Any]]
@@ -117,6 +125,29 @@ class LossMethods(Generic[R, C]):
         self._stub: Any = pb_grpc.LossServiceStub(channel)
         # Raw bytes both ways: see lossd.wire.chunks.
         self._stream_call: Any = channel.stream_stream(STREAM_METHOD)
+        self._put_call: Any = channel.stream_unary(
+            PUT_TENSOR_METHOD, response_deserializer=pb.PutTensorResponse.FromString
+        )
+        self._residents: dict[str, Resident] = {}
+        """Tensors uploaded through this client, by id."""
+
+    def _upload_messages(self, resident: Resident) -> Iterator[bytes]:
+        yield chunks.encode_header(resident.header())
+        yield from chunks.iter_chunks(int(pb.TENSOR_SLOT_RESIDENT), resident.data, self._chunk_bytes)
+
+    def _known(self, tensor: Any) -> tuple[Resident, bool]:
+        """The handle for `tensor`, and whether this client already uploaded it."""
+        self._check_open()
+        resident = tensor if isinstance(tensor, Resident) else Resident.of(tensor)
+        known = self._residents.get(resident.id)
+        return (known, True) if known is not None else (resident, False)
+
+    @staticmethod
+    def _missing(error: LossdError, call: PreparedCall) -> bool:
+        """Whether a call failed only because the server does not hold a resident tensor it names."""
+        return (
+            isinstance(error, NotFoundError) and error.reason == "RESIDENT_NOT_FOUND" and bool(call.residents)
+        )
 
     def _resending(self, exc: grpc.RpcError, attempt: int) -> LossdError | None:
         """None to send a unary call again (its connection broke mid-answer, first attempt),
@@ -195,7 +226,53 @@ class LossClient(LossMethods[LossResult[Any], grpc.Channel], Losses[LossResult[A
                 raise error from None
         raise AssertionError("unreachable")
 
+    def resident(self, tensor: Any, *, timeout: float | None = None) -> Resident:
+        """Uploads `tensor` (numpy or torch) for the server to hold, once: pass the handle wherever a
+        loss takes a tensor and only its id travels. A tensor this client already uploaded is not
+        sent again (handles are cached by content); a server that does not hold it (another
+        replica, a restart, one that let it go) gets it again when a call names it."""
+        resident, known = self._known(tensor)
+        if not known:
+            self._upload(resident, timeout)
+        return resident
+
+    def _upload(self, resident: Resident, timeout: float | None) -> None:
+        try:
+            self._put_call(
+                self._upload_messages(resident), timeout=self._deadline(timeout), metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        self._residents[resident.id] = resident
+
+    def delete_resident(self, resident: Resident, *, timeout: float | None = None) -> bool:
+        """Asks the server to let go of a resident tensor; whether it held it."""
+        self._check_open()
+        self._residents.pop(resident.id, None)
+        try:
+            answer = self._stub.DeleteTensor(
+                pb.DeleteTensorRequest(id=resident.id),
+                timeout=self._deadline(timeout),
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return bool(answer.deleted)
+
     def _send(self, build: Callable[[], PreparedCall], like: Any, timeout: float | None) -> LossResult[Any]:
+        try:
+            return self._send_once(build, like, timeout)
+        except LossdError as error:
+            call = build()
+            if not self._missing(error, call):
+                raise
+            for resident in call.residents:  # this server does not hold them: upload, then again
+                self._upload(resident, timeout)
+            return self._send_once(build, like, timeout)
+
+    def _send_once(
+        self, build: Callable[[], PreparedCall], like: Any, timeout: float | None
+    ) -> LossResult[Any]:
         self._check_open()
         call = build()
         if not self._streams(call):
@@ -262,7 +339,53 @@ class AsyncLossClient(
                 raise error from None
         raise AssertionError("unreachable")
 
+    async def resident(self, tensor: Any, *, timeout: float | None = None) -> Resident:
+        """See `LossClient.resident`."""
+        resident, known = self._known(tensor)
+        if not known:
+            await self._upload(resident, timeout)
+        return resident
+
+    async def _upload(self, resident: Resident, timeout: float | None) -> None:
+        try:
+            await self._put_call(
+                self._upload_messages(resident), timeout=self._deadline(timeout), metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        self._residents[resident.id] = resident
+
+    async def delete_resident(self, resident: Resident, *, timeout: float | None = None) -> bool:
+        """See `LossClient.delete_resident`."""
+        self._check_open()
+        self._residents.pop(resident.id, None)
+        try:
+            answer = await self._stub.DeleteTensor(
+                pb.DeleteTensorRequest(id=resident.id),
+                timeout=self._deadline(timeout),
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return bool(answer.deleted)
+
     def _send(
+        self, build: Callable[[], PreparedCall], like: Any, timeout: float | None
+    ) -> Awaitable[LossResult[Any]]:
+        async def send_again() -> LossResult[Any]:
+            try:
+                return await self._send_once(build, like, timeout)
+            except LossdError as error:
+                call = build()
+                if not self._missing(error, call):
+                    raise
+                for resident in call.residents:
+                    await self._upload(resident, timeout)
+                return await self._send_once(build, like, timeout)
+
+        return send_again()
+
+    def _send_once(
         self, build: Callable[[], PreparedCall], like: Any, timeout: float | None
     ) -> Awaitable[LossResult[Any]]:
         async def send() -> LossResult[Any]:

@@ -6,8 +6,10 @@ losses, and knowledge distillation built from them, with their gradients,
 computed remotely.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from lossd.v1 import tensor_pb2 as _tensor_pb2
 import builtins as _builtins
@@ -55,6 +57,8 @@ class _TensorSlotEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorSlot
     """ComputeLossResponse.soft_loss, when the response header leaves its data
     empty.
     """
+    TENSOR_SLOT_RESIDENT: _TensorSlot.ValueType  # 12
+    """The tensor of a PutTensor stream."""
 
 class TensorSlot(_TensorSlot, metaclass=_TensorSlotEnumTypeWrapper):
     """The tensors of a loss call, as named in chunks."""
@@ -87,6 +91,8 @@ TENSOR_SLOT_SOFT_LOSS: TensorSlot.ValueType  # 11
 """ComputeLossResponse.soft_loss, when the response header leaves its data
 empty.
 """
+TENSOR_SLOT_RESIDENT: TensorSlot.ValueType  # 12
+"""The tensor of a PutTensor stream."""
 Global___TensorSlot: _TypeAlias = TensorSlot  # noqa: Y015
 
 class _Reduction:
@@ -134,6 +140,197 @@ REDUCTION_BATCHMEAN: Reduction.ValueType  # 4
 (not divided for a 0-d input).
 """
 Global___Reduction: _TypeAlias = Reduction  # noqa: Y015
+
+@_typing.final
+class PutTensorRequest(_message.Message):
+    """One message of a PutTensor request stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> _tensor_pb2.Tensor:
+        """The first message, and only the first: dtype, shape, and either all
+        the data or none (then sent in chunks). resident_id must be empty.
+        """
+
+    @_builtins.property
+    def chunk(self) -> Global___TensorChunk:
+        """A piece of the data (slot RESIDENT), in order, without gaps."""
+
+    def __init__(
+        self,
+        *,
+        header: _tensor_pb2.Tensor | None = ...,
+        chunk: Global___TensorChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___PutTensorRequest: _TypeAlias = PutTensorRequest  # noqa: Y015
+
+@_typing.final
+class PutTensorResponse(_message.Message):
+    """The answer to PutTensor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENSOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tensor(self) -> Global___ResidentTensor:
+        """The tensor now held."""
+
+    def __init__(
+        self,
+        *,
+        tensor: Global___ResidentTensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tensor", b"tensor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tensor", b"tensor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutTensorResponse: _TypeAlias = PutTensorResponse  # noqa: Y015
+
+@_typing.final
+class ResidentTensor(_message.Message):
+    """A tensor the server holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    NBYTES_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Its id: "sha256:" and the lowercase hex SHA-256 of the UTF-8 text
+    "<dtype>:<d0>,<d1>,...:" (the DataType name without its prefix in lower
+    case, e.g. "float32:4,3:"; "float32::" for a scalar) followed by the
+    tensor's data bytes.
+    """
+    dtype: _tensor_pb2.DataType.ValueType
+    """Its element type."""
+    nbytes: _builtins.int
+    """Its data's size in bytes."""
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Its shape."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        dtype: _tensor_pb2.DataType.ValueType = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        nbytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "id", b"id", "nbytes", b"nbytes", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResidentTensor: _TypeAlias = ResidentTensor  # noqa: Y015
+
+@_typing.final
+class ListTensorsRequest(_message.Message):
+    """Asks which tensors the server holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTensorsRequest: _TypeAlias = ListTensorsRequest  # noqa: Y015
+
+@_typing.final
+class ListTensorsResponse(_message.Message):
+    """The tensors the server holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENSORS_FIELD_NUMBER: _builtins.int
+    RESIDENT_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_RESIDENT_BYTES_FIELD_NUMBER: _builtins.int
+    resident_bytes: _builtins.int
+    """Their bytes together."""
+    max_resident_bytes: _builtins.int
+    """The most the server holds (--max-resident-bytes)."""
+    @_builtins.property
+    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResidentTensor]:
+        """Most recently used first."""
+
+    def __init__(
+        self,
+        *,
+        tensors: _abc.Iterable[Global___ResidentTensor] | None = ...,
+        resident_bytes: _builtins.int = ...,
+        max_resident_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_resident_bytes", b"max_resident_bytes", "resident_bytes", b"resident_bytes", "tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTensorsResponse: _TypeAlias = ListTensorsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteTensorRequest(_message.Message):
+    """Asks the server to let go of one tensor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The tensor's id."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteTensorRequest: _TypeAlias = DeleteTensorRequest  # noqa: Y015
+
+@_typing.final
+class DeleteTensorResponse(_message.Message):
+    """The answer to DeleteTensor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.bool
+    """Whether the server held it."""
+    def __init__(
+        self,
+        *,
+        deleted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteTensorResponse: _TypeAlias = DeleteTensorResponse  # noqa: Y015
 
 @_typing.final
 class ComputeLossRequest(_message.Message):

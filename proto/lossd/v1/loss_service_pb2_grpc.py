@@ -52,6 +52,21 @@ class LossServiceStub:
                 request_serializer=lossd_dot_v1_dot_loss__service__pb2.StreamLossRequest.SerializeToString,
                 response_deserializer=lossd_dot_v1_dot_loss__service__pb2.StreamLossResponse.FromString,
                 _registered_method=True)
+        self.PutTensor = channel.stream_unary(
+                '/lossd.v1.LossService/PutTensor',
+                request_serializer=lossd_dot_v1_dot_loss__service__pb2.PutTensorRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_loss__service__pb2.PutTensorResponse.FromString,
+                _registered_method=True)
+        self.ListTensors = channel.unary_unary(
+                '/lossd.v1.LossService/ListTensors',
+                request_serializer=lossd_dot_v1_dot_loss__service__pb2.ListTensorsRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_loss__service__pb2.ListTensorsResponse.FromString,
+                _registered_method=True)
+        self.DeleteTensor = channel.unary_unary(
+                '/lossd.v1.LossService/DeleteTensor',
+                request_serializer=lossd_dot_v1_dot_loss__service__pb2.DeleteTensorRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_loss__service__pb2.DeleteTensorResponse.FromString,
+                _registered_method=True)
 
 
 class LossServiceServicer:
@@ -85,6 +100,34 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutTensor(self, request_iterator, context):
+        """Uploads a tensor for the server to hold, so that requests name it by id
+        (Tensor.resident_id) instead of sending it again: a header, then the
+        chunks of its data (slot RESIDENT) if the header left it empty. The id is
+        a digest of dtype, shape and bytes ("sha256:" and 64 hex digits: see
+        ResidentTensor.id), so the same tensor uploaded twice is held once. Held
+        within the server's --max-resident-bytes: when full, the least recently
+        used tensors are evicted (or, with --resident-policy refuse, the upload is
+        RESOURCE_EXHAUSTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTensors(self, request, context):
+        """The tensors the server holds, most recently used first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTensor(self, request, context):
+        """Lets go of a held tensor (calls under way that use it still finish).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +140,21 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.StreamLoss,
                     request_deserializer=lossd_dot_v1_dot_loss__service__pb2.StreamLossRequest.FromString,
                     response_serializer=lossd_dot_v1_dot_loss__service__pb2.StreamLossResponse.SerializeToString,
+            ),
+            'PutTensor': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutTensor,
+                    request_deserializer=lossd_dot_v1_dot_loss__service__pb2.PutTensorRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_loss__service__pb2.PutTensorResponse.SerializeToString,
+            ),
+            'ListTensors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTensors,
+                    request_deserializer=lossd_dot_v1_dot_loss__service__pb2.ListTensorsRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_loss__service__pb2.ListTensorsResponse.SerializeToString,
+            ),
+            'DeleteTensor': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTensor,
+                    request_deserializer=lossd_dot_v1_dot_loss__service__pb2.DeleteTensorRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_loss__service__pb2.DeleteTensorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -161,6 +219,87 @@ class LossService:
             '/lossd.v1.LossService/StreamLoss',
             lossd_dot_v1_dot_loss__service__pb2.StreamLossRequest.SerializeToString,
             lossd_dot_v1_dot_loss__service__pb2.StreamLossResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutTensor(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/lossd.v1.LossService/PutTensor',
+            lossd_dot_v1_dot_loss__service__pb2.PutTensorRequest.SerializeToString,
+            lossd_dot_v1_dot_loss__service__pb2.PutTensorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTensors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.LossService/ListTensors',
+            lossd_dot_v1_dot_loss__service__pb2.ListTensorsRequest.SerializeToString,
+            lossd_dot_v1_dot_loss__service__pb2.ListTensorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTensor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.LossService/DeleteTensor',
+            lossd_dot_v1_dot_loss__service__pb2.DeleteTensorRequest.SerializeToString,
+            lossd_dot_v1_dot_loss__service__pb2.DeleteTensorResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,20 @@ class LossServiceStub:
     answers with one header, then the chunks of the tensors it left empty,
     possibly while the request is still arriving.
     """
+    PutTensor: _grpc.StreamUnaryMultiCallable[_loss_service_pb2.PutTensorRequest, _loss_service_pb2.PutTensorResponse]
+    """Uploads a tensor for the server to hold, so that requests name it by id
+    (Tensor.resident_id) instead of sending it again: a header, then the
+    chunks of its data (slot RESIDENT) if the header left it empty. The id is
+    a digest of dtype, shape and bytes ("sha256:" and 64 hex digits: see
+    ResidentTensor.id), so the same tensor uploaded twice is held once. Held
+    within the server's --max-resident-bytes: when full, the least recently
+    used tensors are evicted (or, with --resident-policy refuse, the upload is
+    RESOURCE_EXHAUSTED).
+    """
+    ListTensors: _grpc.UnaryUnaryMultiCallable[_loss_service_pb2.ListTensorsRequest, _loss_service_pb2.ListTensorsResponse]
+    """The tensors the server holds, most recently used first."""
+    DeleteTensor: _grpc.UnaryUnaryMultiCallable[_loss_service_pb2.DeleteTensorRequest, _loss_service_pb2.DeleteTensorResponse]
+    """Lets go of a held tensor (calls under way that use it still finish)."""
 
 @_typing.type_check_only
 class LossServiceAsyncStub(LossServiceStub):
@@ -80,6 +94,20 @@ class LossServiceAsyncStub(LossServiceStub):
     answers with one header, then the chunks of the tensors it left empty,
     possibly while the request is still arriving.
     """
+    PutTensor: _aio.StreamUnaryMultiCallable[_loss_service_pb2.PutTensorRequest, _loss_service_pb2.PutTensorResponse]  # type: ignore[assignment]
+    """Uploads a tensor for the server to hold, so that requests name it by id
+    (Tensor.resident_id) instead of sending it again: a header, then the
+    chunks of its data (slot RESIDENT) if the header left it empty. The id is
+    a digest of dtype, shape and bytes ("sha256:" and 64 hex digits: see
+    ResidentTensor.id), so the same tensor uploaded twice is held once. Held
+    within the server's --max-resident-bytes: when full, the least recently
+    used tensors are evicted (or, with --resident-policy refuse, the upload is
+    RESOURCE_EXHAUSTED).
+    """
+    ListTensors: _aio.UnaryUnaryMultiCallable[_loss_service_pb2.ListTensorsRequest, _loss_service_pb2.ListTensorsResponse]  # type: ignore[assignment]
+    """The tensors the server holds, most recently used first."""
+    DeleteTensor: _aio.UnaryUnaryMultiCallable[_loss_service_pb2.DeleteTensorRequest, _loss_service_pb2.DeleteTensorResponse]  # type: ignore[assignment]
+    """Lets go of a held tensor (calls under way that use it still finish)."""
 
 class LossServiceServicer(metaclass=_abc_1.ABCMeta):
     """Computes losses exactly as torch.nn.functional does on the server's device.
@@ -114,5 +142,37 @@ class LossServiceServicer(metaclass=_abc_1.ABCMeta):
         answers with one header, then the chunks of the tensors it left empty,
         possibly while the request is still arriving.
         """
+
+    @_abc_1.abstractmethod
+    def PutTensor(
+        self,
+        request_iterator: _MaybeAsyncIterator[_loss_service_pb2.PutTensorRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_loss_service_pb2.PutTensorResponse, _abc.Awaitable[_loss_service_pb2.PutTensorResponse]]:
+        """Uploads a tensor for the server to hold, so that requests name it by id
+        (Tensor.resident_id) instead of sending it again: a header, then the
+        chunks of its data (slot RESIDENT) if the header left it empty. The id is
+        a digest of dtype, shape and bytes ("sha256:" and 64 hex digits: see
+        ResidentTensor.id), so the same tensor uploaded twice is held once. Held
+        within the server's --max-resident-bytes: when full, the least recently
+        used tensors are evicted (or, with --resident-policy refuse, the upload is
+        RESOURCE_EXHAUSTED).
+        """
+
+    @_abc_1.abstractmethod
+    def ListTensors(
+        self,
+        request: _loss_service_pb2.ListTensorsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_loss_service_pb2.ListTensorsResponse, _abc.Awaitable[_loss_service_pb2.ListTensorsResponse]]:
+        """The tensors the server holds, most recently used first."""
+
+    @_abc_1.abstractmethod
+    def DeleteTensor(
+        self,
+        request: _loss_service_pb2.DeleteTensorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_loss_service_pb2.DeleteTensorResponse, _abc.Awaitable[_loss_service_pb2.DeleteTensorResponse]]:
+        """Lets go of a held tensor (calls under way that use it still finish)."""
 
 def add_LossServiceServicer_to_server(servicer: LossServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -90,10 +90,17 @@ class Tensor(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    RESIDENT_ID_FIELD_NUMBER: _builtins.int
     dtype: Global___DataType.ValueType
     """The element type. Required."""
     data: _builtins.bytes
     """The elements, laid out as described on the message."""
+    resident_id: _builtins.str
+    """The id of a tensor the server holds (LossService.PutTensor), in place of
+    the data: `data` then stays empty, and dtype and shape, if set, must be
+    the resident tensor's. A server that does not hold it answers NOT_FOUND
+    (reason RESIDENT_NOT_FOUND, the id in the metadata): upload it again.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The size of each dimension, outermost first. Every entry must be >= 0.
@@ -106,10 +113,11 @@ class Tensor(_message.Message):
         dtype: Global___DataType.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         data: _builtins.bytes = ...,
+        resident_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "resident_id", b"resident_id", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

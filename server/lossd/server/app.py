@@ -29,6 +29,7 @@ from lossd.server.engine.faults import DeviceFailure
 from lossd.server.losses import LossCall, LossOutput
 from lossd.server.memory import MemoryBudget
 from lossd.server.metrics import ServerMetrics, multiprocess_enabled, serve_metrics
+from lossd.server.resident import ResidentStore
 from lossd.server.rpc.auth import HEALTH_METHODS, TokenAuth
 from lossd.server.rpc.guard import HandlerCollector, guarded
 from lossd.server.rpc.servicer import LossServicer
@@ -168,6 +169,7 @@ class LossServer:
             budget=self.budget,
             max_message_bytes=config.max_message_bytes,
             wire=self._wire,
+            resident=ResidentStore(config.resident_bytes, config.resident_policy, self.metrics.resident),
         )
         self.servicer.add_to_server(self._server, LOSS_SERVICE)
         self._services = [LOSS_SERVICE]

@@ -132,6 +132,16 @@ class ServerConfig:
         False,
         "refuse requests whose tensors hold NaN or infinity (INVALID_ARGUMENT); off: compute as torch does",
     )
+    max_resident_bytes: int = _setting(
+        0,
+        "most bytes of tensors held for requests (PutTensor), in host memory besides max_memory_bytes; "
+        "0: a quarter of max_memory_bytes",
+    )
+    resident_policy: str = _setting(
+        "lru",
+        "when an upload would pass max_resident_bytes: lru (let the least recently used tensors go; a "
+        "call naming one gets NOT_FOUND and lossd's client uploads it again) or refuse (RESOURCE_EXHAUSTED)",
+    )
     stream_chunk_bytes: int = _setting(2**20, "bytes per StreamLoss response chunk")
     stream_block_bytes: int = _setting(
         8 * 2**20, "input bytes per block a StreamLoss call is computed in while its input still arrives"
@@ -262,7 +272,10 @@ class ServerConfig:
             "idle_timeout_s",
             "admission_wait_s",
             "max_tensor_bytes",
+            "max_resident_bytes",
         )
+        if self.resident_policy not in ("lru", "refuse"):
+            raise ValueError(f"resident_policy must be lru or refuse, got {self.resident_policy!r}")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -279,6 +292,11 @@ class ServerConfig:
                 f"(max_connections x max_concurrent_streams); it must cover 4 x max_message_bytes "
                 f"({self.max_message_bytes}): raise max_memory_bytes or lower the others"
             )
+
+    @property
+    def resident_bytes(self) -> int:
+        """`max_resident_bytes`, with 0 resolved to a quarter of `memory_bytes`."""
+        return self.max_resident_bytes or self.memory_bytes // 4
 
     @property
     def memory_bytes(self) -> int:

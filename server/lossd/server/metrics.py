@@ -140,6 +140,25 @@ class ServerMetrics:
             ["reason"],
             **kw,
         )
+        self.resident_bytes = Gauge(
+            "lossd_resident_bytes",
+            "Bytes of resident tensors: uploaded once, named by requests.",
+            multiprocess_mode="livesum",
+            **kw,
+        )
+        self.resident_tensors = Gauge(
+            "lossd_resident_tensors",
+            "Resident tensors held: uploaded once, named by requests.",
+            multiprocess_mode="livesum",
+            **kw,
+        )
+        self.resident_events = Counter(
+            "lossd_resident_events",
+            "Resident tensors' events: upload (a new one held), hit (a request named a held one), miss "
+            "(a request named one not held: NOT_FOUND), eviction (let go to make room), delete.",
+            ["event"],
+            **kw,
+        )
         self.memory_allocated = Gauge(
             "lossd_device_memory_allocated_bytes",
             "Device memory held by tensors (CUDA only).",
@@ -162,6 +181,12 @@ class ServerMetrics:
         info.labels(**build).set(1)
 
     # -- the servicer's side ------------------------------------------------------------------------
+
+    def resident(self, event: str, held_bytes: int, held_tensors: int) -> None:
+        """A resident-tensor event (`lossd.server.resident.ResidentStore`) and what is held after it."""
+        self.resident_events.labels(event).inc()
+        self.resident_bytes.set(held_bytes)
+        self.resident_tensors.set(held_tensors)
 
     def request(self, loss: str, code: str, seconds: float, received: int, sent: int) -> None:
         """One answered request."""

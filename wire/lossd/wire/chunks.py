@@ -88,7 +88,7 @@ def _skip(data: memoryview, pos: int, wire_type: int) -> int:
     return skip(data, pos, wire_type, _MALFORMED)
 
 
-def encode_header(message: pb.ComputeLossRequest | pb.ComputeLossResponse) -> bytes:
+def encode_header(message: pb.ComputeLossRequest | pb.ComputeLossResponse | Any) -> bytes:
     """A serialized stream message whose part is `message` (field 1, the header)."""
     body = message.SerializeToString()
     return b"\x0a" + varint(len(body)) + body

@@ -13,6 +13,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from lossd.server.losses import LOSSES, LossCall, LossOptions, LossOutput
+from lossd.server.resident import ResidentStore
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
 from lossd.wire import chunks, codec, messages
@@ -199,10 +200,37 @@ def read_request(
     return request, {REQUEST_TENSORS[path]: views[-1] for path, views in found.items()}
 
 
+def held(message: tensor_pb2.Tensor, field: str, resident: ResidentStore | None) -> torch.Tensor:
+    """The resident tensor a request's tensor names (NOT_FOUND when not held), checked against the
+    dtype and shape the request gives for it, if any."""
+    if resident is None:
+        resident = _NO_RESIDENTS
+    tensor, info = resident.get(message.resident_id, field)
+    given_shape = tuple(message.shape)
+    if (
+        len(message.data)
+        or (message.dtype and message.dtype != info.dtype)
+        or (given_shape and given_shape != info.shape)
+    ):
+        raise InvalidArgumentError(
+            f"{field} names resident tensor {info.id} "
+            f"({codec.data_type_name(info.dtype)} {list(info.shape)}) but also gives data, or a dtype "
+            f"({codec.data_type_name(message.dtype)}) or shape ({list(given_shape)}) of its own that differ",
+            reason="RESIDENT_MISMATCH",
+            field=field,
+            metadata={"residentId": info.id, "shape": str(list(info.shape))},
+        )
+    return tensor
+
+
+_NO_RESIDENTS = ResidentStore(0)
+
+
 def call_from_request(
     request: pb.ComputeLossRequest,
     limits: codec.TensorLimits,
     data: Mapping[str, torch.Tensor | memoryview] | None = None,
+    resident: ResidentStore | None = None,
 ) -> LossCall:
     """Decodes a request into a `LossCall`; tensors are zero-copy views of the request's bytes, or of
     `data[field]` for tensors whose bytes came apart from it: a view of the received message
@@ -210,6 +238,8 @@ def call_from_request(
     extra = data or {}
 
     def make(message: tensor_pb2.Tensor, field: str) -> torch.Tensor:
+        if message.resident_id:
+            return held(message, field, resident)
         buffer = extra.get(field)
         if buffer is None or isinstance(buffer, memoryview):
             return codec.decode_torch(message, field, limits=limits, copy=False, data=buffer)
@@ -220,13 +250,15 @@ def call_from_request(
 
 
 def stream_plan(
-    request: pb.ComputeLossRequest, limits: codec.TensorLimits
+    request: pb.ComputeLossRequest, limits: codec.TensorLimits, resident: ResidentStore | None = None
 ) -> tuple[LossCall, dict[int, tuple[str, int]]]:
     """For a StreamLoss header: the call with shape-only (meta) tensors, which validation can check
     before any data arrives, and slot -> (field, bytes) of every tensor still to come in chunks."""
     plan: dict[int, tuple[str, int]] = {}
 
     def make(message: tensor_pb2.Tensor, field: str) -> torch.Tensor:
+        if message.resident_id:
+            return held(message, field, resident)
         nbytes = codec.streamed_bytes(message, field, limits)
         if nbytes is None:
             return codec.decode_torch(message, field, limits=limits, copy=False)

@@ -32,7 +32,9 @@ from lossd.server.engine.faults import is_out_of_memory
 from lossd.server.losses import LossCall, LossOutput
 from lossd.server.memory import MemoryBudget, Reservation
 from lossd.server.metrics import ServerMetrics
+from lossd.server.resident import ResidentStore
 from lossd.server.rpc.requests import call_from_request, encode_response, read_request
+from lossd.server.rpc.resident import ResidentServicer
 from lossd.server.rpc.status import abort
 from lossd.server.rpc.streaming import BLOCK_BYTES, StreamedCall
 from lossd.v1 import loss_service_pb2 as pb
@@ -88,10 +90,13 @@ class LossServicer:
         budget: MemoryBudget | None = None,
         max_message_bytes: int = 2**31 - 1,
         wire: Executor | None = None,
+        resident: ResidentStore | None = None,
     ) -> None:
         self._engine = engine
+        self.resident = resident if resident is not None else ResidentStore(0)
         self._batcher = batcher
         self._limits = limits
+        self.limits = limits
         self._metrics = metrics
         # An answer chunk and its framing fit in one message.
         self._chunk_bytes = max(min(chunk_bytes, max_message_bytes - _MESSAGE_OVERHEAD), 4096)
@@ -124,11 +129,12 @@ class LossServicer:
             raise self._failure
 
     def add_to_server(self, server: grpc.aio.Server, service: str) -> None:
-        """Registers both methods, reading and writing raw messages (parsed in the handler, so that
+        """Registers the methods, reading and writing raw messages (parsed in the handler, so that
         bytes that are not a request get INVALID_ARGUMENT; gRPC's own failure would answer UNKNOWN)."""
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             "ComputeLoss": grpc.stream_stream_rpc_method_handler(self.ComputeLoss),
             "StreamLoss": grpc.stream_stream_rpc_method_handler(self.StreamLoss),
+            **ResidentServicer(self, self.resident).handlers(),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
@@ -269,7 +275,7 @@ class LossServicer:
                     copies = sum(view.nbytes for view in data.values() if view.obj is not raw)
                     if not any(view.obj is raw for view in data.values()):
                         copies += 2 * len(raw)
-                    call = call_from_request(request, self._limits, data)
+                    call = call_from_request(request, self._limits, data, self.resident)
                     return self._engine.prepare(call, self._limits), copies
 
                 try:
@@ -316,6 +322,7 @@ class LossServicer:
             deadline=deadline,
             message_bytes=self.max_message_bytes,
             wire=self._wire,
+            resident=self.resident,
         )
         try:
             async with self._time_limit():

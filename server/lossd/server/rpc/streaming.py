@@ -24,6 +24,7 @@ from lossd.server.engine.blocks import BlockPlan, block_plan
 from lossd.server.engine.staging import as_float64
 from lossd.server.losses import LossCall, LossOutput
 from lossd.server.memory import Reservation
+from lossd.server.resident import ResidentStore
 from lossd.server.rpc.requests import call_from_request, parse_request, stream_plan, stream_response
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
@@ -60,8 +61,10 @@ class StreamedCall:
         deadline: float | None = None,
         message_bytes: int = 0,
         wire: Callable[[int, Callable[[], Any]], Awaitable[Any]] | None = None,
+        resident: ResidentStore | None = None,
     ) -> None:
         self._engine = engine
+        self._resident = resident
         self._submit = submit
         self._write_message = write
         self._limits = limits
@@ -122,7 +125,7 @@ class StreamedCall:
 
         def decode_header() -> tuple[pb.ComputeLossRequest, LossCall, dict[int, tuple[str, int]]]:
             request = parse_request(header, "the stream's header")
-            shapes, plan = stream_plan(request, self._limits)
+            shapes, plan = stream_plan(request, self._limits, self._resident)
             # Everything but the values, before any memory is taken.
             return request, self._engine.prepare(shapes, self._limits), plan
 
@@ -171,7 +174,8 @@ class StreamedCall:
                 continue
             if call is None and all(assembly.received[s] == assembly.expected(s) for s in side):
                 call = self._engine.prepare(
-                    call_from_request(request, self._limits, assembly.by_field()), self._limits
+                    call_from_request(request, self._limits, assembly.by_field(), self._resident),
+                    self._limits,
                 )
                 self._plan = block_plan(call)
             if self._plan is not None:
@@ -183,7 +187,7 @@ class StreamedCall:
             self._reservation.receiving = False
         if call is None:
             call = self._engine.prepare(
-                call_from_request(request, self._limits, assembly.by_field()), self._limits
+                call_from_request(request, self._limits, assembly.by_field(), self._resident), self._limits
             )
         buffers = list(assembly.by_field().values())
         del assembly, shapes, request
