@@ -35,7 +35,7 @@ def _tensor(draw: st.DrawFn, shape: tuple[int, ...], dtype: torch.dtype, high: i
     return torch.randint(low, max(high, low + 1), shape).to(dtype)
 
 
-TORCH_LOSSES = [name for name in LOSSES if hasattr(F, name)]
+TORCH_LOSSES = [name for name in LOSSES if hasattr(F, name) and name != "linear_cross_entropy"]
 """The losses that are one torch.nn.functional call (distillation, composed of them, has its own
 reference and property tests in test_distillation.py)."""
 

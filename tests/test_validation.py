@@ -91,6 +91,19 @@ def _distill(
     return build
 
 
+def _linear(classifier: np.ndarray, **options: object) -> Callable[[], pb.ComputeLossRequest]:
+    """A linear cross-entropy of LOGITS as hidden states (4, 5) against LABELS."""
+
+    def build() -> pb.ComputeLossRequest:
+        message = request("linear_cross_entropy")
+        codec.encode(classifier, "classifier", out=message.linear_cross_entropy.classifier)
+        for name, value in options.items():
+            setattr(message.linear_cross_entropy, name, value)
+        return message
+
+    return build
+
+
 RULES = [
     Rule(
         "dtype-unset",
@@ -430,6 +443,20 @@ RULES = [
         "input.resident_id",
         ("input.resident_id", "sha256:00"),
         grpc.StatusCode.NOT_FOUND,
+    ),
+    Rule(
+        "linear-classifier-shape",
+        _linear(RNG.standard_normal((5, 3)).astype(np.float32)),
+        "CLASSIFIER_SHAPE_MISMATCH",
+        "linear_cross_entropy.classifier.shape",
+        ("classifier.shape", "[5, 3]", "[V, 5]"),
+    ),
+    Rule(
+        "linear-softcap",
+        _linear(RNG.standard_normal((5, 5)).astype(np.float32), softcap=-2.0),
+        "OPTION_INVALID",
+        "linear_cross_entropy.softcap",
+        ("softcap", "-2.0"),
     ),
 ]
 

@@ -58,6 +58,8 @@ class LossResult(Generic[ArrayT]):
     """A distillation's hard (cross-entropy) part, reduced like `loss`."""
     soft_loss: ArrayT | None = None
     """A distillation's soft (divergence) part, reduced like `loss`."""
+    lse: ArrayT | None = None
+    """A linear cross-entropy's per-token log-sum-exp, if `return_lse` was set."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -287,7 +289,7 @@ def decode_response(
 
     parts = {
         name: decode(getattr(response, name), name)
-        for name in ("hard_loss", "soft_loss")
+        for name in ("hard_loss", "soft_loss", "lse")
         if response.HasField(name)
     }
     return LossResult(

@@ -150,6 +150,34 @@ class Losses(Protocol[R_co]):
         The result also carries `hard_loss` and `soft_loss`; `return_grad` returns d(loss)/d(input).
         """
 
+    def linear_cross_entropy(
+        self,
+        input: ArrayT,
+        target: TensorLike,
+        classifier: TensorLike,
+        bias: TensorLike | None = None,
+        weight: TensorLike | None = None,
+        *,
+        ignore_index: int = -100,
+        reduction: ReductionName = "mean",
+        label_smoothing: float = 0.0,
+        softcap: float = 0.0,
+        lse_square_scale: float = 0.0,
+        return_lse: bool = False,
+        return_grad: bool = False,
+        grad_dtype: object = None,
+        grad_output: TensorLike | None = None,
+        timeout: float | None = None,
+    ) -> R_co:
+        """`cross_entropy(softcap(input @ classifier.T + bias), target, weight, ...)` from hidden
+        states `input` (..., H), fused by the server: the logits never travel nor exist whole.
+
+        `classifier` (V, H) is best a resident tensor (`client.resident(W)`), uploaded once.
+        `softcap` > 0 soft-caps the logits (Gemma 2); `lse_square_scale` adds the z-loss;
+        `return_lse` also returns each token's log-sum-exp (`result.lse`); `return_grad` returns
+        d(loss)/d(input).
+        """
+
 
 @dataclass(frozen=True)
 class LossDeclaration:
@@ -180,7 +208,7 @@ class LossDeclaration:
         return tuple(name for name in self.signature.parameters if name not in COMMON or name == "reduction")
 
 
-_CLASSES_LAST = frozenset({"distillation"})
+_CLASSES_LAST = frozenset({"distillation", "linear_cross_entropy"})
 """Losses over tokens whose vocabulary is the last dimension, as language models lay them out."""
 
 

@@ -59,6 +59,12 @@ class _TensorSlotEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorSlot
     """
     TENSOR_SLOT_RESIDENT: _TensorSlot.ValueType  # 12
     """The tensor of a PutTensor stream."""
+    TENSOR_SLOT_LSE: _TensorSlot.ValueType  # 13
+    """ComputeLossResponse.lse, when the response header leaves its data empty."""
+    TENSOR_SLOT_CLASSIFIER: _TensorSlot.ValueType  # 14
+    """linear_cross_entropy.classifier."""
+    TENSOR_SLOT_BIAS: _TensorSlot.ValueType  # 15
+    """linear_cross_entropy.bias."""
 
 class TensorSlot(_TensorSlot, metaclass=_TensorSlotEnumTypeWrapper):
     """The tensors of a loss call, as named in chunks."""
@@ -93,6 +99,12 @@ empty.
 """
 TENSOR_SLOT_RESIDENT: TensorSlot.ValueType  # 12
 """The tensor of a PutTensor stream."""
+TENSOR_SLOT_LSE: TensorSlot.ValueType  # 13
+"""ComputeLossResponse.lse, when the response header leaves its data empty."""
+TENSOR_SLOT_CLASSIFIER: TensorSlot.ValueType  # 14
+"""linear_cross_entropy.classifier."""
+TENSOR_SLOT_BIAS: TensorSlot.ValueType  # 15
+"""linear_cross_entropy.bias."""
 Global___TensorSlot: _TypeAlias = TensorSlot  # noqa: Y015
 
 class _Reduction:
@@ -344,6 +356,7 @@ class ComputeLossRequest(_message.Message):
     CROSS_ENTROPY_FIELD_NUMBER: _builtins.int
     KL_DIV_FIELD_NUMBER: _builtins.int
     DISTILLATION_FIELD_NUMBER: _builtins.int
+    LINEAR_CROSS_ENTROPY_FIELD_NUMBER: _builtins.int
     REDUCTION_FIELD_NUMBER: _builtins.int
     GRADIENTS_FIELD_NUMBER: _builtins.int
     reduction: Global___Reduction.ValueType
@@ -399,6 +412,12 @@ class ComputeLossRequest(_message.Message):
         """
 
     @_builtins.property
+    def linear_cross_entropy(self) -> Global___LinearCrossEntropyLossOptions:
+        """Cross-entropy of a linear classifier's logits, fused: input holds
+        hidden states and the logits are never materialized whole.
+        """
+
+    @_builtins.property
     def gradients(self) -> Global___GradientOptions:
         """Which gradients to return. Unset: none, only the loss."""
 
@@ -411,14 +430,15 @@ class ComputeLossRequest(_message.Message):
         cross_entropy: Global___CrossEntropyLossOptions | None = ...,
         kl_div: Global___KlDivLossOptions | None = ...,
         distillation: Global___DistillationLossOptions | None = ...,
+        linear_cross_entropy: Global___LinearCrossEntropyLossOptions | None = ...,
         reduction: Global___Reduction.ValueType = ...,
         gradients: Global___GradientOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "distillation", b"distillation", "gradients", b"gradients", "input", b"input", "kl_div", b"kl_div", "loss", b"loss", "nll_loss", b"nll_loss", "target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "distillation", b"distillation", "gradients", b"gradients", "input", b"input", "kl_div", b"kl_div", "linear_cross_entropy", b"linear_cross_entropy", "loss", b"loss", "nll_loss", b"nll_loss", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "distillation", b"distillation", "gradients", b"gradients", "input", b"input", "kl_div", b"kl_div", "loss", b"loss", "nll_loss", b"nll_loss", "reduction", b"reduction", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "distillation", b"distillation", "gradients", b"gradients", "input", b"input", "kl_div", b"kl_div", "linear_cross_entropy", b"linear_cross_entropy", "loss", b"loss", "nll_loss", b"nll_loss", "reduction", b"reduction", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_loss: _TypeAlias = _typing.Literal["nll_loss", "cross_entropy", "kl_div", "distillation"]  # noqa: Y015
+    _WhichOneofReturnType_loss: _TypeAlias = _typing.Literal["nll_loss", "cross_entropy", "kl_div", "distillation", "linear_cross_entropy"]  # noqa: Y015
     _WhichOneofArgType_loss: _TypeAlias = _typing.Literal["loss", b"loss"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_loss) -> _WhichOneofReturnType_loss | None: ...
 
@@ -435,6 +455,7 @@ class ComputeLossResponse(_message.Message):
     TARGET_GRADIENT_FIELD_NUMBER: _builtins.int
     HARD_LOSS_FIELD_NUMBER: _builtins.int
     SOFT_LOSS_FIELD_NUMBER: _builtins.int
+    LSE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def loss(self) -> _tensor_pb2.Tensor:
         """The loss: a 0-d tensor, or for REDUCTION_NONE one value per element (per
@@ -469,6 +490,13 @@ class ComputeLossResponse(_message.Message):
         is; shaped like loss.
         """
 
+    @_builtins.property
+    def lse(self) -> _tensor_pb2.Tensor:
+        """linear_cross_entropy with return_lse only: the log-sum-exp of each
+        token's (soft-capped) logits, float32 (float64 for float64 input), shaped
+        like input without its last dimension, whatever the reduction.
+        """
+
     def __init__(
         self,
         *,
@@ -477,10 +505,11 @@ class ComputeLossResponse(_message.Message):
         target_gradient: _tensor_pb2.Tensor | None = ...,
         hard_loss: _tensor_pb2.Tensor | None = ...,
         soft_loss: _tensor_pb2.Tensor | None = ...,
+        lse: _tensor_pb2.Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hard_loss", b"hard_loss", "input_gradient", b"input_gradient", "loss", b"loss", "soft_loss", b"soft_loss", "target_gradient", b"target_gradient"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hard_loss", b"hard_loss", "input_gradient", b"input_gradient", "loss", b"loss", "lse", b"lse", "soft_loss", b"soft_loss", "target_gradient", b"target_gradient"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hard_loss", b"hard_loss", "input_gradient", b"input_gradient", "loss", b"loss", "soft_loss", b"soft_loss", "target_gradient", b"target_gradient"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hard_loss", b"hard_loss", "input_gradient", b"input_gradient", "loss", b"loss", "lse", b"lse", "soft_loss", b"soft_loss", "target_gradient", b"target_gradient"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -506,7 +535,7 @@ class StreamLossRequest(_message.Message):
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
         """A piece of one tensor's data (slot INPUT, TARGET, WEIGHT, GRAD_OUTPUT,
-        TEACHER_IDS or LABELS). The chunks of one tensor arrive in order, without gaps or
+        TEACHER_IDS, LABELS, CLASSIFIER or BIAS). The chunks of one tensor arrive in order, without gaps or
         overlap, and together hold exactly its bytes; chunks of different tensors
         may interleave.
         """
@@ -820,6 +849,81 @@ class DistillationLossOptions(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__weight_soft) -> _WhichOneofReturnType__weight_soft | None: ...
 
 Global___DistillationLossOptions: _TypeAlias = DistillationLossOptions  # noqa: Y015
+
+@_typing.final
+class LinearCrossEntropyLossOptions(_message.Message):
+    """cross_entropy(softcap(input @ classifier.T + bias), target) computed in
+    chunks of tokens, so that peak memory is O(chunk x V), never O(tokens x V)
+    (Liger Kernel's fused linear cross-entropy, Apple's cut-cross-entropy).
+    input: hidden states (..., H), a floating dtype; target: class indices
+    (...), int64, int32 or uint8, each in [0, V) or ignore_index. Per token:
+      z = logits, or softcap * tanh(logits / softcap) with softcap > 0
+      loss = cross_entropy(z, target, weight, ignore_index, label_smoothing)
+           + lse_square_scale * logsumexp(z)^2 (the z-loss; 0 where ignored)
+    reduced as torch's cross_entropy reduces (mean: over the summed class
+    weights of the counted tokens). float16 and bfloat16 are computed in
+    float32. Agreement with that unfused composition computed by torch:
+    float32 within rtol 1e-5 (loss) and 1e-4 (gradient, absolute 1e-6 of its
+    largest value); float64 within 1e-10; float16/bfloat16 with the
+    composition in float32 on the same inputs, the gradient within one
+    rounding of its dtype. The gradient is with respect to the hidden states.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLASSIFIER_FIELD_NUMBER: _builtins.int
+    BIAS_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    IGNORE_INDEX_FIELD_NUMBER: _builtins.int
+    LABEL_SMOOTHING_FIELD_NUMBER: _builtins.int
+    SOFTCAP_FIELD_NUMBER: _builtins.int
+    LSE_SQUARE_SCALE_FIELD_NUMBER: _builtins.int
+    RETURN_LSE_FIELD_NUMBER: _builtins.int
+    ignore_index: _builtins.int
+    """Targets equal to this count nowhere. Unset: -100."""
+    label_smoothing: _builtins.float
+    """Label smoothing in [0, 1]. Unset: 0."""
+    softcap: _builtins.float
+    """Soft-capping of the logits (Gemma 2): > 0 caps, 0 (unset) does not."""
+    lse_square_scale: _builtins.float
+    """The z-loss weight, >= 0 (PaLM's 1e-4, say). Unset: 0, none."""
+    return_lse: _builtins.bool
+    """Also return each token's log-sum-exp (ComputeLossResponse.lse)."""
+    @_builtins.property
+    def classifier(self) -> _tensor_pb2.Tensor:
+        """The classifier's weight (V, H), a floating dtype. Required; often a
+        resident tensor (Tensor.resident_id), uploaded once.
+        """
+
+    @_builtins.property
+    def bias(self) -> _tensor_pb2.Tensor:
+        """The classifier's bias (V). Unset: none."""
+
+    @_builtins.property
+    def weight(self) -> _tensor_pb2.Tensor:
+        """Class weights (V), as cross_entropy's weight. Unset: every class 1."""
+
+    def __init__(
+        self,
+        *,
+        classifier: _tensor_pb2.Tensor | None = ...,
+        bias: _tensor_pb2.Tensor | None = ...,
+        weight: _tensor_pb2.Tensor | None = ...,
+        ignore_index: _builtins.int | None = ...,
+        label_smoothing: _builtins.float = ...,
+        softcap: _builtins.float = ...,
+        lse_square_scale: _builtins.float = ...,
+        return_lse: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index", "bias", b"bias", "classifier", b"classifier", "ignore_index", b"ignore_index", "weight", b"weight"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index", "bias", b"bias", "classifier", b"classifier", "ignore_index", b"ignore_index", "label_smoothing", b"label_smoothing", "lse_square_scale", b"lse_square_scale", "return_lse", b"return_lse", "softcap", b"softcap", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__ignore_index: _TypeAlias = _typing.Literal["ignore_index"]  # noqa: Y015
+    _WhichOneofArgType__ignore_index: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ignore_index) -> _WhichOneofReturnType__ignore_index | None: ...
+
+Global___LinearCrossEntropyLossOptions: _TypeAlias = LinearCrossEntropyLossOptions  # noqa: Y015
 
 @_typing.final
 class GradientOptions(_message.Message):

@@ -43,6 +43,8 @@ REQUEST_SLOTS = {
     "grad_output": pb.TENSOR_SLOT_GRAD_OUTPUT,
     "teacher_ids": pb.TENSOR_SLOT_TEACHER_IDS,
     "labels": pb.TENSOR_SLOT_LABELS,
+    "classifier": pb.TENSOR_SLOT_CLASSIFIER,
+    "bias": pb.TENSOR_SLOT_BIAS,
 }
 """The slot of a request tensor that travels in chunks, by its field's last name
 (`cross_entropy.weight` -> weight)."""
@@ -51,6 +53,7 @@ RESPONSE_SLOTS = {
     "loss": pb.TENSOR_SLOT_LOSS,
     "hard_loss": pb.TENSOR_SLOT_HARD_LOSS,
     "soft_loss": pb.TENSOR_SLOT_SOFT_LOSS,
+    "lse": pb.TENSOR_SLOT_LSE,
     "input_gradient": pb.TENSOR_SLOT_INPUT_GRADIENT,
     "target_gradient": pb.TENSOR_SLOT_TARGET_GRADIENT,
 }

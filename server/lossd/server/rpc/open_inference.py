@@ -215,6 +215,9 @@ def loss_request(
                 f"outputs.{shown(name)}",
                 output=shown(name),
             )
+    for name in loss.parts:  # a part that is computed on request (a linear cross-entropy's lse)
+        if name in outputs and f"return_{name}" in loss.parameters:
+            setattr(options, f"return_{name}", True)
     message.gradients.input = "input_grad" in outputs
     message.gradients.target = "target_grad" in outputs
     return message, data, outputs
