@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
+from google.protobuf.message import Message
 
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.wire.errors import InvalidArgumentError
@@ -91,8 +92,9 @@ def _skip(data: memoryview, pos: int, wire_type: int) -> int:
     return skip(data, pos, wire_type, _MALFORMED)
 
 
-def encode_header(message: pb.ComputeLossRequest | pb.ComputeLossResponse | Any) -> bytes:
-    """A serialized stream message whose part is `message` (field 1, the header)."""
+def encode_header(message: Message) -> bytes:
+    """A serialized stream message whose part is `message` (field 1, the header): a StreamLoss
+    request's or response's, or a PutTensor request's."""
     body = message.SerializeToString()
     return b"\x0a" + varint(len(body)) + body
 

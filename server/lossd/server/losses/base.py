@@ -174,9 +174,11 @@ class Loss(abc.ABC):
 
     # -- computation ----------------------------------------------------------------------------
 
-    @abc.abstractmethod
     def function(self, options: LossOptions, reduction: str) -> LossFunction:
-        """torch's own call with the options bound and `reduction` (the call's, or 'none')."""
+        """torch's own call with the options bound and `reduction` (the call's, or 'none'): what the
+        default `compute`, merging and stream blocks call. A loss that overrides `compute` (and
+        merges through it: `merged_by_compute`) has none."""
+        raise TypeError(f"{self.name} is computed by its own `compute`, not one torch function")
 
     @abc.abstractmethod
     def temporaries(self, call: LossCall) -> int:

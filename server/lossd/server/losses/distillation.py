@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lossd.server.losses.base import Computed, Loss, LossCall, LossFunction, LossOptions, OipTensor, Upload
+from lossd.server.losses.base import Computed, Loss, LossCall, LossOptions, OipTensor, Upload
 from lossd.server.losses.checks import dtype_name, invalid_argument, out_of_range, require_floating
 
 if TYPE_CHECKING:
@@ -419,22 +419,6 @@ class DistillationLoss(Loss):
         return compute_dtype(call.input.dtype)
 
     # -- computation ----------------------------------------------------------------------------
-
-    def function(self, options: LossOptions, reduction: str) -> LossFunction:
-        """The per-token loss of a dense teacher without labels, `f(student, teacher, None)`: the
-        loss as one torch function, for callers that have no `LossCall` (a distillation call itself
-        is computed by `compute`, which also takes top-k teachers and labels)."""
-        assert isinstance(options, DistillationOptions)
-
-        def loss(student: torch.Tensor, teacher: torch.Tensor, _: torch.Tensor | None) -> torch.Tensor:
-            vocabulary = student.shape[-1]
-            total, _hard, _soft = token_losses(
-                student.reshape(-1, vocabulary), teacher.reshape(-1, teacher.shape[-1]), None, None, options
-            )
-            total = total.reshape(student.shape[:-1])
-            return total if reduction == "none" else total.sum() if reduction == "sum" else total.mean()
-
-        return loss
 
     def temporaries(self, call: LossCall) -> int:
         return 0  # bounded by the chunk, not the input: see `scratch_bytes`

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lossd.server.losses.base import Computed, Loss, LossCall, LossFunction, LossOptions, OipTensor, Upload
+from lossd.server.losses.base import Computed, Loss, LossCall, LossOptions, OipTensor, Upload
 from lossd.server.losses.checks import dtype_name, invalid_argument, out_of_range, require_floating
 from lossd.server.losses.distillation import CHUNK_ELEMENTS, compute_dtype
 
@@ -196,11 +196,6 @@ class LinearCrossEntropyLoss(Loss):
         return compute_dtype(call.input.dtype)
 
     # -- computation ----------------------------------------------------------------------------
-
-    def function(self, options: LossOptions, reduction: str) -> LossFunction:
-        """Without a classifier this loss is no torch function of (input, target): its calls are
-        computed by `compute`, which has their tensors."""
-        raise TypeError("linear_cross_entropy is computed by `compute` (it needs the classifier)")
 
     def temporaries(self, call: LossCall) -> int:
         return 0

@@ -95,7 +95,6 @@ class LossServicer:
         self._engine = engine
         self.resident = resident if resident is not None else ResidentStore(0)
         self._batcher = batcher
-        self._limits = limits
         self.limits = limits
         self._metrics = metrics
         # An answer chunk and its framing fit in one message.
@@ -275,8 +274,8 @@ class LossServicer:
                     copies = sum(view.nbytes for view in data.values() if view.obj is not raw)
                     if not any(view.obj is raw for view in data.values()):
                         copies += 2 * len(raw)
-                    call = call_from_request(request, self._limits, data, self.resident)
-                    return self._engine.prepare(call, self._limits), copies
+                    call = call_from_request(request, self.limits, data, self.resident)
+                    return self._engine.prepare(call, self.limits), copies
 
                 try:
                     call, copies = await self._wire(received, functools.partial(decode, raw))
@@ -315,7 +314,7 @@ class LossServicer:
             self._engine,
             lambda call: self._submit(call, context, started),
             lambda message: self.write(context, message),
-            self._limits,
+            self.limits,
             self._chunk_bytes,
             self._block_bytes,
             reservation=reservation,
