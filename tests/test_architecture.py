@@ -20,7 +20,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE_ROOTS = ("wire", "server", "client")
-LOSS_NAMES = ("nll_loss", "cross_entropy", "kl_div", "distillation", "linear_cross_entropy")
+LOSS_NAMES = (
+    "nll_loss",
+    "cross_entropy",
+    "kl_div",
+    "distillation",
+    "linear_cross_entropy",
+    "linear_distillation",
+)
 
 
 @dataclass(frozen=True)
@@ -230,6 +237,7 @@ def test_outside_its_module_no_code_asks_which_loss_a_call_is() -> None:
         ROOT / "server/lossd/server/losses/kl_div.py",
         ROOT / "server/lossd/server/losses/distillation.py",  # composes torch's F.cross_entropy
         ROOT / "server/lossd/server/losses/linear_cross_entropy.py",
+        ROOT / "server/lossd/server/losses/linear_distillation.py",
         ROOT / "server/lossd/server/losses/registry.py",
         ROOT / "client/lossd/client/losses.py",
     }

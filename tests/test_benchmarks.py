@@ -87,3 +87,27 @@ def test_distillation_quick() -> None:
         assert isinstance(report[key], float), key
     peak = report["peak_vs_payload"]
     assert peak is None or (isinstance(peak, float) and peak < 2.0), "inputs, gradient, one chunk"
+
+
+@pytest.mark.slow
+def test_linear_loss_quick() -> None:
+    """The benchmark's own shape (4096 tokens): the byte and memory goals hold, and the two paths'
+    gradients agree (the benchmark checks that itself). Times are reported, not asserted."""
+    report = _run("linear_loss.py")
+    assert report["summary"] and report["logits_request_bytes"] > 4096 * 32000 * 4
+    assert isinstance(report["wire_ratio"], float) and report["wire_ratio"] >= 10
+    for key in ("logits_path_s", "hidden_path_s", "hidden_speedup"):
+        assert isinstance(report[key], float), key
+    ratio = report["server_peak_vs_unfused"]
+    assert ratio is None or (isinstance(ratio, float) and ratio <= 0.25)
+
+
+def test_fused_kernels_quick() -> None:
+    """Runs every implementation the server could choose here (on the CPU: lossd's own chunks)
+    against torch eager; they agree."""
+    report = _run("fused_kernels.py")
+    results = report["results"]
+    assert isinstance(results, list)
+    timed = {line["implementation"]: line for line in results if "seconds" in line}
+    assert "torch-eager (logits whole)" in timed and "torch-chunked" in timed
+    assert timed["torch-chunked"]["loss_difference"] < 1e-3

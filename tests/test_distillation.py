@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from distillation_reference import CHUNKED_RTOL, reference, reference_grad
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +18,8 @@ from lossd.server.engine.finite import nonfinite_fields
 from lossd.server.losses import LossCall, make_options
 from lossd.server.losses import distillation as distillation_module
 from lossd.wire.errors import InvalidArgumentError
+
+from distillation_reference import CHUNKED_RTOL, reference, reference_grad
 
 ENGINE = LossEngine("cpu")
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

@@ -15,7 +15,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from distillation_reference import CHUNKED_RTOL, reference, reference_grad
 from test_open_inference import _infer, stub  # noqa: F401  (the OIP stub fixture)
 
 from lossd.client import AsyncLossClient, LossClient, errors
@@ -24,6 +23,7 @@ from lossd.v1.oip import open_inference_pb2 as oip
 from lossd.v1.oip import open_inference_pb2_grpc as oip_grpc
 
 from conftest import RunningServer
+from distillation_reference import CHUNKED_RTOL, reference, reference_grad
 
 torch.manual_seed(11)
 STUDENT = torch.randn(4, 6, 50) * 2

@@ -122,3 +122,48 @@ def test_distillation_on_cuda_is_the_reference_on_cuda(
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(result.grad, grad, rtol=1e-5, atol=1e-7)
     assert torch.isfinite(result.grad).all()
+
+
+def test_linear_losses_on_cuda_with_a_resident_head_kept_on_the_device() -> None:
+    """The fused linear losses against their unfused references on CUDA, the classifier resident and
+    mirrored in device memory (the call copies it up no more), and the implementation chosen at
+    start-up agreeing with the reference on every call it computes."""
+    from test_linear_cross_entropy import unfused_head
+    from test_linear_distillation import unfused
+
+    from conftest import make_config
+    from tolerances import close
+
+    running = RunningServer(make_config(device="cuda"))
+    try:
+        engine = running.server.engine
+        assert "linear_cross_entropy" in engine.choices
+        torch.manual_seed(0)
+        classifier, teacher_classifier = torch.randn(5000, 256) / 16, torch.randn(5000, 128) / 16
+        hidden, teacher_hidden = torch.randn(2, 300, 256), torch.randn(2, 300, 128)
+        labels = torch.randint(0, 5000, (2, 300))
+        with LossClient(running.target, timeout=120) as client:
+            head = client.resident(classifier)
+            assert engine.staging._mirrors, "the resident classifier is kept on the device"
+            result = client.linear_cross_entropy(
+                hidden.cuda(), labels.cuda(), head, return_grad=True, label_smoothing=0.1
+            )
+            loss, _, grads = unfused_head(hidden, labels, classifier, label_smoothing=0.1)
+            close(result.loss.cpu(), loss, torch.float32, "loss")
+            close(result.grad.cpu(), grads[0], torch.float32, "grad", gradient=True)
+            teacher_head = client.resident(teacher_classifier)
+            distilled = client.linear_distillation(
+                hidden,
+                teacher_hidden,
+                classifier,
+                teacher_head,
+                beta=0.5,
+                return_grad=True,
+                return_classifier_grad=True,
+            )
+            loss, _, _, grads = unfused(hidden, teacher_hidden, classifier, teacher_classifier, beta=0.5)
+            close(distilled.loss, loss, torch.float32, "distillation loss")
+            close(distilled.grad, grads[0], torch.float32, "distillation grad", gradient=True)
+            close(distilled.classifier_grad, grads[1], torch.float32, "classifier grad", gradient=True)
+    finally:
+        running.close()

@@ -167,3 +167,22 @@ def test_the_cap_is_set_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
     engine.limit_memory(1.0)
     engine.limit_memory(0.25)
     assert capped == [(0.25, torch.device("cuda", 0))]
+
+
+def test_a_resident_tensor_is_mirrored_on_the_device_while_it_lives() -> None:
+    """The device copy of a resident tensor (CUDA), on the meta device here: `upload` of that very
+    tensor returns the copy, of any other tensor copies it up, and the copy goes with the tensor."""
+    import gc
+
+    from lossd.server.engine.staging import Staging
+
+    staging = Staging(torch.device("meta"), pinned=False)
+    held = torch.randn(40, 8)
+    assert staging.mirror(held) is held and staging.mirror(held) is held
+    copy = staging.upload(held)
+    assert copy.device.type == "meta" and staging.upload(held) is copy
+    assert staging.upload(held.clone()) is not copy
+    del held, copy
+    gc.collect()
+    assert not staging._mirrors
+    assert Staging(torch.device("cpu"), pinned=False).mirror(torch.ones(2)) is not None

@@ -20,6 +20,7 @@ from lossd.server.losses import linear_cross_entropy as module
 from lossd.wire.errors import InvalidArgumentError
 
 from conftest import RunningServer
+from tolerances import close
 
 ENGINE = LossEngine("cpu")
 
@@ -39,11 +40,45 @@ def unfused(
     grad_output: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, d loss / d hidden) by torch, with the logits whole."""
+    loss, lse, grads = unfused_head(
+        hidden,
+        target,
+        classifier,
+        bias,
+        weight,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        softcap=softcap,
+        lse_square_scale=lse_square_scale,
+        grad_output=grad_output,
+    )
+    return loss, lse, grads[0]
+
+
+def unfused_head(
+    hidden: torch.Tensor,
+    target: torch.Tensor,
+    classifier: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    softcap: float = 0.0,
+    lse_square_scale: float = 0.0,
+    grad_output: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(loss, lse, [d loss / d hidden, d classifier, d bias (if any)]) by torch, the logits whole,
+    in the compute dtype (float32 for float16 and bfloat16)."""
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     leaf = hidden.detach().clone().requires_grad_()
-    logits = leaf.reshape(-1, hidden.shape[-1]).to(dtype) @ classifier.to(dtype).T
-    if bias is not None:
-        logits = logits + bias.to(dtype)
+    head = classifier.detach().to(dtype).requires_grad_()
+    offset = None if bias is None else bias.detach().to(dtype).requires_grad_()
+    logits = leaf.reshape(-1, hidden.shape[-1]).to(dtype) @ head.T
+    if offset is not None:
+        logits = logits + offset
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
     flat = target.reshape(-1).long()
@@ -70,8 +105,9 @@ def unfused(
     if reduction == "none":
         loss = loss.reshape(hidden.shape[:-1])
     upstream = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.dtype)
-    (grad,) = torch.autograd.grad(loss, leaf, upstream)
-    return loss.detach(), lse.detach().reshape(hidden.shape[:-1]), grad
+    leaves = [leaf, head] + ([] if offset is None else [offset])
+    grads = list(torch.autograd.grad(loss, leaves, upstream))
+    return loss.detach(), lse.detach().reshape(hidden.shape[:-1]), grads
 
 
 def fused(
@@ -83,38 +119,23 @@ def fused(
     *,
     reduction: str = "mean",
     grad_output: torch.Tensor | None = None,
+    tensor_grads: frozenset[str] = frozenset(),
     **options: Any,
 ) -> Any:
     tensors = {"classifier": classifier}
     if bias is not None:
         tensors["bias"] = bias
-    if weight is not None:
-        tensors["weight"] = weight
     call = LossCall(
         make_options("linear_cross_entropy", reduction, return_lse=True, **options),
         hidden,
         target,
+        weight=weight,
         input_grad=True,
         grad_output=grad_output,
         tensors=tensors,
+        tensor_grads=tensor_grads,
     )
     return ENGINE.compute(call)
-
-
-def close(actual: Any, expected: torch.Tensor, dtype: torch.dtype, what: str, gradient: bool = False) -> None:
-    """Within the .proto's tolerances (NaN where torch has NaN: a mean over no counted token)."""
-    actual = torch.as_tensor(actual).double()
-    expected = expected.double()
-    finite = expected[torch.isfinite(expected)]
-    scale = max(float(finite.abs().max()) if finite.numel() else 1.0, 1e-3)
-    if dtype == torch.float64:
-        rtol, atol = 1e-10, 1e-12 * scale
-    elif dtype == torch.float32:
-        rtol, atol = (1e-4, 1e-6 * scale) if gradient else (1e-5, 1e-6 * scale)
-    else:  # the composition in float32 on the same inputs; the gradient rounded to its dtype once
-        eps = torch.finfo(dtype).eps
-        rtol, atol = (eps, eps * scale) if gradient else (1e-5, 1e-6 * scale)
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=what)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -131,15 +152,26 @@ def test_every_option_against_the_unfused_composition(
     target[::4] = -1
     options = {"ignore_index": -1, "label_smoothing": 0.1, "softcap": 5.0, "lse_square_scale": 1e-3}
     upstream = torch.randn(37) if reduction == "none" else torch.tensor(1.7)
+    both = frozenset({"classifier", "bias"})
     out = fused(
-        hidden, target, classifier, bias, weight, reduction=reduction, grad_output=upstream, **options
+        hidden,
+        target,
+        classifier,
+        bias,
+        weight,
+        reduction=reduction,
+        grad_output=upstream,
+        tensor_grads=both,
+        **options,
     )
-    loss, lse, grad = unfused(
+    loss, lse, grads = unfused_head(
         hidden, target, classifier, bias, weight, reduction=reduction, grad_output=upstream, **options
     )
     close(out.loss, loss, torch.float32, "loss")
     close(out.parts["lse"], lse, torch.float32, "lse")
-    close(out.input_grad, grad, torch.float32, "grad", gradient=True)
+    close(out.input_grad, grads[0], torch.float32, "grad", gradient=True)
+    close(out.tensor_grads["classifier"], grads[1], torch.float32, "classifier grad", gradient=True)
+    close(out.tensor_grads["bias"], grads[2], torch.float32, "bias grad", gradient=True)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -152,6 +184,7 @@ def test_every_option_against_the_unfused_composition(
     softcap=st.sampled_from([0.0, 2.0]),
     chunk=st.integers(1, 7),
     seed=st.integers(0, 2**31 - 1),
+    with_bias=st.booleans(),
 )
 def test_property_shapes_dtypes_chunks(
     lead: list[int],
@@ -162,20 +195,37 @@ def test_property_shapes_dtypes_chunks(
     softcap: float,
     chunk: int,
     seed: int,
+    with_bias: bool,
 ) -> None:
     generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn((*lead, size), generator=generator).to(dtype)
     classifier = torch.randn(classes, size, generator=generator).to(dtype)
+    bias = torch.randn(classes, generator=generator).to(dtype) if with_bias else None
     target = torch.randint(-1, classes, tuple(lead), generator=generator)
+    wanted = frozenset({"classifier", "bias"} if with_bias else {"classifier"})
     original = module.CHUNK_ELEMENTS
     module.CHUNK_ELEMENTS = classes * chunk
     try:
-        out = fused(hidden, target, classifier, reduction=reduction, ignore_index=-1, softcap=softcap)
+        out = fused(
+            hidden,
+            target,
+            classifier,
+            bias,
+            reduction=reduction,
+            ignore_index=-1,
+            softcap=softcap,
+            tensor_grads=wanted,
+        )
     finally:
         module.CHUNK_ELEMENTS = original
-    loss, _, grad = unfused(hidden, target, classifier, reduction=reduction, ignore_index=-1, softcap=softcap)
+    loss, _, grads = unfused_head(
+        hidden, target, classifier, bias, reduction=reduction, ignore_index=-1, softcap=softcap
+    )
     close(out.loss, loss, dtype, "loss")
-    close(out.input_grad, grad.to(dtype), dtype, "grad", gradient=True)
+    close(out.input_grad, grads[0].to(dtype), dtype, "grad", gradient=True)
+    close(out.tensor_grads["classifier"], grads[1].to(dtype), dtype, "classifier grad", gradient=True)
+    if with_bias:
+        close(out.tensor_grads["bias"], grads[2].to(dtype), dtype, "bias grad", gradient=True)
 
 
 def test_one_token_and_every_token_ignored() -> None:
@@ -251,3 +301,76 @@ def test_through_a_server_with_a_resident_classifier(server: RunningServer) -> N
         (per_token * upstream).sum().backward()
         _, _, expected = unfused(hidden, target, classifier, reduction="none", grad_output=upstream)
         close(leaf.grad, expected, torch.float32, "autograd", gradient=True)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_trainable_head_through_a_server(server: RunningServer, stream: bool) -> None:
+    """The classifier's and the bias's gradients come back with the hidden states', unary and in
+    StreamLoss chunks; class weights travel as the loss's weight."""
+    torch.manual_seed(4)
+    classifier, bias, weight = torch.randn(300, 32), torch.randn(300), torch.rand(300) + 0.5
+    hidden, target = torch.randn(4, 10, 32), torch.randint(0, 300, (4, 10))
+    threshold = 0 if stream else 1 << 30
+    with LossClient(server.target, timeout=30, stream_threshold_bytes=threshold) as client:
+        result = client.linear_cross_entropy(
+            hidden,
+            target,
+            classifier,
+            bias,
+            weight,
+            label_smoothing=0.1,
+            return_grad=True,
+            return_classifier_grad=True,
+            return_bias_grad=True,
+        )
+    loss, _, grads = unfused_head(hidden, target, classifier, bias, weight, label_smoothing=0.1)
+    close(result.loss, loss, torch.float32, "loss")
+    for actual, expected, what in zip(
+        (result.grad, result.classifier_grad, result.bias_grad),
+        grads,
+        ("input", "classifier", "bias"),
+        strict=True,
+    ):
+        assert actual is not None, what
+        close(actual, expected, torch.float32, what, gradient=True)
+
+
+def test_torch_autograd_fills_the_heads_grad(server: RunningServer) -> None:
+    """`backward()` fills the hidden states', the classifier's and the bias's `.grad`; under
+    'none' with a non-uniform upstream gradient the head's gradients take a second call."""
+    torch.manual_seed(5)
+    classifier, bias = torch.randn(50, 16), torch.randn(50)
+    hidden, target = torch.randn(3, 7, 16), torch.randint(0, 50, (3, 7))
+    with LossClient(server.target, timeout=30) as client:
+        for reduction in ("mean", "none"):
+            leaves = [t.clone().requires_grad_() for t in (hidden, classifier, bias)]
+            loss = lossd_torch.linear_cross_entropy(
+                leaves[0], target, leaves[1], leaves[2], reduction=reduction, client=client
+            )
+            upstream = torch.randn(loss.shape)
+            (loss * upstream).sum().backward()
+            _, _, grads = unfused_head(
+                hidden, target, classifier, bias, reduction=reduction, grad_output=upstream
+            )
+            for leaf, expected in zip(leaves, grads, strict=True):
+                assert leaf.grad is not None
+                close(leaf.grad, expected, torch.float32, reduction, gradient=True)
+
+
+def test_gradients_of_tensors_a_loss_lacks_are_refused(client: LossClient) -> None:
+    hidden, classifier = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(InvalidArgumentError) as caught:
+        client.linear_cross_entropy(hidden, torch.tensor([0, 1, 2]), classifier, return_bias_grad=True)
+    assert (caught.value.reason, caught.value.field) == ("TENSOR_GRADIENT_NOT_SUPPORTED", "gradients.bias")
+    call = LossCall(
+        make_options("cross_entropy", "mean"),
+        torch.randn(3, 5),
+        torch.tensor([0, 1, 2]),
+        tensor_grads=frozenset({"classifier"}),
+    )
+    with pytest.raises(InvalidArgumentError) as caught:
+        ENGINE.prepare(call)
+    assert (caught.value.reason, caught.value.field) == (
+        "TENSOR_GRADIENT_NOT_SUPPORTED",
+        "gradients.classifier",
+    )

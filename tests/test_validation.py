@@ -104,6 +104,23 @@ def _linear(classifier: np.ndarray, **options: object) -> Callable[[], pb.Comput
     return build
 
 
+def _linear_distill(**options: object) -> Callable[[], pb.ComputeLossRequest]:
+    """A linear distillation of LOGITS as the student's hidden states (4, 5) against a teacher's."""
+
+    def build() -> pb.ComputeLossRequest:
+        message = request("linear_distillation", LOGITS, LOGITS)
+        options_message = message.linear_distillation
+        for name in ("classifier", "teacher_classifier"):
+            codec.encode(
+                RNG.standard_normal((5, 5)).astype(np.float32), name, out=getattr(options_message, name)
+            )
+        for name, value in options.items():
+            setattr(options_message, name, value)
+        return message
+
+    return build
+
+
 RULES = [
     Rule(
         "dtype-unset",
@@ -450,6 +467,20 @@ RULES = [
         "CLASSIFIER_SHAPE_MISMATCH",
         "linear_cross_entropy.classifier.shape",
         ("classifier.shape", "[5, 3]", "[V, 5]"),
+    ),
+    Rule(
+        "tensor-gradient-of-a-loss-without-it",
+        lambda: _with(request(), lambda m: setattr(m.gradients, "classifier", True)),
+        "TENSOR_GRADIENT_NOT_SUPPORTED",
+        "gradients.classifier",
+        ("gradients.classifier", "cross_entropy"),
+    ),
+    Rule(
+        "linear-distillation-top-k",
+        _linear_distill(top_k=9),
+        "TOP_K_INVALID",
+        "linear_distillation.top_k",
+        ("top_k", "9", "[0, 5]"),
     ),
     Rule(
         "linear-softcap",

@@ -41,6 +41,10 @@ _REDUCTIONS: dict[str, pb.Reduction.ValueType] = {
 }
 
 
+_TENSOR_GRADIENTS = ("classifier", "bias")
+"""The loss tensors a gradient can be asked for: ComputeLossResponse.<name>_gradient."""
+
+
 @dataclass(frozen=True)
 class LossResult(Generic[ArrayT]):
     """A loss and the gradients that were asked for, as numpy arrays or torch tensors like the input.
@@ -60,6 +64,10 @@ class LossResult(Generic[ArrayT]):
     """A distillation's soft (divergence) part, reduced like `loss`."""
     lse: ArrayT | None = None
     """A linear cross-entropy's per-token log-sum-exp, if `return_lse` was set."""
+    classifier_grad: ArrayT | None = None
+    """d(loss)/d(classifier) of a linear loss, if `return_classifier_grad` was set."""
+    bias_grad: ArrayT | None = None
+    """d(loss)/d(bias) of a linear loss, if `return_bias_grad` was set."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,8 +165,17 @@ class PreparedCall:
         if self.classes_last:
             nbytes *= 3  # the loss, its hard and its soft part
         gradients = request.gradients
-        for wanted, tensor in ((gradients.input, request.input), (gradients.target, request.target)):
-            if wanted:
+        wanted = [(gradients.input, request.input), (gradients.target, request.target)]
+        loss = request.WhichOneof("loss")
+        if loss is not None:
+            options = getattr(request, loss)
+            wanted += [
+                (getattr(gradients, name), getattr(options, name))
+                for name in _TENSOR_GRADIENTS
+                if name in options.DESCRIPTOR.fields_by_name
+            ]
+        for asked, tensor in wanted:
+            if asked:
                 nbytes += math.prod(tensor.shape) * codec.itemsize(gradients.dtype or tensor.dtype)
         return nbytes
 
@@ -211,6 +228,8 @@ def prepare_call(
     reduction: str = "mean",
     return_grad: bool = False,
     return_target_grad: bool = False,
+    return_classifier_grad: bool = False,
+    return_bias_grad: bool = False,
     grad_dtype: object = None,
     grad_output: codec.TensorLike | None = None,
     **options: Any,
@@ -247,10 +266,16 @@ def prepare_call(
         value = options.get(name, default)
         if value is not None and value != default:  # unset fields mean the default on the server too
             setattr(message, name, value if default is None else type(default)(value))
-    if return_grad or return_target_grad or grad_output is not None:
+    tensor_grads = {"classifier": return_classifier_grad, "bias": return_bias_grad}
+    for name, asked in tensor_grads.items():
+        if asked and name not in declaration.gradient_tensors:
+            raise TypeError(f"{declaration.name}() has no {name} gradient (return_{name}_grad)")
+    if return_grad or return_target_grad or any(tensor_grads.values()) or grad_output is not None:
         gradients = request.gradients
         gradients.input = return_grad
         gradients.target = return_target_grad
+        gradients.classifier = return_classifier_grad
+        gradients.bias = return_bias_grad
         if grad_dtype is not None:
             gradients.dtype = codec.data_type_of(grad_dtype, "gradients.dtype")  # type: ignore[assignment]
         if grad_output is not None:
@@ -292,6 +317,11 @@ def decode_response(
         for name in ("hard_loss", "soft_loss", "lse")
         if response.HasField(name)
     }
+    parts.update(
+        (f"{name}_grad", decode(getattr(response, f"{name}_gradient"), f"{name}_gradient"))
+        for name in _TENSOR_GRADIENTS
+        if response.HasField(f"{name}_gradient")  # type: ignore[arg-type]
+    )
     return LossResult(
         loss=decode(response.loss, "loss"),
         **parts,

@@ -42,6 +42,8 @@ COMMON = frozenset(
         "reduction",
         "return_grad",
         "return_target_grad",
+        "return_classifier_grad",
+        "return_bias_grad",
         "grad_dtype",
         "grad_output",
         "timeout",
@@ -165,6 +167,8 @@ class Losses(Protocol[R_co]):
         lse_square_scale: float = 0.0,
         return_lse: bool = False,
         return_grad: bool = False,
+        return_classifier_grad: bool = False,
+        return_bias_grad: bool = False,
         grad_dtype: object = None,
         grad_output: TensorLike | None = None,
         timeout: float | None = None,
@@ -175,7 +179,48 @@ class Losses(Protocol[R_co]):
         `classifier` (V, H) is best a resident tensor (`client.resident(W)`), uploaded once.
         `softcap` > 0 soft-caps the logits (Gemma 2); `lse_square_scale` adds the z-loss;
         `return_lse` also returns each token's log-sum-exp (`result.lse`); `return_grad` returns
-        d(loss)/d(input).
+        d(loss)/d(input), `return_classifier_grad` and `return_bias_grad` those of a trainable
+        head (`result.classifier_grad`, `result.bias_grad`).
+        """
+
+    def linear_distillation(
+        self,
+        input: ArrayT,
+        target: TensorLike,
+        classifier: TensorLike,
+        teacher_classifier: TensorLike,
+        *,
+        bias: TensorLike | None = None,
+        teacher_bias: TensorLike | None = None,
+        labels: IndexLike | None = None,
+        beta: float = 0.0,
+        temperature: float = 1.0,
+        temperature_squared: bool = False,
+        weight_hard: float = 0.0,
+        weight_soft: float = 1.0,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        top_k: int = 0,
+        top_k_renormalize: bool = False,
+        truncate_teacher: bool = False,
+        normalizer: float | None = None,
+        reduction: ReductionName = "mean",
+        return_grad: bool = False,
+        return_classifier_grad: bool = False,
+        return_bias_grad: bool = False,
+        grad_dtype: object = None,
+        grad_output: TensorLike | None = None,
+        timeout: float | None = None,
+    ) -> R_co:
+        """`distillation(input @ classifier.T + bias, target @ teacher_classifier.T + teacher_bias,
+        ...)` from the student's hidden states `input` (..., H) and the teacher's `target`
+        (..., H_t), fused by the server: neither side's logits travel nor exist whole.
+
+        Every option is the distillation loss's (see `distillation`); `top_k` > 0 distills against
+        the teacher's top-k log-probabilities only. The heads are best resident tensors
+        (`client.resident(W)`), uploaded once. The result carries `hard_loss` and `soft_loss`;
+        `return_grad` returns d(loss)/d(input), `return_classifier_grad` and `return_bias_grad`
+        those of the student's head.
         """
 
 
@@ -200,6 +245,8 @@ class LossDeclaration:
     """Whether the classes are the input's last dimension (else its second, or its only one)."""
     indices: tuple[str, ...] = ()
     """Those of `tensors` that hold integers."""
+    gradient_tensors: tuple[str, ...] = ()
+    """Those of `tensors` that can have a gradient (the method has `return_<name>_grad`)."""
 
     @property
     def own(self) -> tuple[str, ...]:
@@ -208,7 +255,7 @@ class LossDeclaration:
         return tuple(name for name in self.signature.parameters if name not in COMMON or name == "reduction")
 
 
-_CLASSES_LAST = frozenset({"distillation", "linear_cross_entropy"})
+_CLASSES_LAST = frozenset({"distillation", "linear_cross_entropy", "linear_distillation"})
 """Losses over tokens whose vocabulary is the last dimension, as language models lay them out."""
 
 
@@ -240,6 +287,7 @@ def _declaration(name: str, method: Any) -> LossDeclaration:
         accepts=frozenset(signature.parameters) - {"self"},
         classes_last=name in _CLASSES_LAST,
         indices=tuple(indices),
+        gradient_tensors=tuple(name for name in tensors if f"return_{name}_grad" in signature.parameters),
     )
 
 

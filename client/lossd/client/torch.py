@@ -11,7 +11,9 @@ loss.backward()          # logits.grad == what F.cross_entropy(...).backward() g
 
 One function per loss the client declares (`lossd.client.losses`), with torch.nn.functional's
 arguments in torch's order (the deprecated `size_average` and `reduce` left out), then `client=`
-and `timeout=`. One RPC per forward: the server returns the gradients with the loss, and backward
+and `timeout=`. A linear loss's classifier and bias that require a gradient get theirs too (a
+trainable head); a resident one (`client.resident(W)`) is a constant.
+One RPC per forward: the server returns the gradients with the loss, and backward
 scales them by the upstream gradient. Only a loss whose gradient does not factor that way (KL with a
 broadcast input or target under `reduction="none"`) needs a second RPC in backward, which sends the
 upstream gradient itself.
@@ -41,16 +43,22 @@ class _Call:
     timeout: float | None
     input_grad: bool
     target_grad: bool
+    tensor_grads: tuple[str, ...] = ()
+    """The loss's own tensors (a trainable head's classifier) whose gradient is asked for."""
 
     def run(
         self, input: torch.Tensor, target: torch.Tensor, grad_output: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """The loss, and the gradients of input, target and each of `tensor_grads` (None: not asked)."""
         method = getattr(self.client, self.declaration.name)
         grads: dict[str, Any] = {"return_grad": self.input_grad}
         if self.declaration.target_gradient:
             grads["return_target_grad"] = self.target_grad
+        for name in self.tensor_grads:
+            grads[f"return_{name}_grad"] = True
         result = method(input, target, **self.options, **grads, grad_output=grad_output, timeout=self.timeout)
-        return result.loss, result.grad, result.target_grad
+        tensors = [getattr(result, f"{name}_grad") for name in self.tensor_grads]
+        return result.loss, [result.grad, result.target_grad, *tensors]
 
 
 def _scale(
@@ -70,17 +78,21 @@ def _scale(
 
 class _RemoteLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, input: torch.Tensor, target: torch.Tensor, call: _Call) -> torch.Tensor:
-        loss, grad, target_grad = call.run(input, target)
+    def forward(
+        ctx: Any, input: torch.Tensor, target: torch.Tensor, call: _Call, *tensors: torch.Tensor
+    ) -> torch.Tensor:
+        """`tensors` are the loss's own tensors whose gradient is asked for (`call.tensor_grads`):
+        arguments here only so that autograd routes their gradients; the call sends them."""
+        loss, grads = call.run(input, target)
         ctx.call = call
         ctx.loss_shape = loss.shape
         ctx.save_for_backward(input, target)
-        ctx.grads = (grad, target_grad)
+        ctx.grads = grads
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         call: _Call = ctx.call
         input, target = ctx.saved_tensors
         # A loss with one value per sample (or position) has one dimension fewer than its input:
@@ -92,11 +104,21 @@ class _RemoteLoss(torch.autograd.Function):
             class_dim = -1
         else:
             class_dim = 1 if input.dim() >= 2 else 0
-        grads = [_scale(saved, upstream, ctx.loss_shape, class_dim) for saved in ctx.grads]
-        if (call.input_grad and grads[0] is None) or (call.target_grad and grads[1] is None):
+        grads = [_scale(saved, upstream, ctx.loss_shape, class_dim) for saved in ctx.grads[:2]]
+        # A tensor every token uses (a classifier) sums the tokens' terms: it scales only by a 0-d
+        # upstream gradient.
+        grads += [
+            _scale(saved, upstream, torch.Size(), None) if upstream.dim() == 0 else None
+            for saved in ctx.grads[2:]
+        ]
+        if (
+            (call.input_grad and grads[0] is None)
+            or (call.target_grad and grads[1] is None)
+            or any(grad is None for grad in grads[2:])
+        ):
             # A broadcast operand: only the server can sum the upstream-weighted terms correctly.
-            _, grads[0], grads[1] = call.run(input, target, grad_output=upstream)
-        return grads[0], grads[1], None
+            _, grads = call.run(input, target, grad_output=upstream)
+        return grads[0], grads[1], None, *grads[2:]
 
 
 class RemoteLossFunction:
@@ -137,6 +159,11 @@ class RemoteLossFunction:
         del options["input"], options["target"]
         client, timeout = options.pop("client"), options.pop("timeout")
         recording = torch.is_grad_enabled()
+        tensors = {
+            name: options[name]
+            for name in self.declaration.gradient_tensors
+            if recording and isinstance(options.get(name), torch.Tensor) and options[name].requires_grad
+        }
         call = _Call(
             client=client,
             declaration=self.declaration,
@@ -144,8 +171,9 @@ class RemoteLossFunction:
             timeout=timeout,
             input_grad=recording and input.requires_grad,
             target_grad=recording and self.declaration.target_gradient and target.requires_grad,
+            tensor_grads=tuple(tensors),
         )
-        loss: torch.Tensor = _RemoteLoss.apply(input, target, call)  # type: ignore[no-untyped-call]
+        loss: torch.Tensor = _RemoteLoss.apply(input, target, call, *tensors.values())  # type: ignore[no-untyped-call]
         return loss
 
 

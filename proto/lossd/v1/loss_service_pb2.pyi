@@ -65,6 +65,14 @@ class _TensorSlotEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorSlot
     """linear_cross_entropy.classifier."""
     TENSOR_SLOT_BIAS: _TensorSlot.ValueType  # 15
     """linear_cross_entropy.bias."""
+    TENSOR_SLOT_CLASSIFIER_GRADIENT: _TensorSlot.ValueType  # 16
+    """ComputeLossResponse.classifier_gradient."""
+    TENSOR_SLOT_BIAS_GRADIENT: _TensorSlot.ValueType  # 17
+    """ComputeLossResponse.bias_gradient."""
+    TENSOR_SLOT_TEACHER_CLASSIFIER: _TensorSlot.ValueType  # 18
+    """linear_distillation.teacher_classifier."""
+    TENSOR_SLOT_TEACHER_BIAS: _TensorSlot.ValueType  # 19
+    """linear_distillation.teacher_bias."""
 
 class TensorSlot(_TensorSlot, metaclass=_TensorSlotEnumTypeWrapper):
     """The tensors of a loss call, as named in chunks."""
@@ -105,6 +113,14 @@ TENSOR_SLOT_CLASSIFIER: TensorSlot.ValueType  # 14
 """linear_cross_entropy.classifier."""
 TENSOR_SLOT_BIAS: TensorSlot.ValueType  # 15
 """linear_cross_entropy.bias."""
+TENSOR_SLOT_CLASSIFIER_GRADIENT: TensorSlot.ValueType  # 16
+"""ComputeLossResponse.classifier_gradient."""
+TENSOR_SLOT_BIAS_GRADIENT: TensorSlot.ValueType  # 17
+"""ComputeLossResponse.bias_gradient."""
+TENSOR_SLOT_TEACHER_CLASSIFIER: TensorSlot.ValueType  # 18
+"""linear_distillation.teacher_classifier."""
+TENSOR_SLOT_TEACHER_BIAS: TensorSlot.ValueType  # 19
+"""linear_distillation.teacher_bias."""
 Global___TensorSlot: _TypeAlias = TensorSlot  # noqa: Y015
 
 class _Reduction:
@@ -357,6 +373,7 @@ class ComputeLossRequest(_message.Message):
     KL_DIV_FIELD_NUMBER: _builtins.int
     DISTILLATION_FIELD_NUMBER: _builtins.int
     LINEAR_CROSS_ENTROPY_FIELD_NUMBER: _builtins.int
+    LINEAR_DISTILLATION_FIELD_NUMBER: _builtins.int
     REDUCTION_FIELD_NUMBER: _builtins.int
     GRADIENTS_FIELD_NUMBER: _builtins.int
     reduction: Global___Reduction.ValueType
@@ -418,6 +435,13 @@ class ComputeLossRequest(_message.Message):
         """
 
     @_builtins.property
+    def linear_distillation(self) -> Global___LinearDistillationLossOptions:
+        """Distillation of a student's linear head against a teacher's, fused:
+        input holds the student's hidden states, target the teacher's, and
+        neither side's logits are materialized whole.
+        """
+
+    @_builtins.property
     def gradients(self) -> Global___GradientOptions:
         """Which gradients to return. Unset: none, only the loss."""
 
@@ -431,14 +455,15 @@ class ComputeLossRequest(_message.Message):
         kl_div: Global___KlDivLossOptions | None = ...,
         distillation: Global___DistillationLossOptions | None = ...,
         linear_cross_entropy: Global___LinearCrossEntropyLossOptions | None = ...,
+        linear_distillation: Global___LinearDistillationLossOptions | None = ...,
         reduction: Global___Reduction.ValueType = ...,
         gradients: Global___GradientOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "distillation", b"distillation", "gradients", b"gradients", "input", b"input", "kl_div", b"kl_div", "linear_cross_entropy", b"linear_cross_entropy", "loss", b"loss", "nll_loss", b"nll_loss", "target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "distillation", b"distillation", "gradients", b"gradients", "input", b"input", "kl_div", b"kl_div", "linear_cross_entropy", b"linear_cross_entropy", "linear_distillation", b"linear_distillation", "loss", b"loss", "nll_loss", b"nll_loss", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "distillation", b"distillation", "gradients", b"gradients", "input", b"input", "kl_div", b"kl_div", "linear_cross_entropy", b"linear_cross_entropy", "loss", b"loss", "nll_loss", b"nll_loss", "reduction", b"reduction", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "distillation", b"distillation", "gradients", b"gradients", "input", b"input", "kl_div", b"kl_div", "linear_cross_entropy", b"linear_cross_entropy", "linear_distillation", b"linear_distillation", "loss", b"loss", "nll_loss", b"nll_loss", "reduction", b"reduction", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_loss: _TypeAlias = _typing.Literal["nll_loss", "cross_entropy", "kl_div", "distillation", "linear_cross_entropy"]  # noqa: Y015
+    _WhichOneofReturnType_loss: _TypeAlias = _typing.Literal["nll_loss", "cross_entropy", "kl_div", "distillation", "linear_cross_entropy", "linear_distillation"]  # noqa: Y015
     _WhichOneofArgType_loss: _TypeAlias = _typing.Literal["loss", b"loss"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_loss) -> _WhichOneofReturnType_loss | None: ...
 
@@ -456,6 +481,8 @@ class ComputeLossResponse(_message.Message):
     HARD_LOSS_FIELD_NUMBER: _builtins.int
     SOFT_LOSS_FIELD_NUMBER: _builtins.int
     LSE_FIELD_NUMBER: _builtins.int
+    CLASSIFIER_GRADIENT_FIELD_NUMBER: _builtins.int
+    BIAS_GRADIENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def loss(self) -> _tensor_pb2.Tensor:
         """The loss: a 0-d tensor, or for REDUCTION_NONE one value per element (per
@@ -497,6 +524,18 @@ class ComputeLossResponse(_message.Message):
         like input without its last dimension, whatever the reduction.
         """
 
+    @_builtins.property
+    def classifier_gradient(self) -> _tensor_pb2.Tensor:
+        """d(loss)/d(classifier), shaped like the classifier (V, H); set only if
+        gradients.classifier was requested.
+        """
+
+    @_builtins.property
+    def bias_gradient(self) -> _tensor_pb2.Tensor:
+        """d(loss)/d(bias), shaped like the bias (V); set only if gradients.bias was
+        requested.
+        """
+
     def __init__(
         self,
         *,
@@ -506,10 +545,12 @@ class ComputeLossResponse(_message.Message):
         hard_loss: _tensor_pb2.Tensor | None = ...,
         soft_loss: _tensor_pb2.Tensor | None = ...,
         lse: _tensor_pb2.Tensor | None = ...,
+        classifier_gradient: _tensor_pb2.Tensor | None = ...,
+        bias_gradient: _tensor_pb2.Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hard_loss", b"hard_loss", "input_gradient", b"input_gradient", "loss", b"loss", "lse", b"lse", "soft_loss", b"soft_loss", "target_gradient", b"target_gradient"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bias_gradient", b"bias_gradient", "classifier_gradient", b"classifier_gradient", "hard_loss", b"hard_loss", "input_gradient", b"input_gradient", "loss", b"loss", "lse", b"lse", "soft_loss", b"soft_loss", "target_gradient", b"target_gradient"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hard_loss", b"hard_loss", "input_gradient", b"input_gradient", "loss", b"loss", "lse", b"lse", "soft_loss", b"soft_loss", "target_gradient", b"target_gradient"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bias_gradient", b"bias_gradient", "classifier_gradient", b"classifier_gradient", "hard_loss", b"hard_loss", "input_gradient", b"input_gradient", "loss", b"loss", "lse", b"lse", "soft_loss", b"soft_loss", "target_gradient", b"target_gradient"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -535,7 +576,8 @@ class StreamLossRequest(_message.Message):
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
         """A piece of one tensor's data (slot INPUT, TARGET, WEIGHT, GRAD_OUTPUT,
-        TEACHER_IDS, LABELS, CLASSIFIER or BIAS). The chunks of one tensor arrive in order, without gaps or
+        TEACHER_IDS, LABELS, CLASSIFIER, BIAS, TEACHER_CLASSIFIER or
+        TEACHER_BIAS). The chunks of one tensor arrive in order, without gaps or
         overlap, and together hold exactly its bytes; chunks of different tensors
         may interleave.
         """
@@ -926,6 +968,134 @@ class LinearCrossEntropyLossOptions(_message.Message):
 Global___LinearCrossEntropyLossOptions: _TypeAlias = LinearCrossEntropyLossOptions  # noqa: Y015
 
 @_typing.final
+class LinearDistillationLossOptions(_message.Message):
+    """distillation of logits computed from hidden states, fused: per chunk of
+    tokens the student's logits input @ classifier.T + bias (V) and the
+    teacher's target @ teacher_classifier.T + teacher_bias (V_t), then exactly
+    the distillation loss (DistillationLossOptions) on them, so that peak
+    memory is O(chunk x V), never O(tokens x V) (Liger Kernel's fused linear
+    JSD). input: the student's hidden states (..., H); target: the teacher's
+    (..., H_t), the same leading dimensions; both floating. float16 and
+    bfloat16 are computed in float32. Agreement with the unfused reference (the
+    distillation loss on the logits torch computes from the same tensors):
+    float32 within rtol 1e-5 (loss) and 1e-4 (gradients, absolute 1e-6 of
+    their largest value); float64 within 1e-10. Gradients: with respect to the
+    student's hidden states (gradients.input) and, on request, its classifier
+    and bias (gradients.classifier, gradients.bias); the teacher is never
+    differentiated.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLASSIFIER_FIELD_NUMBER: _builtins.int
+    BIAS_FIELD_NUMBER: _builtins.int
+    TEACHER_CLASSIFIER_FIELD_NUMBER: _builtins.int
+    TEACHER_BIAS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    BETA_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_SQUARED_FIELD_NUMBER: _builtins.int
+    WEIGHT_HARD_FIELD_NUMBER: _builtins.int
+    WEIGHT_SOFT_FIELD_NUMBER: _builtins.int
+    IGNORE_INDEX_FIELD_NUMBER: _builtins.int
+    LABEL_SMOOTHING_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    TOP_K_RENORMALIZE_FIELD_NUMBER: _builtins.int
+    TRUNCATE_TEACHER_FIELD_NUMBER: _builtins.int
+    NORMALIZER_FIELD_NUMBER: _builtins.int
+    beta: _builtins.float
+    """As DistillationLossOptions.beta."""
+    temperature: _builtins.float
+    """As DistillationLossOptions.temperature. Unset: 1."""
+    temperature_squared: _builtins.bool
+    """As DistillationLossOptions.temperature_squared."""
+    weight_hard: _builtins.float
+    """As DistillationLossOptions.weight_hard. Unset: 0."""
+    weight_soft: _builtins.float
+    """As DistillationLossOptions.weight_soft. Unset: 1."""
+    ignore_index: _builtins.int
+    """As DistillationLossOptions.ignore_index. Unset: -100."""
+    label_smoothing: _builtins.float
+    """As DistillationLossOptions.label_smoothing."""
+    top_k: _builtins.int
+    """> 0: distill against the teacher's top-k only, as a sparse teacher whose
+    top-k log-probabilities (at the temperature) the server takes from the
+    teacher's logits, then exactly DistillationLossOptions' sparse path
+    (top_k_renormalize or the tail bucket). 0 (unset): the dense teacher.
+    Larger than V_t is INVALID_ARGUMENT.
+    """
+    top_k_renormalize: _builtins.bool
+    """As DistillationLossOptions.top_k_renormalize (top_k > 0 only)."""
+    truncate_teacher: _builtins.bool
+    """As DistillationLossOptions.truncate_teacher (dense teacher only)."""
+    normalizer: _builtins.float
+    """As DistillationLossOptions.normalizer."""
+    @_builtins.property
+    def classifier(self) -> _tensor_pb2.Tensor:
+        """The student's classifier (V, H), a floating dtype. Required."""
+
+    @_builtins.property
+    def bias(self) -> _tensor_pb2.Tensor:
+        """The student's bias (V). Unset: none."""
+
+    @_builtins.property
+    def teacher_classifier(self) -> _tensor_pb2.Tensor:
+        """The teacher's classifier (V_t, H_t), a floating dtype. Required; often a
+        resident tensor (Tensor.resident_id), uploaded once.
+        """
+
+    @_builtins.property
+    def teacher_bias(self) -> _tensor_pb2.Tensor:
+        """The teacher's bias (V_t). Unset: none."""
+
+    @_builtins.property
+    def labels(self) -> _tensor_pb2.Tensor:
+        """Hard labels (...), as DistillationLossOptions.labels."""
+
+    def __init__(
+        self,
+        *,
+        classifier: _tensor_pb2.Tensor | None = ...,
+        bias: _tensor_pb2.Tensor | None = ...,
+        teacher_classifier: _tensor_pb2.Tensor | None = ...,
+        teacher_bias: _tensor_pb2.Tensor | None = ...,
+        labels: _tensor_pb2.Tensor | None = ...,
+        beta: _builtins.float = ...,
+        temperature: _builtins.float | None = ...,
+        temperature_squared: _builtins.bool = ...,
+        weight_hard: _builtins.float = ...,
+        weight_soft: _builtins.float | None = ...,
+        ignore_index: _builtins.int | None = ...,
+        label_smoothing: _builtins.float = ...,
+        top_k: _builtins.int = ...,
+        top_k_renormalize: _builtins.bool = ...,
+        truncate_teacher: _builtins.bool = ...,
+        normalizer: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index", "_normalizer", b"_normalizer", "_temperature", b"_temperature", "_weight_soft", b"_weight_soft", "bias", b"bias", "classifier", b"classifier", "ignore_index", b"ignore_index", "labels", b"labels", "normalizer", b"normalizer", "teacher_bias", b"teacher_bias", "teacher_classifier", b"teacher_classifier", "temperature", b"temperature", "weight_soft", b"weight_soft"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index", "_normalizer", b"_normalizer", "_temperature", b"_temperature", "_weight_soft", b"_weight_soft", "beta", b"beta", "bias", b"bias", "classifier", b"classifier", "ignore_index", b"ignore_index", "label_smoothing", b"label_smoothing", "labels", b"labels", "normalizer", b"normalizer", "teacher_bias", b"teacher_bias", "teacher_classifier", b"teacher_classifier", "temperature", b"temperature", "temperature_squared", b"temperature_squared", "top_k", b"top_k", "top_k_renormalize", b"top_k_renormalize", "truncate_teacher", b"truncate_teacher", "weight_hard", b"weight_hard", "weight_soft", b"weight_soft"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__ignore_index: _TypeAlias = _typing.Literal["ignore_index"]  # noqa: Y015
+    _WhichOneofArgType__ignore_index: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index"]  # noqa: Y015
+    _WhichOneofReturnType__normalizer: _TypeAlias = _typing.Literal["normalizer"]  # noqa: Y015
+    _WhichOneofArgType__normalizer: _TypeAlias = _typing.Literal["_normalizer", b"_normalizer"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    _WhichOneofReturnType__weight_soft: _TypeAlias = _typing.Literal["weight_soft"]  # noqa: Y015
+    _WhichOneofArgType__weight_soft: _TypeAlias = _typing.Literal["_weight_soft", b"_weight_soft"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ignore_index) -> _WhichOneofReturnType__ignore_index | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__normalizer) -> _WhichOneofReturnType__normalizer | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight_soft) -> _WhichOneofReturnType__weight_soft | None: ...
+
+Global___LinearDistillationLossOptions: _TypeAlias = LinearDistillationLossOptions  # noqa: Y015
+
+@_typing.final
 class GradientOptions(_message.Message):
     """Which gradients the server returns, and how."""
 
@@ -935,6 +1105,8 @@ class GradientOptions(_message.Message):
     TARGET_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     GRAD_OUTPUT_FIELD_NUMBER: _builtins.int
+    CLASSIFIER_FIELD_NUMBER: _builtins.int
+    BIAS_FIELD_NUMBER: _builtins.int
     input: _builtins.bool
     """Return d(loss)/d(input) in ComputeLossResponse.input_gradient."""
     target: _builtins.bool
@@ -945,6 +1117,15 @@ class GradientOptions(_message.Message):
     dtype: _tensor_pb2.DataType.ValueType
     """The dtype of the returned gradients: a floating dtype. Unset: each
     gradient has the dtype of the tensor it belongs to, as in torch.
+    """
+    classifier: _builtins.bool
+    """Return d(loss)/d(classifier) in ComputeLossResponse.classifier_gradient
+    (linear_cross_entropy and linear_distillation: the student's classifier;
+    a trainable head). Any other loss is INVALID_ARGUMENT.
+    """
+    bias: _builtins.bool
+    """Return d(loss)/d(bias) in ComputeLossResponse.bias_gradient (as
+    classifier; the bias must be given).
     """
     @_builtins.property
     def grad_output(self) -> _tensor_pb2.Tensor:
@@ -961,10 +1142,12 @@ class GradientOptions(_message.Message):
         target: _builtins.bool = ...,
         dtype: _tensor_pb2.DataType.ValueType = ...,
         grad_output: _tensor_pb2.Tensor | None = ...,
+        classifier: _builtins.bool = ...,
+        bias: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["grad_output", b"grad_output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "grad_output", b"grad_output", "input", b"input", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bias", b"bias", "classifier", b"classifier", "dtype", b"dtype", "grad_output", b"grad_output", "input", b"input", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

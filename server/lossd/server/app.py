@@ -169,7 +169,12 @@ class LossServer:
             budget=self.budget,
             max_message_bytes=config.max_message_bytes,
             wire=self._wire,
-            resident=ResidentStore(config.resident_bytes, config.resident_policy, self.metrics.resident),
+            resident=ResidentStore(
+                config.resident_bytes,
+                config.resident_policy,
+                self.metrics.resident,
+                self.engine.keep_resident,
+            ),
         )
         self.servicer.add_to_server(self._server, LOSS_SERVICE)
         self._services = [LOSS_SERVICE]
@@ -222,6 +227,9 @@ class LossServer:
         self.engine.limit_memory(self.config.device_memory_share)
         await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.warm_up)
         self.warm_up_s = time.perf_counter() - started
+        self.metrics.implementations(
+            {loss: choice.chosen.name for loss, choice in self.engine.choices.items()}
+        )
         self._stop_memory_watch = self.metrics.watch_device_memory()
         self.batcher.start()
         await self._server.start()
@@ -387,6 +395,8 @@ async def serve(config: ServerConfig, *, worker: str = "", engine: LossEngine | 
         config.max_message_bytes >> 20,
         server.warm_up_s,
     )
+    for loss, choice in server.engine.choices.items():
+        _LOGGER.info("%s computed by %s (%s)", loss, choice.chosen.name, choice.describe())
     waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(server.failed.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for wait in waits:

@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -159,6 +159,21 @@ class ServerMetrics:
             ["event"],
             **kw,
         )
+        self.implementation = Gauge(
+            "lossd_loss_implementation",
+            "1 for the implementation chosen at start-up for each loss that has several (Liger Kernel, "
+            "cut-cross-entropy, torch.compile or lossd's own torch chunks); the start-up log says why.",
+            ["loss", "implementation"],
+            multiprocess_mode="max",
+            **kw,
+        )
+        self.implementation_calls = Counter(
+            "lossd_loss_implementation_calls",
+            "Calls computed by each implementation of a loss that has several: the chosen one, or the "
+            "loss's own for calls with options the chosen one lacks.",
+            ["loss", "implementation"],
+            **kw,
+        )
         self.memory_allocated = Gauge(
             "lossd_device_memory_allocated_bytes",
             "Device memory held by tensors (CUDA only).",
@@ -187,6 +202,16 @@ class ServerMetrics:
         self.resident_events.labels(event).inc()
         self.resident_bytes.set(held_bytes)
         self.resident_tensors.set(held_tensors)
+
+    def implementations(self, chosen: Mapping[str, str]) -> None:
+        """The implementation chosen for each loss that has several (loss -> implementation)."""
+        for loss, implementation in chosen.items():
+            self.implementation.labels(loss, implementation).set(1)
+
+    def implementation_call(self, loss: str, implementation: str) -> None:
+        """One call computed by `implementation` (nothing for a loss with one: "")."""
+        if implementation:
+            self.implementation_calls.labels(loss, implementation).inc()
 
     def request(self, loss: str, code: str, seconds: float, received: int, sent: int) -> None:
         """One answered request."""

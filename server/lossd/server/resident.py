@@ -7,8 +7,9 @@ the least recently used tensors are let go (`policy="lru"`), or the upload is re
 an id the store does not hold fails with NOT_FOUND (reason RESIDENT_NOT_FOUND), which lossd's client
 answers by uploading again: replicas, workers and restarted servers each fill their own store.
 
-Tensors are held in host memory (on a GPU, each call copies what it names up, like its other tensors).
-Safe to use from the event loop and the wire threads alike.
+Tensors are held in host memory, and the engine may keep a copy on its device while one is held
+(`place`): on a GPU, a call naming a resident classifier then copies nothing up. Safe to use from
+the event loop and the wire threads alike.
 """
 
 from __future__ import annotations
@@ -43,13 +44,20 @@ delete."""
 
 
 class ResidentStore:
-    def __init__(self, max_bytes: int, policy: str = "lru", on_event: Event | None = None) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        policy: str = "lru",
+        on_event: Event | None = None,
+        place: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"resident policy {policy!r} is not one of {', '.join(POLICIES)}")
         self.max_bytes = max_bytes
         self.policy = policy
         self.held = 0
         self._on_event = on_event
+        self._place = place
         self._lock = threading.Lock()
         self._tensors: collections.OrderedDict[str, tuple[torch.Tensor, ResidentInfo]] = (
             collections.OrderedDict()
@@ -87,6 +95,11 @@ class ResidentStore:
                 field="header",
                 metadata={"bytes": str(nbytes), "maxResidentBytes": str(self.max_bytes)},
             )
+
+    def placed(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` as it will be held, its device copy made (`place`). May copy a gigabyte: call it
+        off the event loop."""
+        return tensor if self._place is None else self._place(tensor)
 
     def put(self, tensor: torch.Tensor, info: ResidentInfo) -> ResidentInfo:
         """Holds `tensor` as `info.id` (already held: nothing changes), making room by policy."""

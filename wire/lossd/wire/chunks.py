@@ -46,6 +46,8 @@ REQUEST_SLOTS = {
     "labels": pb.TENSOR_SLOT_LABELS,
     "classifier": pb.TENSOR_SLOT_CLASSIFIER,
     "bias": pb.TENSOR_SLOT_BIAS,
+    "teacher_classifier": pb.TENSOR_SLOT_TEACHER_CLASSIFIER,
+    "teacher_bias": pb.TENSOR_SLOT_TEACHER_BIAS,
 }
 """The slot of a request tensor that travels in chunks, by its field's last name
 (`cross_entropy.weight` -> weight)."""
@@ -57,6 +59,8 @@ RESPONSE_SLOTS = {
     "lse": pb.TENSOR_SLOT_LSE,
     "input_gradient": pb.TENSOR_SLOT_INPUT_GRADIENT,
     "target_gradient": pb.TENSOR_SLOT_TARGET_GRADIENT,
+    "classifier_gradient": pb.TENSOR_SLOT_CLASSIFIER_GRADIENT,
+    "bias_gradient": pb.TENSOR_SLOT_BIAS_GRADIENT,
 }
 """The slot of each response tensor."""
 

@@ -28,6 +28,7 @@ from lossd.server.engine.finite import nonfinite_error, nonfinite_fields
 from lossd.server.engine.merging import MergeKey, compute_merged, merge_key
 from lossd.server.engine.staging import Staging
 from lossd.server.losses import LOSSES, LossCall, LossOutput, loss_shape, validate
+from lossd.server.losses.implementations import Choice, choose
 
 if TYPE_CHECKING:  # the codec imports protobuf, which the engine must not need
     from lossd.wire.codec import TensorLimits
@@ -89,6 +90,9 @@ class LossEngine:
         self.staging = Staging(self.device, pinned=self.device.type == "cuda")
         self.threads = threads
         self.reject_nonfinite = reject_nonfinite
+        self.choices: dict[str, Choice] = {}
+        """The implementation of each loss that has several, chosen by `warm_up` on the device;
+        until then (and for an engine that is never warmed up) the loss's own."""
 
     def _use_threads(self, calls: Sequence[LossCall]) -> None:
         if self.threads is None:
@@ -129,6 +133,9 @@ class LossEngine:
             if wanted:
                 itemsize = call.grad_dtype.itemsize if call.grad_dtype is not None else tensor.element_size()
                 nbytes += tensor.numel() * itemsize
+        for name in call.tensor_grads:
+            tensor = call.tensors[name]
+            nbytes += tensor.numel() * (call.grad_dtype or tensor.dtype).itemsize
         return nbytes
 
     @staticmethod
@@ -218,6 +225,31 @@ class LossEngine:
                 raise DeviceFailure(self.device, result) from result
         if not self.device_works():
             raise DeviceFailure(self.device, RuntimeError("the device check failed after warm-up"))
+        for loss in LOSSES.values():
+            candidates = loss.implementations()
+            if candidates:
+                self.choices[loss.name] = choose(
+                    candidates, loss.probes(self.device), self.device, self.staging.upload, self._synchronize
+                )
+
+    def keep_resident(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A resident tensor (a classifier) kept on the device too while it is held (CUDA): the
+        calls that name it copy nothing up. The host tensor stays what requests see and validation
+        reads; returns it."""
+        return self.staging.mirror(tensor)
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _choice(self, call: LossCall) -> Choice | None:
+        choice = self.choices.get(call.loss.name)
+        if choice is None:
+            candidates = call.loss.implementations()
+            if not candidates:
+                return None
+            choice = self.choices[call.loss.name] = Choice(candidates[0], candidates[0])
+        return choice
 
     def limit_memory(self, share: float) -> None:
         """Caps what this process allocates on a CUDA device at `share` of its memory (0: no cap),
@@ -241,17 +273,29 @@ class LossEngine:
         """One call alone: its loss's computation on the device. Its tensors go up through the staging
         (page-locked memory and asynchronous copies on CUDA) and its results come down with one
         synchronisation; on the CPU nothing moves."""
-        computed = call.loss.compute(call, self.staging.upload)
+        choice = self._choice(call)
+        implementation = None if choice is None else choice.for_call(call)
+        compute = call.loss.compute if implementation is None else implementation.compute
+        computed = compute(call, self.staging.upload)
         wanted = call.grad_dtype
         grads = [
             grad if wanted is None or grad.dtype == wanted else grad.to(wanted) for grad in computed.grads
         ]
         names = list(computed.parts)
-        results = self.staging.download([computed.loss, *grads, *computed.parts.values()])
+        tensor_names = list(computed.tensor_grads)
+        tensor_grads = [
+            grad.to(wanted or call.tensors[name].dtype) for name, grad in computed.tensor_grads.items()
+        ]
+        results = self.staging.download([computed.loss, *grads, *tensor_grads, *computed.parts.values()])
         loss = results.pop(0)
+        input_grad = results.pop(0) if call.input_grad else None
+        target_grad = results.pop(0) if call.target_grad else None
+        by_name = {name: results.pop(0) for name in tensor_names}
         return LossOutput(
             loss=loss,
-            input_grad=results.pop(0) if call.input_grad else None,
-            target_grad=results.pop(0) if call.target_grad else None,
+            input_grad=input_grad,
+            target_grad=target_grad,
             parts=dict(zip(names, results, strict=True)),
+            tensor_grads=by_name,
+            implementation="" if implementation is None else implementation.name,
         )

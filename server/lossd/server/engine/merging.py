@@ -47,7 +47,7 @@ def merge_key(call: LossCall) -> MergeKey | None:
     """The key of a validated call, or None if it must be computed alone (its loss says so: see
     `Loss.merge_params`)."""
     params = call.loss.merge_params(call)
-    if params is None:
+    if params is None or call.tensor_grads:  # a gradient summed over the call's rows: alone
         return None
     weight = None
     if call.weight is not None:

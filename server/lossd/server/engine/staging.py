@@ -5,6 +5,7 @@ batch on CUDA)."""
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -97,6 +98,7 @@ class Staging:
         self.pinned = pinned
         self._spare: torch.Tensor | None = None
         self.large_pinned = 0  # pinned bytes handed out since the cache was last emptied
+        self._mirrors: dict[int, torch.Tensor] = {}  # id(host tensor) -> its device copy
 
     def buffer_cost(self, nbytes: int) -> int:
         """Host memory a `host_buffer(nbytes)` takes: what the memory budget reserves for it."""
@@ -148,11 +150,25 @@ class Staging:
             return [host_array(tensor) for tensor in tensors]
         return [host_array(copy) for copy in self.download(tensors)]
 
+    def mirror(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Keeps a device copy of a host tensor for as long as the host tensor lives (a resident
+        tensor): `upload` of that very tensor then copies nothing. Returns the host tensor."""
+        if self.device.type == "cpu" or id(tensor) in self._mirrors:
+            return tensor
+        copy = tensor.to(self.device)
+        key = id(tensor)
+        self._mirrors[key] = copy
+        weakref.finalize(tensor, self._mirrors.pop, key, None)
+        return tensor
+
     def upload(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the device: through page-locked memory and an asynchronous copy on CUDA
-        (no synchronisation: `download` ends the batch with one)."""
+        """A host tensor on the device: its mirror if it has one, else through page-locked memory and
+        an asynchronous copy on CUDA (no synchronisation: `download` ends the batch with one)."""
         if tensor.device == self.device:
             return tensor
+        mirrored = self._mirrors.get(id(tensor))
+        if mirrored is not None:
+            return mirrored
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.pinned)
         host.copy_(tensor)
         return host.to(self.device, non_blocking=self.pinned)

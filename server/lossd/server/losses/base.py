@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:  # the codec imports protobuf, which the losses must not need
+    from lossd.server.losses.implementations import Implementation
     from lossd.wire.codec import TensorLimits
 
 __all__ = [
@@ -62,7 +63,8 @@ class LossCall:
 
     Tensors are on the CPU as decoded from the request; the engine moves them to its device.
     `grad_output` is the upstream gradient (None: ones); `grad_dtype` the dtype of the returned
-    gradients (None: each tensor's own).
+    gradients (None: each tensor's own); `tensor_grads` the names of the loss's own tensors whose
+    gradient is returned too (a trainable head's "classifier").
     """
 
     options: LossOptions
@@ -74,6 +76,7 @@ class LossCall:
     grad_dtype: torch.dtype | None = None
     grad_output: torch.Tensor | None = None
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    tensor_grads: frozenset[str] = frozenset()
 
     @property
     def loss(self) -> Loss:
@@ -89,23 +92,28 @@ class LossOutput:
     """The loss and the gradients asked for, on the host: torch tensors, or numpy arrays where the
     merged path produced them (any dtype but bfloat16). `nonfinite` names the request fields that
     held NaN or infinity (computed with, as torch does, and counted). `parts`: the loss's named
-    parts (`Loss.parts`), each shaped like `loss`."""
+    parts (`Loss.parts`), each shaped like `loss`; `tensor_grads` the gradients of the loss's own
+    tensors asked for, by name; `implementation` which of the loss's implementations computed it
+    ("" for a loss with one)."""
 
     loss: torch.Tensor | np.ndarray
     input_grad: torch.Tensor | np.ndarray | None = None
     target_grad: torch.Tensor | np.ndarray | None = None
     nonfinite: tuple[str, ...] = ()
     parts: Mapping[str, torch.Tensor | np.ndarray] = field(default_factory=dict)
+    tensor_grads: Mapping[str, torch.Tensor | np.ndarray] = field(default_factory=dict)
+    implementation: str = ""
 
 
 @dataclass(frozen=True)
 class Computed:
     """A call's results on the device, before they come down: the loss, its parts, and the
-    gradients asked for (input's, then target's)."""
+    gradients asked for (input's, then target's, then those of the loss's tensors by name)."""
 
     loss: torch.Tensor
     grads: list[torch.Tensor]
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensor_grads: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,9 @@ class Loss(abc.ABC):
     reductions: ClassVar[tuple[str, ...]] = ("none", "mean", "sum")
     tensors: ClassVar[tuple[str, ...]] = ()
     """Optional tensors in the loss's options message ("weight"), in request order."""
+    gradient_tensors: ClassVar[tuple[str, ...]] = ()
+    """Those of `tensors` whose gradient a call may ask for (`LossCall.tensor_grads`); the loss's
+    `compute` returns them."""
     parts: ClassVar[tuple[str, ...]] = ()
     """The named parts of the loss a response carries besides it (response fields)."""
     log_probabilities: ClassVar[tuple[str, ...]] = ()
@@ -189,6 +200,17 @@ class Loss(abc.ABC):
         input-sized temporaries (`temporaries`), at 32 bits at least."""
         elements = max(call.input.numel(), math.prod(self.loss_shape(call, "none")))
         return self.temporaries(call) * elements * max(call.input.element_size(), 4)
+
+    def implementations(self) -> Sequence[Implementation]:
+        """Ways to compute this loss besides `compute`, which comes first (the reference): the
+        engine chooses among them on its device (`lossd.server.losses.implementations`). Empty:
+        `compute` alone."""
+        return ()
+
+    def probes(self, device: torch.device) -> Sequence[LossCall]:
+        """Calls the candidate implementations must agree on with the reference at start-up; the
+        first (which they must support) is also what they are timed on."""
+        return ()
 
     def example(self) -> LossCall:
         """A small call with an input gradient, computed once at start-up to warm the device."""

@@ -34,11 +34,22 @@ import torch.nn.functional as F
 
 from lossd.server.losses.base import Computed, Loss, LossCall, LossOptions, OipTensor, Upload
 from lossd.server.losses.checks import dtype_name, invalid_argument, out_of_range, require_floating
+from lossd.server.losses.chunked import TokenLoss, compute_dtype, run_chunks, upstream_gradient
 
 if TYPE_CHECKING:
     from lossd.wire.codec import TensorLimits
 
-__all__ = ["CHUNK_ELEMENTS", "DISTILLATION", "DistillationLoss", "DistillationOptions", "token_losses"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "DISTILLATION",
+    "DistillationLoss",
+    "DistillationOptions",
+    "check_dense",
+    "check_labels",
+    "check_options",
+    "options_from",
+    "token_losses",
+]
 
 CHUNK_ELEMENTS = 1 << 21
 """Student values per chunk: 8 MiB per float32 temporary, about ten of them live at once."""
@@ -113,11 +124,6 @@ def _renormalized(lp: torch.Tensor) -> torch.Tensor:
     return lp - total.masked_fill(total == -math.inf, 0.0)  # an all-padding token stays all -inf
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float16 and bfloat16 logits are computed (and the loss returned) in float32."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def token_losses(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -166,6 +172,145 @@ def token_losses(
     return hard + soft, hard, soft
 
 
+def options_from(loss: Loss, message: Any, reduction: str) -> LossOptions:
+    """A distillation loss's options from its .proto message: unset optional fields take their
+    defaults (temperature 1, weight_soft 1, ...)."""
+    values = {
+        name: getattr(message, name)
+        for name in loss.parameters
+        if name not in _OPTIONAL or message.HasField(name)
+    }
+    return loss.make_options(reduction, **values)
+
+
+def check_options(
+    options: DistillationOptions, loss: str, reduction: str, labels: bool, sparse: bool, sparse_field: str
+) -> None:
+    """The distillation options' rules; `loss` names the fields, `labels` and `sparse` say whether
+    the call has labels and a sparse teacher (set by `sparse_field`)."""
+
+    def bad(name: str, rule: str, reason: str) -> None:
+        value = getattr(options, name)
+        raise invalid_argument(
+            f"{loss}.{name} is {value}; it must be {rule}",
+            reason,
+            f"{loss}.{name}",
+            value=value,
+        )
+
+    if not 0.0 <= options.beta <= 1.0:
+        bad(
+            "beta",
+            "in [0, 1] (0: forward KL, 1: reverse KL, between: generalized JSD)",
+            "BETA_OUT_OF_RANGE",
+        )
+    if not (math.isfinite(options.temperature) and options.temperature > 0.0):
+        bad("temperature", "finite and > 0", "TEMPERATURE_INVALID")
+    for name in ("weight_hard", "weight_soft"):
+        value = getattr(options, name)
+        if not (math.isfinite(value) and value >= 0.0):
+            bad(name, "finite and >= 0", "WEIGHT_INVALID")
+    if not 0.0 <= options.label_smoothing <= 1.0:
+        bad("label_smoothing", "in [0, 1]", "LABEL_SMOOTHING_OUT_OF_RANGE")
+    if options.normalizer is not None:
+        if not (math.isfinite(options.normalizer) and options.normalizer > 0.0):
+            bad("normalizer", "finite and > 0", "NORMALIZER_INVALID")
+        if reduction != "mean":
+            raise invalid_argument(
+                f"{loss}.normalizer is set with reduction {reduction!r}; it divides the "
+                "summed loss, which is what 'mean' does: leave the reduction unset or 'mean'",
+                "NORMALIZER_NOT_SUPPORTED",
+                f"{loss}.normalizer",
+                reduction=reduction,
+            )
+    if not labels:
+        for name in ("weight_hard", "label_smoothing"):
+            if getattr(options, name) != 0.0:
+                raise invalid_argument(
+                    f"{loss}.{name} is {getattr(options, name)} but {loss}.labels is "
+                    "unset: the hard term needs labels",
+                    "LABELS_MISSING",
+                    f"{loss}.labels",
+                    option=name,
+                )
+    for name, wanted in (("top_k_renormalize", True), ("truncate_teacher", False)):
+        if getattr(options, name) and sparse != wanted:
+            kind = "a sparse (top-k) teacher" if wanted else "a dense teacher"
+            raise invalid_argument(
+                f"{loss}.{name} is set, but it applies to {kind} only ({sparse_field} is "
+                f"{'unset' if wanted else 'set'})",
+                "OPTION_NOT_APPLICABLE",
+                f"{loss}.{name}",
+            )
+
+
+def check_labels(
+    labels: torch.Tensor, lead: tuple[int, ...], vocabulary: int, ignore_index: int, field: str
+) -> torch.Tensor:
+    """Hard labels `field`: an index dtype, one per token, in [0, V) or ignore_index; widened."""
+    if labels.dtype not in _INDEX_DTYPES:
+        raise invalid_argument(
+            f"{field}.dtype is {dtype_name(labels.dtype)}; labels must be int64, int32 or uint8",
+            "DTYPE_NOT_SUPPORTED",
+            f"{field}.dtype",
+            dtype=dtype_name(labels.dtype),
+        )
+    if tuple(labels.shape) != lead:
+        raise invalid_argument(
+            f"{field}.shape is {list(labels.shape)}; it must be the student's leading dimensions "
+            f"{list(lead)}, one label per token",
+            "LABELS_SHAPE_MISMATCH",
+            f"{field}.shape",
+            labelsShape=list(labels.shape),
+            expectedShape=list(lead),
+        )
+    wide = labels if labels.dtype == torch.int64 else labels.to(torch.int64)
+    if wide.device.type == "meta":
+        return wide
+    values = wide.numpy()
+    found = out_of_range(values, vocabulary, values == ignore_index)
+    if found is not None:
+        position, value, count = found
+        raise invalid_argument(
+            f"{field}{position} is {value}, outside [0, {vocabulary}) and not ignore_index "
+            f"({ignore_index}); {count} label(s) are out of range",
+            "LABEL_OUT_OF_RANGE",
+            field,
+            value=value,
+            index=position,
+            vocabulary=vocabulary,
+            ignoreIndex=ignore_index,
+            count=count,
+        )
+    return wide
+
+
+def check_dense(
+    options: DistillationOptions,
+    vocabulary: int,
+    teacher_vocabulary: int,
+    loss: str,
+    where: tuple[str, str] = ("target.shape[-1]", "input.shape[-1]"),
+) -> None:
+    """A dense teacher's vocabulary against the student's; `where` names the teacher's and the
+    student's vocabulary sizes in the request."""
+    if teacher_vocabulary == vocabulary or (options.truncate_teacher and teacher_vocabulary > vocabulary):
+        return
+    hint = (
+        f"; set {loss}.truncate_teacher to use the teacher's first V entries"
+        if teacher_vocabulary > vocabulary
+        else ""
+    )
+    raise invalid_argument(
+        f"the teacher's vocabulary ({where[0]} = {teacher_vocabulary}) differs from the "
+        f"student's ({where[1]} = {vocabulary}){hint}",
+        "VOCABULARY_MISMATCH",
+        where[0].split("[")[0],
+        teacherVocabulary=teacher_vocabulary,
+        studentVocabulary=vocabulary,
+    )
+
+
 @dataclass(frozen=True)
 class _Rows:
     """A call's tensors on the device as rows of tokens."""
@@ -181,7 +326,7 @@ class _Rows:
         return self.teacher[rows], ids, labels
 
 
-class DistillationLoss(Loss):
+class DistillationLoss(TokenLoss):
     """Input: the student's logits (..., V). Target: the dense teacher (..., V_t), or the top-k
     teacher's log-probabilities (..., k) with `teacher_ids`. Optional `labels` (...). Tokens are the
     rows: one loss per token for 'none'."""
@@ -209,20 +354,21 @@ class DistillationLoss(Loss):
     oip_tensors: ClassVar[Mapping[str, str]] = {"teacher_ids": "INT64", "labels": "INT64"}
 
     def options(self, message: Any, reduction: str) -> LossOptions:
-        """Unset optional fields take their defaults (temperature 1, weight_soft 1, ...)."""
-        values = {
-            name: getattr(message, name)
-            for name in self.parameters
-            if name not in _OPTIONAL or message.HasField(name)
-        }
-        return self.make_options(reduction, **values)
+        return options_from(self, message, reduction)
 
     # -- rules ----------------------------------------------------------------------------------
 
     def validate(self, call: LossCall, limits: TensorLimits | None) -> LossCall:
         options = call.options
         assert isinstance(options, DistillationOptions)
-        self._check_options(options, call)
+        check_options(
+            options,
+            self.name,
+            call.reduction,
+            "labels" in call.tensors,
+            "teacher_ids" in call.tensors,
+            "distillation.teacher_ids",
+        )
         student, teacher = call.input, call.target
         if student.dim() == 0 or student.shape[-1] == 0:
             raise invalid_argument(
@@ -246,87 +392,15 @@ class DistillationLoss(Loss):
         tensors = dict(call.tensors)
         ids = tensors.get("teacher_ids")
         if ids is None:
-            self._check_dense(options, vocabulary, teacher.shape[-1])
+            check_dense(options, vocabulary, teacher.shape[-1], self.name)
         else:
             tensors["teacher_ids"] = self._teacher_ids(ids, teacher, vocabulary, options)
         labels = tensors.get("labels")
         if labels is not None:
-            tensors["labels"] = self._labels(labels, lead, vocabulary, options.ignore_index)
+            tensors["labels"] = check_labels(
+                labels, lead, vocabulary, options.ignore_index, "distillation.labels"
+            )
         return dataclasses.replace(call, tensors=tensors)
-
-    def _check_options(self, options: DistillationOptions, call: LossCall) -> None:
-        def bad(name: str, rule: str, reason: str) -> None:
-            value = getattr(options, name)
-            raise invalid_argument(
-                f"distillation.{name} is {value}; it must be {rule}",
-                reason,
-                f"distillation.{name}",
-                value=value,
-            )
-
-        if not 0.0 <= options.beta <= 1.0:
-            bad(
-                "beta",
-                "in [0, 1] (0: forward KL, 1: reverse KL, between: generalized JSD)",
-                "BETA_OUT_OF_RANGE",
-            )
-        if not (math.isfinite(options.temperature) and options.temperature > 0.0):
-            bad("temperature", "finite and > 0", "TEMPERATURE_INVALID")
-        for name in ("weight_hard", "weight_soft"):
-            value = getattr(options, name)
-            if not (math.isfinite(value) and value >= 0.0):
-                bad(name, "finite and >= 0", "WEIGHT_INVALID")
-        if not 0.0 <= options.label_smoothing <= 1.0:
-            bad("label_smoothing", "in [0, 1]", "LABEL_SMOOTHING_OUT_OF_RANGE")
-        if options.normalizer is not None:
-            if not (math.isfinite(options.normalizer) and options.normalizer > 0.0):
-                bad("normalizer", "finite and > 0", "NORMALIZER_INVALID")
-            if call.reduction != "mean":
-                raise invalid_argument(
-                    f"distillation.normalizer is set with reduction {call.reduction!r}; it divides the "
-                    "summed loss, which is what 'mean' does: leave the reduction unset or 'mean'",
-                    "NORMALIZER_NOT_SUPPORTED",
-                    "distillation.normalizer",
-                    reduction=call.reduction,
-                )
-        if "labels" not in call.tensors:
-            for name in ("weight_hard", "label_smoothing"):
-                if getattr(options, name) != 0.0:
-                    raise invalid_argument(
-                        f"distillation.{name} is {getattr(options, name)} but distillation.labels is "
-                        "unset: the hard term needs labels",
-                        "LABELS_MISSING",
-                        "distillation.labels",
-                        option=name,
-                    )
-        sparse = "teacher_ids" in call.tensors
-        for name, wanted in (("top_k_renormalize", True), ("truncate_teacher", False)):
-            if getattr(options, name) and sparse != wanted:
-                kind = "a sparse (top-k) teacher" if wanted else "a dense teacher"
-                raise invalid_argument(
-                    f"distillation.{name} is set, but it applies to {kind} only (distillation.teacher_ids "
-                    f"is {'unset' if wanted else 'set'})",
-                    "OPTION_NOT_APPLICABLE",
-                    f"distillation.{name}",
-                )
-
-    @staticmethod
-    def _check_dense(options: DistillationOptions, vocabulary: int, teacher_vocabulary: int) -> None:
-        if teacher_vocabulary == vocabulary or (options.truncate_teacher and teacher_vocabulary > vocabulary):
-            return
-        hint = (
-            "; set distillation.truncate_teacher to use the teacher's first V entries"
-            if teacher_vocabulary > vocabulary
-            else ""
-        )
-        raise invalid_argument(
-            f"the teacher's vocabulary (target.shape[-1] = {teacher_vocabulary}) differs from the "
-            f"student's (input.shape[-1] = {vocabulary}){hint}",
-            "VOCABULARY_MISMATCH",
-            "target.shape",
-            teacherVocabulary=teacher_vocabulary,
-            studentVocabulary=vocabulary,
-        )
 
     @staticmethod
     def _teacher_ids(
@@ -371,57 +445,7 @@ class DistillationLoss(Loss):
             wide = wide.masked_fill(padding, 0)
         return wide
 
-    @staticmethod
-    def _labels(
-        labels: torch.Tensor, lead: tuple[int, ...], vocabulary: int, ignore_index: int
-    ) -> torch.Tensor:
-        field = "distillation.labels"
-        if labels.dtype not in _INDEX_DTYPES:
-            raise invalid_argument(
-                f"{field}.dtype is {dtype_name(labels.dtype)}; labels must be int64, int32 or uint8",
-                "DTYPE_NOT_SUPPORTED",
-                f"{field}.dtype",
-                dtype=dtype_name(labels.dtype),
-            )
-        if tuple(labels.shape) != lead:
-            raise invalid_argument(
-                f"{field}.shape is {list(labels.shape)}; it must be the student's leading dimensions "
-                f"{list(lead)}, one label per token",
-                "LABELS_SHAPE_MISMATCH",
-                f"{field}.shape",
-                labelsShape=list(labels.shape),
-                expectedShape=list(lead),
-            )
-        wide = labels if labels.dtype == torch.int64 else labels.to(torch.int64)
-        if wide.device.type == "meta":
-            return wide
-        values = wide.numpy()
-        found = out_of_range(values, vocabulary, values == ignore_index)
-        if found is not None:
-            position, value, count = found
-            raise invalid_argument(
-                f"{field}{position} is {value}, outside [0, {vocabulary}) and not ignore_index "
-                f"({ignore_index}); {count} label(s) are out of range",
-                "LABEL_OUT_OF_RANGE",
-                field,
-                value=value,
-                index=position,
-                vocabulary=vocabulary,
-                ignoreIndex=ignore_index,
-                count=count,
-            )
-        return wide
-
-    def loss_shape(self, call: LossCall, reduction: str) -> tuple[int, ...]:
-        return tuple(call.input.shape[:-1]) if reduction == "none" else ()
-
-    def loss_dtype(self, call: LossCall) -> torch.dtype:
-        return compute_dtype(call.input.dtype)
-
     # -- computation ----------------------------------------------------------------------------
-
-    def temporaries(self, call: LossCall) -> int:
-        return 0  # bounded by the chunk, not the input: see `scratch_bytes`
 
     def scratch_bytes(self, call: LossCall) -> int:
         """About a dozen float32 (float64) temporaries of one chunk, and the per-token vectors."""
@@ -460,52 +484,30 @@ class DistillationLoss(Loss):
                 divisor = float(max(tokens, 1))
             else:  # a device tensor: no synchronisation to count
                 divisor = (rows.labels != options.ignore_index).sum().clamp(min=1)
-        upstream = None
-        if call.input_grad:
-            upstream = (
-                torch.ones((), dtype=dtype, device=device)
-                if call.grad_output is None
-                else upload(call.grad_output).to(dtype)
-            )
-        if upstream is not None and reduction == "none":
-            upstream = upstream.expand(call.input.shape[:-1]).reshape(tokens)
+        upstream = upstream_gradient(call, upload, dtype, device)
         step = max(1, CHUNK_ELEMENTS // vocabulary)
         if tokens <= step:
             return self._whole(call, rows, options, divisor, upstream)
-        grad = torch.empty_like(rows.student) if call.input_grad else None
-        per_token = None
-        if reduction == "none":
-            per_token = [torch.empty(tokens, dtype=dtype, device=device) for _ in range(3)]
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        token_upstream = None
-        if upstream is not None and reduction != "none":
-            token_upstream = upstream if divisor is None else upstream / divisor
-        for start in range(0, tokens, step):
-            chunk = slice(start, min(tokens, start + step))
-            teacher, chunk_ids, chunk_labels = rows.chunk(chunk)
-            leaf = rows.student[chunk].detach().requires_grad_(grad is not None)
-            with torch.enable_grad() if grad is not None else torch.no_grad():
-                values = token_losses(leaf, teacher, chunk_ids, chunk_labels, options)
-                if grad is not None:
-                    if per_token is not None:
-                        assert upstream is not None
-                        weights = upstream[chunk]
-                    else:
-                        assert token_upstream is not None
-                        weights = token_upstream.expand(values[0].shape)
-                    (grad[chunk],) = torch.autograd.grad(values[0], leaf, weights)
-            if per_token is not None:
-                for out, value in zip(per_token, values, strict=True):
-                    out[chunk] = value.detach()
-            else:
-                sums += torch.stack([value.detach().sum(dtype=torch.float64) for value in values])
-        grads = [] if grad is None else [grad.reshape(call.input.shape)]
-        if per_token is not None:
-            shape = call.input.shape[:-1]
-            total, hard, soft = (value.reshape(shape) for value in per_token)
-        else:
-            reduced = sums if divisor is None else sums / divisor
-            total, hard, soft = reduced.to(dtype).unbind()
+
+        def per_token(
+            chunk: slice, leaf: torch.Tensor, _: Mapping[str, torch.Tensor]
+        ) -> Sequence[torch.Tensor]:
+            return token_losses(leaf, *rows.chunk(chunk), options)
+
+        done = run_chunks(
+            rows.student,
+            per_token,
+            outputs=3,
+            step=step,
+            dtype=dtype,
+            reduction=reduction,
+            input_grad=call.input_grad,
+            upstream=upstream,
+            divisor=divisor,
+        )
+        grads = [] if done.grad is None else [done.grad.reshape(call.input.shape)]
+        shape = call.input.shape[:-1] if reduction == "none" else ()
+        total, hard, soft = (value.reshape(shape) for value in done.values)
         return Computed(total, grads, {"hard_loss": hard, "soft_loss": soft})
 
     def _whole(
@@ -562,17 +564,8 @@ class DistillationLoss(Loss):
         rows = self.rows_of(call)
         return array.reshape(rows) if name == "labels" else array.reshape(rows, array.shape[-1])
 
-    def rows_of(self, call: LossCall) -> int:
-        return math.prod(call.input.shape[:-1]) if call.input.dim() else 1
-
-    def input_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
-        return array.reshape(-1, call.input.shape[-1])
-
     def target_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
         return array.reshape(-1, call.target.shape[-1])
-
-    def from_rows(self, rows: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-        return rows.reshape(shape)
 
     def splittable(self, call: LossCall) -> bool:
         return call.input.dim() >= 2

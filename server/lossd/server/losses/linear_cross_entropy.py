@@ -12,8 +12,11 @@ cross_entropy's plus `softcap` (Gemma 2), a z-loss (`lse_square_scale`) and the 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
+import importlib.util
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -21,14 +24,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lossd.server.losses.base import Computed, Loss, LossCall, LossOptions, OipTensor, Upload
+from lossd.server.losses.base import Computed, LossCall, LossOptions, OipTensor, Upload
 from lossd.server.losses.checks import dtype_name, invalid_argument, out_of_range, require_floating
-from lossd.server.losses.distillation import CHUNK_ELEMENTS, compute_dtype
+from lossd.server.losses.chunked import TokenLoss, compute_dtype, run_chunks, upstream_gradient
+from lossd.server.losses.distillation import CHUNK_ELEMENTS
+from lossd.server.losses.heads import check_head, head_logits
+from lossd.server.losses.implementations import Implementation
 
 if TYPE_CHECKING:
     from lossd.wire.codec import TensorLimits
 
-__all__ = ["LINEAR_CROSS_ENTROPY", "LinearCrossEntropyLoss", "LinearCrossEntropyOptions"]
+__all__ = [
+    "CANDIDATES",
+    "LINEAR_CROSS_ENTROPY",
+    "LinearCrossEntropyLoss",
+    "LinearCrossEntropyOptions",
+    "TokenLosses",
+    "kernel_call",
+    "kernel_supports",
+    "token_losses",
+]
 
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
 
@@ -42,7 +57,21 @@ class LinearCrossEntropyOptions(LossOptions):
     return_lse: bool = False
 
 
-def _token_losses(
+TokenLosses = Callable[
+    [
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor | None,
+        torch.Tensor | None,
+        "LinearCrossEntropyOptions",
+    ],
+    tuple[torch.Tensor, torch.Tensor],
+]
+"""`token_losses` or a compiled form of it."""
+
+
+def token_losses(
     hidden: torch.Tensor,
     targets: torch.Tensor,
     classifier: torch.Tensor,
@@ -51,9 +80,7 @@ def _token_losses(
     options: LinearCrossEntropyOptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (loss, log-sum-exp) of a chunk of hidden states (n, H)."""
-    logits = hidden.to(classifier.dtype) @ classifier.T
-    if bias is not None:
-        logits = logits + bias
+    logits = head_logits(hidden, classifier, bias)
     if options.softcap > 0.0:
         logits = options.softcap * torch.tanh(logits / options.softcap)
     loss = F.cross_entropy(
@@ -71,11 +98,12 @@ def _token_losses(
     return loss, lse
 
 
-class LinearCrossEntropyLoss(Loss):
+class LinearCrossEntropyLoss(TokenLoss):
     """Input: hidden states (..., H). Target: class indices (...). Tokens are the rows."""
 
     name: ClassVar[str] = "linear_cross_entropy"
     tensors: ClassVar[tuple[str, ...]] = ("classifier", "bias", "weight")
+    gradient_tensors: ClassVar[tuple[str, ...]] = ("classifier", "bias")
     parts: ClassVar[tuple[str, ...]] = ("lse",)
     parameters: ClassVar[Mapping[str, type]] = {
         "ignore_index": int,
@@ -116,41 +144,17 @@ class LinearCrossEntropyLoss(Loss):
                 value=options.label_smoothing,
             )
         hidden, targets = call.input, call.target
-        if hidden.dim() == 0:
-            raise invalid_argument(
-                "input.shape is []; linear_cross_entropy needs hidden states (..., H)",
-                "SHAPE_INVALID",
-                "input.shape",
-                inputShape=[],
-            )
-        classifier = call.tensors.get("classifier")
-        field = "linear_cross_entropy.classifier"
-        if classifier is None:
-            raise invalid_argument(f"{field} is missing: the (V, H) weight", "FIELD_MISSING", field)
-        require_floating(classifier, field, "the classifier")
-        size = hidden.shape[-1]
-        if classifier.dim() != 2 or classifier.shape[1] != size or classifier.shape[0] == 0:
-            raise invalid_argument(
-                f"{field}.shape is {list(classifier.shape)}; it must be [V, {size}] (V >= 1) for hidden "
-                f"states of size {size} (input.shape {list(hidden.shape)})",
-                "CLASSIFIER_SHAPE_MISMATCH",
-                f"{field}.shape",
-                classifierShape=list(classifier.shape),
-                inputShape=list(hidden.shape),
-            )
-        classes = classifier.shape[0]
-        for name in ("bias", "weight"):
-            tensor = call.tensors.get(name)
-            if tensor is None:
-                continue
-            require_floating(tensor, f"linear_cross_entropy.{name}", f"the {name}")
-            if tuple(tensor.shape) != (classes,):
+        classes = check_head(call.tensors, hidden, self.name)
+        weight = call.weight
+        if weight is not None:
+            require_floating(weight, "linear_cross_entropy.weight", "the weight")
+            if tuple(weight.shape) != (classes,):
                 raise invalid_argument(
-                    f"linear_cross_entropy.{name}.shape is {list(tensor.shape)}; it must be [{classes}], one "
-                    "per class",
+                    f"linear_cross_entropy.weight.shape is {list(weight.shape)}; it must be [{classes}], "
+                    "one per class",
                     "WEIGHT_SHAPE_MISMATCH",
-                    f"linear_cross_entropy.{name}.shape",
-                    shape=list(tensor.shape),
+                    "linear_cross_entropy.weight.shape",
+                    shape=list(weight.shape),
                     classes=classes,
                 )
         if targets.dtype not in _INDEX_DTYPES:
@@ -189,16 +193,7 @@ class LinearCrossEntropyLoss(Loss):
                 )
         return dataclasses.replace(call, target=wide)
 
-    def loss_shape(self, call: LossCall, reduction: str) -> tuple[int, ...]:
-        return tuple(call.input.shape[:-1]) if reduction == "none" else ()
-
-    def loss_dtype(self, call: LossCall) -> torch.dtype:
-        return compute_dtype(call.input.dtype)
-
     # -- computation ----------------------------------------------------------------------------
-
-    def temporaries(self, call: LossCall) -> int:
-        return 0
 
     def scratch_bytes(self, call: LossCall) -> int:
         """About six float32 (float64) temporaries of one chunk's logits, and the per-token vectors."""
@@ -216,7 +211,56 @@ class LinearCrossEntropyLoss(Loss):
         targets = torch.tensor([0, 1, 4, 2])
         return LossCall(options, torch.randn(4, 3), targets, input_grad=True, tensors=tensors)
 
+    def implementations(self) -> Sequence[Implementation]:
+        """torch in chunks (this module, the reference) first; torch.compile of the same chunks,
+        Liger Kernel's and cut-cross-entropy's fused kernels where they run (CUDA, installed)."""
+        return (Implementation("torch-chunked", self.compute), *CANDIDATES)
+
+    def probes(self, device: torch.device) -> Sequence[LossCall]:
+        """A language-model step (4096 tokens, H 1024, V 32768, bfloat16) to time, then float32 with
+        the classifier's gradient, label smoothing with a z-loss and ignored tokens, a soft cap with
+        a bias: each candidate must agree on those it supports."""
+        if device.type != "cuda":
+            return ()
+        generator = torch.Generator().manual_seed(0)
+        tokens, size, classes = 4096, 1024, 32768
+        hidden = torch.randn(tokens, size, generator=generator) / 4
+        classifier = torch.randn(classes, size, generator=generator) / 16
+        targets = torch.randint(0, classes, (tokens,), generator=generator)
+        ignored = targets.masked_fill(torch.rand(tokens, generator=generator) < 0.1, -100)
+        half = torch.bfloat16
+        plain = {"classifier": classifier.to(half)}
+        return (
+            LossCall(self.make_options("mean"), hidden.to(half), targets, input_grad=True, tensors=plain),
+            LossCall(
+                self.make_options("mean"),
+                hidden,
+                targets,
+                input_grad=True,
+                tensors={"classifier": classifier},
+                tensor_grads=frozenset({"classifier"}),
+            ),
+            LossCall(
+                self.make_options("sum", label_smoothing=0.1, lse_square_scale=1e-4),
+                hidden.to(half),
+                ignored,
+                input_grad=True,
+                tensors=plain,
+            ),
+            LossCall(
+                self.make_options("mean", softcap=30.0),
+                hidden.to(half),
+                targets,
+                input_grad=True,
+                tensors={**plain, "bias": torch.randn(classes, generator=generator).to(half)},
+            ),
+        )
+
     def compute(self, call: LossCall, upload: Upload) -> Computed:
+        return self.chunked(call, upload, token_losses)
+
+    def chunked(self, call: LossCall, upload: Upload, token_losses: TokenLosses) -> Computed:
+        """The computation in chunks of tokens, each chunk's by `token_losses`."""
         options = call.options
         assert isinstance(options, LinearCrossEntropyOptions)
         dtype = compute_dtype(call.input.dtype)
@@ -224,78 +268,215 @@ class LinearCrossEntropyLoss(Loss):
         tokens = self.rows_of(call)
         hidden = upload(call.input).reshape(tokens, size)
         targets = upload(call.target).reshape(tokens)
-        classifier = upload(call.tensors["classifier"]).to(dtype)
-        bias = call.tensors.get("bias")
-        bias = None if bias is None else upload(bias).to(dtype)
-        weight = call.tensors.get("weight")
+        head = {
+            name: upload(call.tensors[name]).to(dtype)
+            for name in ("classifier", "bias")
+            if name in call.tensors
+        }
+        weight = call.weight
         weight = None if weight is None else upload(weight).to(dtype)
         device = hidden.device
-        counted = targets != options.ignore_index
         divisor: torch.Tensor | None = None
         if call.reduction == "mean":  # torch's: the summed class weights of the counted tokens
+            counted = targets != options.ignore_index
             if weight is None:
                 divisor = counted.sum().to(dtype)
             else:
                 divisor = weight[torch.where(counted, targets, 0)].masked_fill(~counted, 0.0).sum()
-        grad = torch.empty_like(hidden) if call.input_grad else None
-        upstream = None
-        if grad is not None:
-            upstream = (
-                torch.ones((), dtype=dtype, device=device)
-                if call.grad_output is None
-                else upload(call.grad_output).to(dtype)
-            )
-            if call.reduction == "none":
-                upstream = upstream.expand(call.input.shape[:-1]).reshape(tokens)
-            elif divisor is not None:
-                upstream = upstream / divisor
-        none = call.reduction == "none"
-        losses = torch.empty(tokens, dtype=dtype, device=device) if none else None
-        lse = torch.empty(tokens, dtype=dtype, device=device) if options.return_lse else None
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        step = max(1, CHUNK_ELEMENTS // classifier.shape[0])
-        for start in range(0, tokens, step):
-            chunk = slice(start, min(tokens, start + step))
-            leaf = hidden[chunk].detach().requires_grad_(grad is not None)
-            with torch.enable_grad() if grad is not None else torch.no_grad():
-                loss, chunk_lse = _token_losses(leaf, targets[chunk], classifier, bias, weight, options)
-                if grad is not None:
-                    assert upstream is not None
-                    weights = upstream[chunk] if none else upstream.expand(loss.shape)
-                    (grad[chunk],) = torch.autograd.grad(loss, leaf, weights)
-            if losses is not None:
-                losses[chunk] = loss.detach()
-            else:
-                total += loss.detach().sum(dtype=torch.float64)
-            if lse is not None:
-                lse[chunk] = chunk_lse.detach()
+        upstream = upstream_gradient(call, upload, dtype, device)
+
+        def per_token(
+            rows: slice, leaf: torch.Tensor, leaves: Mapping[str, torch.Tensor]
+        ) -> Sequence[torch.Tensor]:
+            classifier = leaves.get("classifier", head["classifier"])
+            bias = leaves.get("bias", head.get("bias"))
+            loss, lse = token_losses(leaf, targets[rows], classifier, bias, weight, options)
+            return (loss, lse) if options.return_lse else (loss,)
+
+        done = run_chunks(
+            hidden,
+            per_token,
+            outputs=1,
+            step=max(1, CHUNK_ELEMENTS // head["classifier"].shape[0]),
+            dtype=dtype,
+            reduction=call.reduction,
+            input_grad=call.input_grad,
+            tensors={name: head[name] for name in call.tensor_grads},
+            upstream=upstream,
+            divisor=divisor,
+            kept=1 if options.return_lse else 0,
+        )
         lead = call.input.shape[:-1]
-        if losses is not None:
-            result = losses.reshape(lead)
-        else:
-            result = (total if divisor is None else total / divisor).to(dtype)
-        parts = {} if lse is None else {"lse": lse.reshape(lead)}
-        return Computed(result, [] if grad is None else [grad.reshape(call.input.shape)], parts)
+        loss = done.values[0].reshape(lead) if call.reduction == "none" else done.values[0]
+        parts = {"lse": done.kept[0].reshape(lead)} if options.return_lse else {}
+        grads = [] if done.grad is None else [done.grad.reshape(call.input.shape)]
+        return Computed(loss, grads, parts, done.tensor_grads)
 
     # -- rows: computed alone -------------------------------------------------------------------
 
     def merge_params(self, call: LossCall) -> Hashable | None:
         return None  # large calls with a weight of their own: alone
 
-    def rows_of(self, call: LossCall) -> int:
-        return math.prod(call.input.shape[:-1]) if call.input.dim() else 1
-
-    def input_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
-        return array.reshape(-1, call.input.shape[-1])
-
     def target_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
         return array.reshape(-1)
-
-    def from_rows(self, rows: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-        return rows.reshape(shape)
 
     def splittable(self, call: LossCall) -> bool:
         return False
 
 
 LINEAR_CROSS_ENTROPY = LinearCrossEntropyLoss()
+
+
+# -- other implementations: candidates where they run ------------------------------------------------
+#
+# torch.compile of the chunks above, Liger Kernel's fused linear cross-entropy and Apple's
+# cut-cross-entropy (`pip install 'lossd[liger]'`, `'lossd[cce]'`). Each says which calls it computes
+# exactly as lossd's options mean them; the engine uses one only after it agreed with the chunks at
+# start-up (`lossd.server.losses.implementations.choose`), and only for the calls it supports.
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _needs_cuda(package: str | None, extra: str) -> Callable[[torch.device], str | None]:
+    def unavailable(device: torch.device) -> str | None:
+        if device.type != "cuda":
+            return "CUDA only"
+        if package is not None and importlib.util.find_spec(package) is None:
+            return f"not installed (pip install 'lossd[{extra}]')"
+        return None
+
+    return unavailable
+
+
+@functools.cache
+def _compiled() -> TokenLosses:
+    compiled: TokenLosses = torch.compile(token_losses, dynamic=True)
+    return compiled
+
+
+def _compiled_compute(call: LossCall, upload: Upload) -> Computed:
+    return LINEAR_CROSS_ENTROPY.chunked(call, upload, _compiled())
+
+
+def kernel_supports(call: LossCall, *, smoothing: bool, z_loss: bool, bias: bool, half_only: bool) -> bool:
+    """Whether a fused kernel computes `call` as lossd means it: one value per call (its backward
+    scales by a number), no class weights nor per-token log-sum-exp, the classifier in the hidden
+    states' dtype, and only the options the kernel has."""
+    options = call.options
+    assert isinstance(options, LinearCrossEntropyOptions)
+    classifier = call.tensors.get("classifier")
+    return (
+        classifier is not None
+        and call.reduction in ("mean", "sum")
+        and (call.grad_output is None or call.grad_output.dim() == 0)
+        and call.weight is None
+        and not options.return_lse
+        and classifier.dtype == call.input.dtype
+        and (call.input.dtype in _HALF or not half_only)
+        and call.input.dtype != torch.float64
+        and (smoothing or options.label_smoothing == 0.0)
+        and (z_loss or options.lse_square_scale == 0.0)
+        and (bias or "bias" not in call.tensors)
+    )
+
+
+Kernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, LinearCrossEntropyOptions, str], Any
+]
+"""`kernel(hidden, classifier, targets, bias, options, reduction)`: a differentiable loss."""
+
+
+def kernel_call(call: LossCall, upload: Upload, kernel: Kernel) -> Computed:
+    """A call through a fused kernel that is a differentiable torch function: its loss, and the
+    gradients asked for by `torch.autograd.grad`."""
+    options = call.options
+    assert isinstance(options, LinearCrossEntropyOptions)
+    size = call.input.shape[-1]
+    hidden = upload(call.input).reshape(-1, size).detach().requires_grad_(call.input_grad)
+    targets = upload(call.target).reshape(-1)
+    leaves = {
+        name: upload(call.tensors[name]).detach().requires_grad_(name in call.tensor_grads)
+        for name in ("classifier", "bias")
+        if name in call.tensors
+    }
+    wanted = [hidden] if call.input_grad else []
+    wanted += [leaves[name] for name in ("classifier", "bias") if name in call.tensor_grads]
+    with torch.enable_grad() if wanted else torch.no_grad():
+        result = kernel(hidden, leaves["classifier"], targets, leaves.get("bias"), options, call.reduction)
+        loss = result.loss if hasattr(result, "loss") else result[0] if isinstance(result, tuple) else result
+        grads: list[torch.Tensor] = []
+        if wanted:
+            upstream = None if call.grad_output is None else upload(call.grad_output).to(loss.dtype)
+            grads = list(torch.autograd.grad(loss, wanted, upstream))
+    dtype = compute_dtype(call.input.dtype)
+    input_grads = [grads.pop(0).reshape(call.input.shape)] if call.input_grad else []
+    tensor_grads: dict[str, torch.Tensor] = {
+        name: grads.pop(0) for name in ("classifier", "bias") if name in call.tensor_grads
+    }
+    return Computed(loss.detach().to(dtype), input_grads, {}, tensor_grads)
+
+
+def _liger(
+    hidden: torch.Tensor,
+    classifier: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    options: LinearCrossEntropyOptions,
+    reduction: str,
+) -> Any:
+    functional = importlib.import_module("liger_kernel.transformers.functional")
+    return functional.liger_fused_linear_cross_entropy(
+        hidden,
+        classifier,
+        targets,
+        bias=bias,
+        ignore_index=options.ignore_index,
+        lse_square_scale=options.lse_square_scale,
+        label_smoothing=options.label_smoothing,
+        reduction=reduction,
+        softcap=options.softcap or None,
+        accum_dtype=torch.float32,  # the head's gradient summed in float32, as lossd's chunks do
+    )
+
+
+def _cut_cross_entropy(
+    hidden: torch.Tensor,
+    classifier: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    options: LinearCrossEntropyOptions,
+    reduction: str,
+) -> Any:
+    package = importlib.import_module("cut_cross_entropy")
+    assert bias is None  # cut-cross-entropy has none: `kernel_supports(bias=False)`
+    return package.linear_cross_entropy(
+        hidden,
+        classifier,
+        targets,
+        ignore_index=options.ignore_index,
+        softcap=options.softcap or None,
+        reduction=reduction,
+        filter_eps=None,  # no gradient filtering: exact, not approximate
+    )
+
+
+CANDIDATES = (
+    Implementation(
+        "torch-compile",
+        _compiled_compute,
+        unavailable=_needs_cuda(None, ""),
+    ),
+    Implementation(
+        "liger",
+        functools.partial(kernel_call, kernel=_liger),
+        functools.partial(kernel_supports, smoothing=True, z_loss=True, bias=True, half_only=False),
+        _needs_cuda("liger_kernel", "liger"),
+    ),
+    Implementation(
+        "cut-cross-entropy",
+        functools.partial(kernel_call, kernel=_cut_cross_entropy),
+        functools.partial(kernel_supports, smoothing=False, z_loss=False, bias=False, half_only=True),
+        _needs_cuda("cut_cross_entropy", "cce"),
+    ),
+)
+"""The candidates besides lossd's own chunks, in the order they are tried."""

@@ -11,12 +11,16 @@ from lossd.server.losses.cross_entropy import CROSS_ENTROPY
 from lossd.server.losses.distillation import DISTILLATION
 from lossd.server.losses.kl_div import KL_DIV
 from lossd.server.losses.linear_cross_entropy import LINEAR_CROSS_ENTROPY
+from lossd.server.losses.linear_distillation import LINEAR_DISTILLATION
 from lossd.server.losses.nll import NLL_LOSS
 
 __all__ = ["LOSSES", "make_options"]
 
 LOSSES: Mapping[str, Loss] = MappingProxyType(
-    {loss.name: loss for loss in (NLL_LOSS, CROSS_ENTROPY, KL_DIV, DISTILLATION, LINEAR_CROSS_ENTROPY)}
+    {
+        loss.name: loss
+        for loss in (NLL_LOSS, CROSS_ENTROPY, KL_DIV, DISTILLATION, LINEAR_CROSS_ENTROPY, LINEAR_DISTILLATION)
+    }
 )
 """Every loss by its name (the .proto `loss` oneof field, the torch function, the OIP model)."""
 

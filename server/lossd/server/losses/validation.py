@@ -54,6 +54,21 @@ def _check_gradients(call: LossCall) -> None:
             "gradients.target",
             loss=call.loss.name,
         )
+    for name in sorted(call.tensor_grads):
+        if name not in call.loss.gradient_tensors:
+            raise invalid_argument(
+                f"gradients.{name} was requested, but {call.loss.name} has no {name} to differentiate",
+                "TENSOR_GRADIENT_NOT_SUPPORTED",
+                f"gradients.{name}",
+                loss=call.loss.name,
+            )
+        if name not in call.tensors:
+            raise invalid_argument(
+                f"gradients.{name} was requested, but {call.loss.name}.{name} is unset",
+                "TENSOR_GRADIENT_NOT_SUPPORTED",
+                f"gradients.{name}",
+                loss=call.loss.name,
+            )
     upstream = call.grad_output
     if upstream is None:
         return

@@ -5,7 +5,8 @@ servicer answers them with lossd's losses, one model per loss (`nll_loss`, `cros
 `kl_div`, `distillation`: every loss in `lossd.server.losses.LOSSES`), version "1". Inputs carry
 torch's argument names (`input`, `target`, the loss's own tensors such as `weight`, `grad_output`),
 options come as request parameters (the loss's `parameters`), and the outputs are `loss`, its parts
-(a distillation's `hard_loss` and `soft_loss`), `input_grad` and `target_grad`; requesting a
+(a distillation's `hard_loss` and `soft_loss`), `input_grad`, `target_grad` and a linear head's
+`classifier_grad` and `bias_grad`; requesting a
 gradient output is what asks for the gradient. A ModelInferRequest is translated into a
 `lossd.v1.ComputeLossRequest` (the tensors' bytes are not decoded, only moved) and answered by
 `LossServicer.answer`, so validation, limits, batching, metrics and failure handling are exactly
@@ -79,7 +80,13 @@ _IGNORED = frozenset({"priority", "timeout", "sequence_id", "sequence_start", "s
 
 def _outputs(loss: Loss) -> tuple[str, ...]:
     """A model's outputs: the loss, its parts, the gradients it has."""
-    return ("loss", *loss.parts, "input_grad", *(("target_grad",) if loss.target_gradient else ()))
+    return (
+        "loss",
+        *loss.parts,
+        "input_grad",
+        *(("target_grad",) if loss.target_gradient else ()),
+        *(f"{name}_grad" for name in loss.gradient_tensors),
+    )
 
 
 ECHO_CHARS = 64
@@ -220,6 +227,8 @@ def loss_request(
             setattr(options, f"return_{name}", True)
     message.gradients.input = "input_grad" in outputs
     message.gradients.target = "target_grad" in outputs
+    for name in loss.gradient_tensors:
+        setattr(message.gradients, name, f"{name}_grad" in outputs)
     return message, data, outputs
 
 
@@ -267,6 +276,7 @@ def encode_infer_response(request: oip.ModelInferRequest, output: LossOutput, ou
         **output.parts,
         "input_grad": output.input_grad,
         "target_grad": output.target_grad,
+        **{f"{name}_grad": grad for name, grad in output.tensor_grads.items()},
     }
     contents: list[bytes | memoryview] = []
     for name in outputs:
@@ -298,6 +308,7 @@ def _metadata(loss: Loss) -> oip.ModelMetadataResponse:
     ]
     if loss.target_gradient:
         outputs.append(tensor(name="target_grad", datatype="FP32", shape=[-1, -1]))
+    outputs += [tensor(name=f"{name}_grad", datatype="FP32", shape=[-1]) for name in loss.gradient_tensors]
     return oip.ModelMetadataResponse(
         name=loss.name, versions=[VERSION], platform="pytorch", inputs=inputs, outputs=outputs
     )

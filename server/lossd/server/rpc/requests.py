@@ -21,6 +21,7 @@ from lossd.wire.errors import InvalidArgumentError
 
 __all__ = [
     "REQUEST_TENSORS",
+    "TENSOR_GRADIENTS",
     "call_from_request",
     "encode_response",
     "parse_request",
@@ -107,10 +108,15 @@ def _call(request: pb.ComputeLossRequest, make: TensorMaker) -> LossCall:
         grad_dtype=_grad_dtype(gradients),
         grad_output=grad_output,
         tensors={field: tensor for field, tensor in extra.items() if field != "weight"},
+        tensor_grads=frozenset(name for name in TENSOR_GRADIENTS if getattr(gradients, name)),
     )
 
 
 M = TypeVar("M")
+
+TENSOR_GRADIENTS = ("classifier", "bias")
+"""The GradientOptions flags that ask for the gradient of a loss's own tensor, by its name; each is
+returned in ComputeLossResponse.<name>_gradient."""
 
 
 def parse_message(parse: Callable[[bytes], M], raw: bytes, what: str, kind: str = "message") -> M:
@@ -272,6 +278,7 @@ def _answer(output: LossOutput) -> list[tuple[str, Any]]:
     """The response's tensors by field, in field order: the loss, its parts, the gradients asked for."""
     tensors: list[tuple[str, Any]] = [("loss", output.loss), *output.parts.items()]
     tensors += [("input_gradient", output.input_grad), ("target_gradient", output.target_grad)]
+    tensors += [(f"{name}_gradient", output.tensor_grads.get(name)) for name in TENSOR_GRADIENTS]
     return [(name, value) for name, value in tensors if value is not None]
 
 

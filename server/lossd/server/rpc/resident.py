@@ -4,6 +4,7 @@ methods read raw messages through the `LossServicer`'s steps)."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -112,6 +113,7 @@ class ResidentServicer:
         shape = tuple(int(d) for d in header.shape)
         id = await servicer._wire(nbytes, lambda: content_id(header.dtype, shape, data.data))
         tensor = codec.decode_torch(header, "header", limits=limits, copy=False, data=data.data)
+        tensor = await servicer._wire(nbytes, functools.partial(self.store.placed, tensor))
         info = self.store.put(tensor, ResidentInfo(id, int(header.dtype), shape, nbytes))
         return pb.PutTensorResponse(tensor=_message(info)).SerializeToString()
 

@@ -292,6 +292,7 @@ class LossServicer:
                 del call  # and with it the message, before the answer is encoded
                 data = await self._wire(answer, functools.partial(encode, output))
                 nonfinite = output.nonfinite
+                self._metrics.implementation_call(loss, output.implementation)
                 del output
                 sent = len(data)
                 await self.write(context, data)
@@ -338,6 +339,7 @@ class LossServicer:
             raise
         reservation.close()
         self._metrics.nonfinite(call.loss, tuple(call.nonfinite))
+        self._metrics.implementation_call(call.loss, call.implementation)
         self._finish(call.loss, "OK", started, call.received, call.sent)
 
     # -- endings ---------------------------------------------------------------------------------

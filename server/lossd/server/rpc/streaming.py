@@ -78,6 +78,7 @@ class StreamedCall:
         self.received = 0
         self.sent = 0
         self.nonfinite: set[str] = set()
+        self.implementation = ""
         # Computing in blocks:
         self._plan: BlockPlan | None = None
         self._submitted = 0
@@ -216,6 +217,7 @@ class StreamedCall:
 
     async def _answer_whole(self, output: LossOutput) -> None:
         self.nonfinite.update(output.nonfinite)
+        self.implementation = output.implementation
         header, gradients = stream_response(output)
         await self._write(chunks.encode_header(header))
         for slot, data in gradients:

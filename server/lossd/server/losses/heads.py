@@ -1,0 +1,65 @@
+"""A linear head, `hidden @ classifier.T + bias`, as the fused linear losses take it: the rules for
+its tensors, and its logits for a chunk of tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from lossd.server.losses.checks import invalid_argument, require_floating
+
+__all__ = ["check_head", "head_logits"]
+
+
+def check_head(
+    tensors: Mapping[str, torch.Tensor],
+    hidden: torch.Tensor,
+    loss: str,
+    classifier: str = "classifier",
+    bias: str = "bias",
+    hidden_field: str = "input",
+) -> int:
+    """Checks the head that turns `hidden` (..., H) into logits: `classifier` (V, H) required,
+    `bias` (V) optional, both floating; returns V."""
+    if hidden.dim() == 0:
+        raise invalid_argument(
+            f"{hidden_field}.shape is []; {loss} needs hidden states (..., H)",
+            "SHAPE_INVALID",
+            f"{hidden_field}.shape",
+            shape=[],
+        )
+    field = f"{loss}.{classifier}"
+    weight = tensors.get(classifier)
+    if weight is None:
+        raise invalid_argument(f"{field} is missing: the (V, H) weight", "FIELD_MISSING", field)
+    require_floating(weight, field, "the classifier")
+    size = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != size or weight.shape[0] == 0:
+        raise invalid_argument(
+            f"{field}.shape is {list(weight.shape)}; it must be [V, {size}] (V >= 1) for hidden states "
+            f"of size {size} ({hidden_field}.shape {list(hidden.shape)})",
+            "CLASSIFIER_SHAPE_MISMATCH",
+            f"{field}.shape",
+            classifierShape=list(weight.shape),
+            hiddenShape=list(hidden.shape),
+        )
+    classes = weight.shape[0]
+    offset = tensors.get(bias)
+    if offset is not None:
+        require_floating(offset, f"{loss}.{bias}", "the bias")
+        if tuple(offset.shape) != (classes,):
+            raise invalid_argument(
+                f"{loss}.{bias}.shape is {list(offset.shape)}; it must be [{classes}], one per class",
+                "WEIGHT_SHAPE_MISMATCH",
+                f"{loss}.{bias}.shape",
+                shape=list(offset.shape),
+                classes=classes,
+            )
+    return classes
+
+
+def head_logits(hidden: torch.Tensor, classifier: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`hidden @ classifier.T + bias` in the classifier's dtype (the compute dtype)."""
+    logits = hidden.to(classifier.dtype) @ classifier.T
+    return logits if bias is None else logits + bias
