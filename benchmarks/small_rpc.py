@@ -7,6 +7,11 @@ against (a) a grpc.aio echo server that answers every call with a response as la
 server and the load generator run in their own processes. The load generator sends the same
 pre-serialized request to all three, so client-side cost is identical.
 
+Then, on lossd with batching on, many losses per call: 64 asyncio callers of one `AsyncLossClient`
+with coalescing on (`coalesced_losses_per_s`; each call built by the client, as a user's would be),
+and `ComputeLossBatch` calls of 64 entries, 4 at a time (`batch_rpc_losses_per_s`); each against the
+echo's calls a second at 64 in flight (`ratio_coalesced_vs_echo`, `ratio_batch_rpc_vs_echo`).
+
 Prints one JSON line per configuration, then a summary line. Not a test: numbers, not verdicts.
 
     python benchmarks/small_rpc.py            # 5 s per configuration
@@ -31,6 +36,10 @@ from typing import Any
 from _servers import free_port
 
 METHOD = "/lossd.v1.LossService/ComputeLoss"
+BATCH_METHOD = "/lossd.v1.LossService/ComputeLossBatch"
+BATCH_ENTRIES = 64
+BATCH_IN_FLIGHT = 4
+COALESCED_CALLERS = 64
 IN_FLIGHT = (1, 16, 64)
 OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
@@ -123,6 +132,85 @@ def run_load(target: str, in_flight: int, seconds: float, warmup: float) -> None
     print(json.dumps(asyncio.run(main())), flush=True)
 
 
+def run_many(target: str, mode: str, seconds: float, warmup: float) -> None:
+    """Losses a second, many per call: `coalesced`, 64 asyncio callers of one lossd client with
+    coalescing on (each call built by the client, as a user's would be); `batch`, ComputeLossBatch
+    calls of 64 pre-serialized entries, BATCH_IN_FLIGHT at a time."""
+    import grpc
+    import numpy as np
+
+    from lossd.client import AsyncLossClient
+
+    request, _ = _request_and_response_size()
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((32, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, 32)
+    entry = b"\x0a" + _varint(len(request)) + request
+    batch = entry * BATCH_ENTRIES
+
+    async def main() -> dict[str, Any]:
+        latencies: list[float] = []
+        losses = 0
+        measuring = False
+        stop = time.perf_counter() + warmup + seconds
+        if mode == "coalesced":
+            client = AsyncLossClient(target, timeout=30)
+            await client.cross_entropy(logits, labels, return_grad=True)
+
+            async def one() -> int:
+                await client.cross_entropy(logits, labels, return_grad=True)
+                return 1
+
+            callers = COALESCED_CALLERS
+        else:
+            channel = grpc.aio.insecure_channel(target, options=OPTIONS)
+            call = channel.unary_unary(BATCH_METHOD)
+
+            async def one() -> int:
+                await call(batch, timeout=30)
+                return BATCH_ENTRIES
+
+            await one()
+            callers = BATCH_IN_FLIGHT
+
+        async def worker() -> None:
+            nonlocal losses
+            while time.perf_counter() < stop:
+                start = time.perf_counter()
+                done = await one()
+                if measuring:
+                    latencies.append(time.perf_counter() - start)
+                    losses += done
+
+        workers = [asyncio.create_task(worker()) for _ in range(callers)]
+        await asyncio.sleep(warmup)
+        measuring, began = True, time.perf_counter()
+        await asyncio.gather(*workers)
+        elapsed = time.perf_counter() - began
+        if mode == "coalesced":
+            await client.close()
+        else:
+            await channel.close()
+        latencies.sort()
+        return {
+            "calls": len(latencies),
+            "losses_per_s": round(losses / elapsed, 1),
+            "p50_ms": round(statistics.median(latencies) * 1e3, 3),
+            "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1e3, 3),
+        }
+
+    print(json.dumps(asyncio.run(main())), flush=True)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
 # -- orchestration ----------------------------------------------------------------------------------
 
 
@@ -145,11 +233,17 @@ def _server(command: list[str], ready: str) -> Iterator[subprocess.Popen[str]]:
 
 
 def _load(target: str, in_flight: int, seconds: float, warmup: float) -> dict[str, Any]:
+    return _child(["--load", target, str(in_flight), str(seconds), str(warmup)], seconds + warmup)
+
+
+def _many(target: str, mode: str, seconds: float, warmup: float) -> dict[str, Any]:
+    return _child(["--many", target, mode, str(seconds), str(warmup)], seconds + warmup)
+
+
+def _child(args: list[str], seconds: float) -> dict[str, Any]:
+    """Runs this script with `args` in a process of its own; its last JSON line."""
     done = subprocess.run(  # noqa: PLW1510 - the return code is checked below
-        [sys.executable, __file__, "--load", target, str(in_flight), str(seconds), str(warmup)],
-        capture_output=True,
-        text=True,
-        timeout=seconds + warmup + 120,
+        [sys.executable, __file__, *args], capture_output=True, text=True, timeout=seconds + 120
     )
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
@@ -185,7 +279,13 @@ def main() -> int:
     parser.add_argument(
         "--load", nargs=4, metavar=("TARGET", "IN_FLIGHT", "SECONDS", "WARMUP"), help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--many", nargs=4, metavar=("TARGET", "MODE", "SECONDS", "WARMUP"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.many:
+        run_many(args.many[0], args.many[1], float(args.many[2]), float(args.many[3]))
+        return 0
     if args.echo_server:
         run_echo_server(*args.echo_server)
         return 0
@@ -210,6 +310,7 @@ def main() -> int:
         flush=True,
     )
     results: dict[str, dict[int, dict[str, Any]]] = {}
+    many: dict[str, dict[str, Any]] = {}
     servers = {
         "echo": (["--echo-server"], "ready"),
         "lossd_unbatched": (["--batching", "off"], "serving"),
@@ -251,6 +352,16 @@ def main() -> int:
                     )
                 results[name][in_flight] = result
                 print(json.dumps({"server": name, "in_flight": in_flight, **result}), flush=True)
+            if name == "lossd":
+                for mode in ("coalesced", "batch"):
+                    before = _batch_stats(metrics_port)
+                    many[mode] = _many(f"127.0.0.1:{port}", mode, seconds, warmup)
+                    after = _batch_stats(metrics_port)
+                    batches = after[1] - before[1]
+                    many[mode]["mean_batch_requests"] = (
+                        round((after[0] - before[0]) / batches, 2) if batches else None
+                    )
+                    print(json.dumps({"server": name, "mode": mode, **many[mode]}), flush=True)
 
     echo, lossd, unbatched = results["echo"], results["lossd"], results["lossd_unbatched"]
     summary = {
@@ -263,6 +374,12 @@ def main() -> int:
         "batching_gain": round(lossd[64]["rps"] / unbatched[64]["rps"], 3),
         "p50_ratio_at_1": round(lossd[1]["p50_ms"] / echo[1]["p50_ms"], 3),
         "mean_batch_requests": lossd[64].get("mean_batch_requests"),
+        "coalesced_losses_per_s": many["coalesced"]["losses_per_s"],
+        "batch_rpc_losses_per_s": many["batch"]["losses_per_s"],
+        "ratio_coalesced_vs_echo": round(many["coalesced"]["losses_per_s"] / echo[64]["rps"], 3),
+        "ratio_batch_rpc_vs_echo": round(many["batch"]["losses_per_s"] / echo[64]["rps"], 3),
+        "coalesced_p50_ms": many["coalesced"]["p50_ms"],
+        "coalesced_mean_batch_requests": many["coalesced"]["mean_batch_requests"],
     }
     for name, by_load in results.items():
         for in_flight, result in by_load.items():

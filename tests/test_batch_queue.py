@@ -268,3 +268,31 @@ def test_close_drains_the_queue_then_refuses() -> None:
         assert [await p for p in pending] == ["done a0", "done a1", "done a2"]
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_tiny_batches_compute_on_the_loop_only_while_they_are_fast(slow: bool) -> None:
+    """With `inline_bytes`, a tiny batch skips the hand-over to the compute thread once tiny batches
+    have been measured fast there; a slow engine keeps them on the thread (the loop never blocks)."""
+    threads: list[bool] = []
+
+    def run(items: list[Item]) -> Sequence[str | Exception]:
+        threads.append(threading.current_thread() is threading.main_thread())
+        if slow:
+            time.sleep(0.002)
+        return [f"done {item.name}" for item in items]
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as executor:
+            limits = BatchLimits(inline_bytes=100)
+            batcher: Batcher[Item, str] = Batcher(run, lambda item: item.key, _cost, limits, executor)
+            batcher.start()
+            for index in range(5):
+                assert await batcher.submit(Item(f"x{index}")) == f"done x{index}"
+            assert await batcher.submit(Item("large", nbytes=1000)) == "done large"
+            await batcher.close()
+
+    asyncio.run(main())
+    assert threads[0] is False, "the first is measured on the thread"
+    assert threads[1:5] == [not slow] * 4
+    assert threads[5] is False, "a batch over inline_bytes goes to the thread"

@@ -111,3 +111,20 @@ def test_fused_kernels_quick() -> None:
     timed = {line["implementation"]: line for line in results if "seconds" in line}
     assert "torch-eager (logits whole)" in timed and "torch-chunked" in timed
     assert timed["torch-chunked"]["loss_difference"] < 1e-3
+
+
+@pytest.mark.slow
+def test_small_rpc_quick() -> None:
+    """Short runs: every configuration answers, and the summary has the issue's keys (numbers, not
+    verdicts: timing is the benchmark's, not the suite's)."""
+    report = _run("small_rpc.py", "--seconds", "0.5")
+    for key in (
+        "ratio_vs_echo",
+        "p50_ratio_at_1",
+        "coalesced_losses_per_s",
+        "batch_rpc_losses_per_s",
+        "ratio_coalesced_vs_echo",
+    ):
+        assert isinstance(report[key], float) and report[key] > 0, key
+    batch = report["coalesced_mean_batch_requests"]
+    assert isinstance(batch, float) and batch > 1, "64 concurrent callers were coalesced"

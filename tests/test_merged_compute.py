@@ -180,7 +180,9 @@ def test_concurrent_mixed_requests_each_get_their_own_numbers(
     ]
 
     async def main() -> list[Any]:
-        async with AsyncLossClient(running.target, timeout=120) as client:
+        # Not coalesced: every call must reach the server's queue on its own (tests/test_batch.py
+        # covers coalesced calls).
+        async with AsyncLossClient(running.target, timeout=120, coalesce=False) as client:
             return await asyncio.gather(*(_remote_async(client, case) for case in cases))
 
     with ThreadPoolExecutor(1) as pool:

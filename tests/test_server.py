@@ -63,6 +63,7 @@ def test_reflection_lists_and_describes_the_service(server: RunningServer) -> No
         "PutTensor",
         "ListTensors",
         "DeleteTensor",
+        "ComputeLossBatch",
     ]
     assert "lossd/v1/tensor.proto" in {f.name for f in files}  # dependencies travel too
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -152,8 +153,9 @@ class _Lost(grpc.RpcError):
 
 def test_a_call_whose_connection_broke_mid_answer_is_sent_once_more(server: RunningServer) -> None:
     """gRPC's retry policy does not retry a call once the answer's headers arrived; a loss call is
-    idempotent, so the client sends it once more (and only once)."""
-    with LossClient(server.target, timeout=30) as client:
+    idempotent, so the client sends it once more (and only once). Without coalescing here; with it
+    below."""
+    with LossClient(server.target, timeout=30, coalesce=False) as client:
         real = client._stub.ComputeLoss
         attempts: list[int] = []
 
@@ -177,3 +179,42 @@ def test_a_call_whose_connection_broke_mid_answer_is_sent_once_more(server: Runn
         with pytest.raises(errors.UnavailableError):
             client.cross_entropy(torch.tensor([[1.0, 2.0]]), torch.tensor([1]))
         assert len(attempts) == 2
+
+
+class _LostFirst:
+    """The coalescer's single call whose connection breaks mid-answer."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def future(self, request: object, **kwargs: object) -> futures.Future[object]:
+        self.calls += 1
+        lost: futures.Future[object] = futures.Future()
+        lost.set_exception(_Lost())
+        return lost
+
+
+def test_a_coalesced_call_whose_connection_broke_is_sent_once_more(server: RunningServer) -> None:
+    with LossClient(server.target, timeout=30) as client:
+        single = _LostFirst()
+        client._coalescer._single = single
+        real = client._stub.ComputeLoss
+        again: list[int] = []
+
+        def count(request: object, **kwargs: object) -> object:
+            again.append(1)
+            return real(request, **kwargs)
+
+        client._stub.ComputeLoss = count  # type: ignore[method-assign]
+        result = client.cross_entropy(torch.tensor([[1.0, 2.0]]), torch.tensor([1]))
+        assert single.calls == 1 and len(again) == 1 and result.loss.shape == ()
+
+        def dead(request: object, **kwargs: object) -> object:
+            again.append(1)
+            raise _Lost()
+
+        again.clear()
+        client._stub.ComputeLoss = dead  # type: ignore[method-assign]
+        with pytest.raises(errors.UnavailableError):
+            client.cross_entropy(torch.tensor([[1.0, 2.0]]), torch.tensor([1]))
+        assert single.calls == 2 and len(again) == 1, "sent once more, and only once"

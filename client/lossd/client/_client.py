@@ -17,6 +17,13 @@ from lossd.client._calls import (
     prepare_call,
 )
 from lossd.client.channels import DEFAULT_RETRY_ATTEMPTS, auth_metadata, make_aio_channel, make_channel
+from lossd.client.coalescing import (
+    DEFAULT_IN_FLIGHT,
+    DEFAULT_MAX_ENTRIES,
+    AsyncCoalescer,
+    Coalescer,
+    SendAlone,
+)
 from lossd.client.losses import DECLARATIONS, LossDeclaration, Losses
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
@@ -91,6 +98,7 @@ class LossMethods(Generic[R, C]):
     blocking or awaitable)."""
 
     _make_channel: ClassVar[Callable[..., Any]]
+    _make_coalescer: ClassVar[Callable[..., Any]]
 
     def __init__(
         self,
@@ -105,6 +113,9 @@ class LossMethods(Generic[R, C]):
         channel: C | None = None,
         stream_threshold_bytes: int = DEFAULT_STREAM_THRESHOLD,
         stream_chunk_bytes: int = chunks.DEFAULT_CHUNK_BYTES,
+        coalesce: bool = True,
+        coalesce_max_entries: int = DEFAULT_MAX_ENTRIES,
+        coalesce_in_flight: int = DEFAULT_IN_FLIGHT,
     ) -> None:
         self._timeout = timeout
         self._closed = False
@@ -130,6 +141,11 @@ class LossMethods(Generic[R, C]):
         )
         self._residents: dict[str, Resident] = {}
         """Tensors uploaded through this client, by id."""
+        self._coalescer: Any = None
+        if coalesce:
+            self._coalescer = type(self)._make_coalescer(
+                channel, self._metadata, coalesce_max_entries, coalesce_in_flight
+            )
 
     def _upload_messages(self, resident: Resident) -> Iterator[bytes]:
         yield chunks.encode_header(resident.header())
@@ -204,9 +220,15 @@ class LossClient(LossMethods[LossResult[Any], grpc.Channel], Losses[LossResult[A
     - `max_message_bytes`: send and receive limit for one message; -1 (default) is unlimited.
     - `options`: further gRPC channel options, applied last.
     - `channel`: an existing channel to use instead (the client then does not close it).
+    - `coalesce`: gather calls made at once from several threads (tasks) into `ComputeLossBatch`
+      calls (`lossd.client.coalescing`): on by default, since a caller alone is never delayed.
+      `coalesce_in_flight` RPCs go at once (default 4; raise it for many replicas), and calls that
+      find them all busy go together when one returns, up to `coalesce_max_entries` (64) per batch.
+      Streamed calls (large tensors) are never coalesced.
     """
 
     _make_channel = staticmethod(make_channel)
+    _make_coalescer = Coalescer
 
     def compute(
         self, request: pb.ComputeLossRequest, *, timeout: float | None = None
@@ -225,6 +247,27 @@ class LossClient(LossMethods[LossResult[Any], grpc.Channel], Losses[LossResult[A
                     continue
                 raise error from None
         raise AssertionError("unreachable")
+
+    def _unary(self, request: pb.ComputeLossRequest, timeout: float | None) -> pb.ComputeLossResponse:
+        """A unary call, coalesced with concurrent ones where coalescing is on."""
+        if self._coalescer is None:
+            return self.compute(request, timeout=timeout)
+        try:
+            response: pb.ComputeLossResponse = self._coalescer.compute(request, self._deadline(timeout))
+            return response
+        except SendAlone as failed:
+            if not (failed.alone and failed.cause is not None):
+                return self.compute(request, timeout=timeout)  # a batch failed: as a single call
+            error = self._resending(failed.cause, 1)
+            if error is not None:
+                raise error from None
+        try:  # the call went alone and its connection broke: once more, and only once
+            again: pb.ComputeLossResponse = self._stub.ComputeLoss(
+                request, timeout=self._deadline(timeout), metadata=self._metadata
+            )
+            return again
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
 
     def resident(self, tensor: Any, *, timeout: float | None = None) -> Resident:
         """Uploads `tensor` (numpy or torch) for the server to hold, once: pass the handle wherever a
@@ -277,7 +320,7 @@ class LossClient(LossMethods[LossResult[Any], grpc.Channel], Losses[LossResult[A
         call = build()
         if not self._streams(call):
             try:
-                return decode_response(self.compute(call.unary(), timeout=timeout), like)
+                return decode_response(self._unary(call.unary(), timeout), like)
             except ResourceExhaustedError as refused:
                 if refused.reason != "RESPONSE_TOO_LARGE":
                     raise
@@ -320,6 +363,7 @@ class AsyncLossClient(
     """
 
     _make_channel = staticmethod(make_aio_channel)
+    _make_coalescer = AsyncCoalescer
 
     async def compute(
         self, request: pb.ComputeLossRequest, *, timeout: float | None = None
@@ -338,6 +382,27 @@ class AsyncLossClient(
                     continue
                 raise error from None
         raise AssertionError("unreachable")
+
+    async def _unary(self, request: pb.ComputeLossRequest, timeout: float | None) -> pb.ComputeLossResponse:
+        """See `LossClient._unary`."""
+        if self._coalescer is None:
+            return await self.compute(request, timeout=timeout)
+        try:
+            response: pb.ComputeLossResponse = await self._coalescer.compute(request, self._deadline(timeout))
+            return response
+        except SendAlone as failed:
+            if not (failed.alone and failed.cause is not None):
+                return await self.compute(request, timeout=timeout)  # a batch failed: as a single call
+            error = self._resending(failed.cause, 1)
+            if error is not None:
+                raise error from None
+        try:  # the call went alone and its connection broke: once more, and only once
+            again: pb.ComputeLossResponse = await self._stub.ComputeLoss(
+                request, timeout=self._deadline(timeout), metadata=self._metadata
+            )
+            return again
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
 
     async def resident(self, tensor: Any, *, timeout: float | None = None) -> Resident:
         """See `LossClient.resident`."""
@@ -393,7 +458,7 @@ class AsyncLossClient(
             call = build()
             if not self._streams(call):
                 try:
-                    return decode_response(await self.compute(call.unary(), timeout=timeout), like)
+                    return decode_response(await self._unary(call.unary(), timeout), like)
                 except ResourceExhaustedError as refused:
                     if refused.reason != "RESPONSE_TOO_LARGE":
                         raise

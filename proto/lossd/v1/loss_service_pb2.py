@@ -22,58 +22,67 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from lossd.v1 import tensor_pb2 as lossd_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blossd/v1/loss_service.proto\x12\x08lossd.v1\x1a\x15lossd/v1/tensor.proto\"f\n\x10PutTensorRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x10.lossd.v1.TensorH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.lossd.v1.TensorChunkH\x00\x42\x06\n\x04part\"=\n\x11PutTensorResponse\x12(\n\x06tensor\x18\x01 \x01(\x0b\x32\x18.lossd.v1.ResidentTensor\"^\n\x0eResidentTensor\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.lossd.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\"\x14\n\x12ListTensorsRequest\"t\n\x13ListTensorsResponse\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.lossd.v1.ResidentTensor\x12\x16\n\x0eresident_bytes\x18\x02 \x01(\x03\x12\x1a\n\x12max_resident_bytes\x18\x03 \x01(\x03\"!\n\x13\x44\x65leteTensorRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\'\n\x14\x44\x65leteTensorResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x99\x04\n\x12\x43omputeLossRequest\x12\x1f\n\x05input\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06target\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12,\n\x08nll_loss\x18\x03 \x01(\x0b\x32\x18.lossd.v1.NllLossOptionsH\x00\x12:\n\rcross_entropy\x18\x04 \x01(\x0b\x32!.lossd.v1.CrossEntropyLossOptionsH\x00\x12,\n\x06kl_div\x18\x05 \x01(\x0b\x32\x1a.lossd.v1.KlDivLossOptionsH\x00\x12\x39\n\x0c\x64istillation\x18\x08 \x01(\x0b\x32!.lossd.v1.DistillationLossOptionsH\x00\x12G\n\x14linear_cross_entropy\x18\t \x01(\x0b\x32\'.lossd.v1.LinearCrossEntropyLossOptionsH\x00\x12\x46\n\x13linear_distillation\x18\n \x01(\x0b\x32\'.lossd.v1.LinearDistillationLossOptionsH\x00\x12&\n\treduction\x18\x06 \x01(\x0e\x32\x13.lossd.v1.Reduction\x12,\n\tgradients\x18\x07 \x01(\x0b\x32\x19.lossd.v1.GradientOptionsB\x06\n\x04loss\"\xcb\x02\n\x13\x43omputeLossResponse\x12\x1e\n\x04loss\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12(\n\x0einput_gradient\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12)\n\x0ftarget_gradient\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12#\n\thard_loss\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12#\n\tsoft_loss\x18\x05 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1d\n\x03lse\x18\x06 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12-\n\x13\x63lassifier_gradient\x18\x07 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\'\n\rbias_gradient\x18\x08 \x01(\x0b\x32\x10.lossd.v1.Tensor\"s\n\x11StreamLossRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.lossd.v1.ComputeLossRequestH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.lossd.v1.TensorChunkH\x00\x42\x06\n\x04part\"u\n\x12StreamLossResponse\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.lossd.v1.ComputeLossResponseH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.lossd.v1.TensorChunkH\x00\x42\x06\n\x04part\"O\n\x0bTensorChunk\x12\"\n\x04slot\x18\x01 \x01(\x0e\x32\x14.lossd.v1.TensorSlot\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"^\n\x0eNllLossOptions\x12 \n\x06weight\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x19\n\x0cignore_index\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x0f\n\r_ignore_index\"\x80\x01\n\x17\x43rossEntropyLossOptions\x12 \n\x06weight\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x19\n\x0cignore_index\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\x0flabel_smoothing\x18\x03 \x01(\x01\x42\x0f\n\r_ignore_index\"&\n\x10KlDivLossOptions\x12\x12\n\nlog_target\x18\x01 \x01(\x08\"\x98\x03\n\x17\x44istillationLossOptions\x12%\n\x0bteacher_ids\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06labels\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x0c\n\x04\x62\x65ta\x18\x03 \x01(\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x13temperature_squared\x18\x05 \x01(\x08\x12\x13\n\x0bweight_hard\x18\x06 \x01(\x01\x12\x18\n\x0bweight_soft\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0cignore_index\x18\x08 \x01(\x03H\x02\x88\x01\x01\x12\x17\n\x0flabel_smoothing\x18\t \x01(\x01\x12\x19\n\x11top_k_renormalize\x18\n \x01(\x08\x12\x18\n\x10truncate_teacher\x18\x0b \x01(\x08\x12\x17\n\nnormalizer\x18\x0c \x01(\x01H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x0e\n\x0c_weight_softB\x0f\n\r_ignore_indexB\r\n\x0b_normalizer\"\x8b\x02\n\x1dLinearCrossEntropyLossOptions\x12$\n\nclassifier\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1e\n\x04\x62ias\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06weight\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x19\n\x0cignore_index\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\x0flabel_smoothing\x18\x05 \x01(\x01\x12\x0f\n\x07softcap\x18\x06 \x01(\x01\x12\x18\n\x10lse_square_scale\x18\x07 \x01(\x01\x12\x12\n\nreturn_lse\x18\x08 \x01(\x08\x42\x0f\n\r_ignore_index\"\xa2\x04\n\x1dLinearDistillationLossOptions\x12$\n\nclassifier\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1e\n\x04\x62ias\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12,\n\x12teacher_classifier\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12&\n\x0cteacher_bias\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06labels\x18\x05 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x0c\n\x04\x62\x65ta\x18\x06 \x01(\x01\x12\x18\n\x0btemperature\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x13temperature_squared\x18\x08 \x01(\x08\x12\x13\n\x0bweight_hard\x18\t \x01(\x01\x12\x18\n\x0bweight_soft\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0cignore_index\x18\x0b \x01(\x03H\x02\x88\x01\x01\x12\x17\n\x0flabel_smoothing\x18\x0c \x01(\x01\x12\r\n\x05top_k\x18\r \x01(\x03\x12\x19\n\x11top_k_renormalize\x18\x0e \x01(\x08\x12\x18\n\x10truncate_teacher\x18\x0f \x01(\x08\x12\x17\n\nnormalizer\x18\x10 \x01(\x01H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x0e\n\x0c_weight_softB\x0f\n\r_ignore_indexB\r\n\x0b_normalizer\"\x9c\x01\n\x0fGradientOptions\x12\r\n\x05input\x18\x01 \x01(\x08\x12\x0e\n\x06target\x18\x02 \x01(\x08\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.lossd.v1.DataType\x12%\n\x0bgrad_output\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x12\n\nclassifier\x18\x05 \x01(\x08\x12\x0c\n\x04\x62ias\x18\x06 \x01(\x08*\xb6\x04\n\nTensorSlot\x12\x1b\n\x17TENSOR_SLOT_UNSPECIFIED\x10\x00\x12\x15\n\x11TENSOR_SLOT_INPUT\x10\x01\x12\x16\n\x12TENSOR_SLOT_TARGET\x10\x02\x12\x16\n\x12TENSOR_SLOT_WEIGHT\x10\x03\x12\x1b\n\x17TENSOR_SLOT_GRAD_OUTPUT\x10\x04\x12\x1e\n\x1aTENSOR_SLOT_INPUT_GRADIENT\x10\x05\x12\x1f\n\x1bTENSOR_SLOT_TARGET_GRADIENT\x10\x06\x12\x14\n\x10TENSOR_SLOT_LOSS\x10\x07\x12\x1b\n\x17TENSOR_SLOT_TEACHER_IDS\x10\x08\x12\x16\n\x12TENSOR_SLOT_LABELS\x10\t\x12\x19\n\x15TENSOR_SLOT_HARD_LOSS\x10\n\x12\x19\n\x15TENSOR_SLOT_SOFT_LOSS\x10\x0b\x12\x18\n\x14TENSOR_SLOT_RESIDENT\x10\x0c\x12\x13\n\x0fTENSOR_SLOT_LSE\x10\r\x12\x1a\n\x16TENSOR_SLOT_CLASSIFIER\x10\x0e\x12\x14\n\x10TENSOR_SLOT_BIAS\x10\x0f\x12#\n\x1fTENSOR_SLOT_CLASSIFIER_GRADIENT\x10\x10\x12\x1d\n\x19TENSOR_SLOT_BIAS_GRADIENT\x10\x11\x12\"\n\x1eTENSOR_SLOT_TEACHER_CLASSIFIER\x10\x12\x12\x1c\n\x18TENSOR_SLOT_TEACHER_BIAS\x10\x13*z\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCTION_NONE\x10\x01\x12\x12\n\x0eREDUCTION_MEAN\x10\x02\x12\x11\n\rREDUCTION_SUM\x10\x03\x12\x17\n\x13REDUCTION_BATCHMEAN\x10\x04\x32\x89\x03\n\x0bLossService\x12J\n\x0b\x43omputeLoss\x12\x1c.lossd.v1.ComputeLossRequest\x1a\x1d.lossd.v1.ComputeLossResponse\x12K\n\nStreamLoss\x12\x1b.lossd.v1.StreamLossRequest\x1a\x1c.lossd.v1.StreamLossResponse(\x01\x30\x01\x12\x46\n\tPutTensor\x12\x1a.lossd.v1.PutTensorRequest\x1a\x1b.lossd.v1.PutTensorResponse(\x01\x12J\n\x0bListTensors\x12\x1c.lossd.v1.ListTensorsRequest\x1a\x1d.lossd.v1.ListTensorsResponse\x12M\n\x0c\x44\x65leteTensor\x12\x1d.lossd.v1.DeleteTensorRequest\x1a\x1e.lossd.v1.DeleteTensorResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blossd/v1/loss_service.proto\x12\x08lossd.v1\x1a\x19google/protobuf/any.proto\x1a\x15lossd/v1/tensor.proto\"I\n\x17\x43omputeLossBatchRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.lossd.v1.ComputeLossRequest\"M\n\x18\x43omputeLossBatchResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .lossd.v1.ComputeLossBatchResult\"}\n\x16\x43omputeLossBatchResult\x12\x31\n\x08response\x18\x01 \x01(\x0b\x32\x1d.lossd.v1.ComputeLossResponseH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.lossd.v1.EntryStatusH\x00\x42\x08\n\x06result\"S\n\x0b\x45ntryStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any\"f\n\x10PutTensorRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x10.lossd.v1.TensorH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.lossd.v1.TensorChunkH\x00\x42\x06\n\x04part\"=\n\x11PutTensorResponse\x12(\n\x06tensor\x18\x01 \x01(\x0b\x32\x18.lossd.v1.ResidentTensor\"^\n\x0eResidentTensor\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.lossd.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\"\x14\n\x12ListTensorsRequest\"t\n\x13ListTensorsResponse\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.lossd.v1.ResidentTensor\x12\x16\n\x0eresident_bytes\x18\x02 \x01(\x03\x12\x1a\n\x12max_resident_bytes\x18\x03 \x01(\x03\"!\n\x13\x44\x65leteTensorRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\'\n\x14\x44\x65leteTensorResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x99\x04\n\x12\x43omputeLossRequest\x12\x1f\n\x05input\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06target\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12,\n\x08nll_loss\x18\x03 \x01(\x0b\x32\x18.lossd.v1.NllLossOptionsH\x00\x12:\n\rcross_entropy\x18\x04 \x01(\x0b\x32!.lossd.v1.CrossEntropyLossOptionsH\x00\x12,\n\x06kl_div\x18\x05 \x01(\x0b\x32\x1a.lossd.v1.KlDivLossOptionsH\x00\x12\x39\n\x0c\x64istillation\x18\x08 \x01(\x0b\x32!.lossd.v1.DistillationLossOptionsH\x00\x12G\n\x14linear_cross_entropy\x18\t \x01(\x0b\x32\'.lossd.v1.LinearCrossEntropyLossOptionsH\x00\x12\x46\n\x13linear_distillation\x18\n \x01(\x0b\x32\'.lossd.v1.LinearDistillationLossOptionsH\x00\x12&\n\treduction\x18\x06 \x01(\x0e\x32\x13.lossd.v1.Reduction\x12,\n\tgradients\x18\x07 \x01(\x0b\x32\x19.lossd.v1.GradientOptionsB\x06\n\x04loss\"\xcb\x02\n\x13\x43omputeLossResponse\x12\x1e\n\x04loss\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12(\n\x0einput_gradient\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12)\n\x0ftarget_gradient\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12#\n\thard_loss\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12#\n\tsoft_loss\x18\x05 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1d\n\x03lse\x18\x06 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12-\n\x13\x63lassifier_gradient\x18\x07 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\'\n\rbias_gradient\x18\x08 \x01(\x0b\x32\x10.lossd.v1.Tensor\"s\n\x11StreamLossRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.lossd.v1.ComputeLossRequestH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.lossd.v1.TensorChunkH\x00\x42\x06\n\x04part\"u\n\x12StreamLossResponse\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.lossd.v1.ComputeLossResponseH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.lossd.v1.TensorChunkH\x00\x42\x06\n\x04part\"O\n\x0bTensorChunk\x12\"\n\x04slot\x18\x01 \x01(\x0e\x32\x14.lossd.v1.TensorSlot\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"^\n\x0eNllLossOptions\x12 \n\x06weight\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x19\n\x0cignore_index\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x0f\n\r_ignore_index\"\x80\x01\n\x17\x43rossEntropyLossOptions\x12 \n\x06weight\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x19\n\x0cignore_index\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\x0flabel_smoothing\x18\x03 \x01(\x01\x42\x0f\n\r_ignore_index\"&\n\x10KlDivLossOptions\x12\x12\n\nlog_target\x18\x01 \x01(\x08\"\x98\x03\n\x17\x44istillationLossOptions\x12%\n\x0bteacher_ids\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06labels\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x0c\n\x04\x62\x65ta\x18\x03 \x01(\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x13temperature_squared\x18\x05 \x01(\x08\x12\x13\n\x0bweight_hard\x18\x06 \x01(\x01\x12\x18\n\x0bweight_soft\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0cignore_index\x18\x08 \x01(\x03H\x02\x88\x01\x01\x12\x17\n\x0flabel_smoothing\x18\t \x01(\x01\x12\x19\n\x11top_k_renormalize\x18\n \x01(\x08\x12\x18\n\x10truncate_teacher\x18\x0b \x01(\x08\x12\x17\n\nnormalizer\x18\x0c \x01(\x01H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x0e\n\x0c_weight_softB\x0f\n\r_ignore_indexB\r\n\x0b_normalizer\"\x8b\x02\n\x1dLinearCrossEntropyLossOptions\x12$\n\nclassifier\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1e\n\x04\x62ias\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06weight\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x19\n\x0cignore_index\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\x0flabel_smoothing\x18\x05 \x01(\x01\x12\x0f\n\x07softcap\x18\x06 \x01(\x01\x12\x18\n\x10lse_square_scale\x18\x07 \x01(\x01\x12\x12\n\nreturn_lse\x18\x08 \x01(\x08\x42\x0f\n\r_ignore_index\"\xa2\x04\n\x1dLinearDistillationLossOptions\x12$\n\nclassifier\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1e\n\x04\x62ias\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12,\n\x12teacher_classifier\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12&\n\x0cteacher_bias\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06labels\x18\x05 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x0c\n\x04\x62\x65ta\x18\x06 \x01(\x01\x12\x18\n\x0btemperature\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x13temperature_squared\x18\x08 \x01(\x08\x12\x13\n\x0bweight_hard\x18\t \x01(\x01\x12\x18\n\x0bweight_soft\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0cignore_index\x18\x0b \x01(\x03H\x02\x88\x01\x01\x12\x17\n\x0flabel_smoothing\x18\x0c \x01(\x01\x12\r\n\x05top_k\x18\r \x01(\x03\x12\x19\n\x11top_k_renormalize\x18\x0e \x01(\x08\x12\x18\n\x10truncate_teacher\x18\x0f \x01(\x08\x12\x17\n\nnormalizer\x18\x10 \x01(\x01H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x0e\n\x0c_weight_softB\x0f\n\r_ignore_indexB\r\n\x0b_normalizer\"\x9c\x01\n\x0fGradientOptions\x12\r\n\x05input\x18\x01 \x01(\x08\x12\x0e\n\x06target\x18\x02 \x01(\x08\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.lossd.v1.DataType\x12%\n\x0bgrad_output\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x12\n\nclassifier\x18\x05 \x01(\x08\x12\x0c\n\x04\x62ias\x18\x06 \x01(\x08*\xb6\x04\n\nTensorSlot\x12\x1b\n\x17TENSOR_SLOT_UNSPECIFIED\x10\x00\x12\x15\n\x11TENSOR_SLOT_INPUT\x10\x01\x12\x16\n\x12TENSOR_SLOT_TARGET\x10\x02\x12\x16\n\x12TENSOR_SLOT_WEIGHT\x10\x03\x12\x1b\n\x17TENSOR_SLOT_GRAD_OUTPUT\x10\x04\x12\x1e\n\x1aTENSOR_SLOT_INPUT_GRADIENT\x10\x05\x12\x1f\n\x1bTENSOR_SLOT_TARGET_GRADIENT\x10\x06\x12\x14\n\x10TENSOR_SLOT_LOSS\x10\x07\x12\x1b\n\x17TENSOR_SLOT_TEACHER_IDS\x10\x08\x12\x16\n\x12TENSOR_SLOT_LABELS\x10\t\x12\x19\n\x15TENSOR_SLOT_HARD_LOSS\x10\n\x12\x19\n\x15TENSOR_SLOT_SOFT_LOSS\x10\x0b\x12\x18\n\x14TENSOR_SLOT_RESIDENT\x10\x0c\x12\x13\n\x0fTENSOR_SLOT_LSE\x10\r\x12\x1a\n\x16TENSOR_SLOT_CLASSIFIER\x10\x0e\x12\x14\n\x10TENSOR_SLOT_BIAS\x10\x0f\x12#\n\x1fTENSOR_SLOT_CLASSIFIER_GRADIENT\x10\x10\x12\x1d\n\x19TENSOR_SLOT_BIAS_GRADIENT\x10\x11\x12\"\n\x1eTENSOR_SLOT_TEACHER_CLASSIFIER\x10\x12\x12\x1c\n\x18TENSOR_SLOT_TEACHER_BIAS\x10\x13*z\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCTION_NONE\x10\x01\x12\x12\n\x0eREDUCTION_MEAN\x10\x02\x12\x11\n\rREDUCTION_SUM\x10\x03\x12\x17\n\x13REDUCTION_BATCHMEAN\x10\x04\x32\xe4\x03\n\x0bLossService\x12J\n\x0b\x43omputeLoss\x12\x1c.lossd.v1.ComputeLossRequest\x1a\x1d.lossd.v1.ComputeLossResponse\x12K\n\nStreamLoss\x12\x1b.lossd.v1.StreamLossRequest\x1a\x1c.lossd.v1.StreamLossResponse(\x01\x30\x01\x12\x46\n\tPutTensor\x12\x1a.lossd.v1.PutTensorRequest\x1a\x1b.lossd.v1.PutTensorResponse(\x01\x12J\n\x0bListTensors\x12\x1c.lossd.v1.ListTensorsRequest\x1a\x1d.lossd.v1.ListTensorsResponse\x12M\n\x0c\x44\x65leteTensor\x12\x1d.lossd.v1.DeleteTensorRequest\x1a\x1e.lossd.v1.DeleteTensorResponse\x12Y\n\x10\x43omputeLossBatch\x12!.lossd.v1.ComputeLossBatchRequest\x1a\".lossd.v1.ComputeLossBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lossd.v1.loss_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENSORSLOT']._serialized_start=3391
-  _globals['_TENSORSLOT']._serialized_end=3957
-  _globals['_REDUCTION']._serialized_start=3959
-  _globals['_REDUCTION']._serialized_end=4081
-  _globals['_PUTTENSORREQUEST']._serialized_start=64
-  _globals['_PUTTENSORREQUEST']._serialized_end=166
-  _globals['_PUTTENSORRESPONSE']._serialized_start=168
-  _globals['_PUTTENSORRESPONSE']._serialized_end=229
-  _globals['_RESIDENTTENSOR']._serialized_start=231
-  _globals['_RESIDENTTENSOR']._serialized_end=325
-  _globals['_LISTTENSORSREQUEST']._serialized_start=327
-  _globals['_LISTTENSORSREQUEST']._serialized_end=347
-  _globals['_LISTTENSORSRESPONSE']._serialized_start=349
-  _globals['_LISTTENSORSRESPONSE']._serialized_end=465
-  _globals['_DELETETENSORREQUEST']._serialized_start=467
-  _globals['_DELETETENSORREQUEST']._serialized_end=500
-  _globals['_DELETETENSORRESPONSE']._serialized_start=502
-  _globals['_DELETETENSORRESPONSE']._serialized_end=541
-  _globals['_COMPUTELOSSREQUEST']._serialized_start=544
-  _globals['_COMPUTELOSSREQUEST']._serialized_end=1081
-  _globals['_COMPUTELOSSRESPONSE']._serialized_start=1084
-  _globals['_COMPUTELOSSRESPONSE']._serialized_end=1415
-  _globals['_STREAMLOSSREQUEST']._serialized_start=1417
-  _globals['_STREAMLOSSREQUEST']._serialized_end=1532
-  _globals['_STREAMLOSSRESPONSE']._serialized_start=1534
-  _globals['_STREAMLOSSRESPONSE']._serialized_end=1651
-  _globals['_TENSORCHUNK']._serialized_start=1653
-  _globals['_TENSORCHUNK']._serialized_end=1732
-  _globals['_NLLLOSSOPTIONS']._serialized_start=1734
-  _globals['_NLLLOSSOPTIONS']._serialized_end=1828
-  _globals['_CROSSENTROPYLOSSOPTIONS']._serialized_start=1831
-  _globals['_CROSSENTROPYLOSSOPTIONS']._serialized_end=1959
-  _globals['_KLDIVLOSSOPTIONS']._serialized_start=1961
-  _globals['_KLDIVLOSSOPTIONS']._serialized_end=1999
-  _globals['_DISTILLATIONLOSSOPTIONS']._serialized_start=2002
-  _globals['_DISTILLATIONLOSSOPTIONS']._serialized_end=2410
-  _globals['_LINEARCROSSENTROPYLOSSOPTIONS']._serialized_start=2413
-  _globals['_LINEARCROSSENTROPYLOSSOPTIONS']._serialized_end=2680
-  _globals['_LINEARDISTILLATIONLOSSOPTIONS']._serialized_start=2683
-  _globals['_LINEARDISTILLATIONLOSSOPTIONS']._serialized_end=3229
-  _globals['_GRADIENTOPTIONS']._serialized_start=3232
-  _globals['_GRADIENTOPTIONS']._serialized_end=3388
-  _globals['_LOSSSERVICE']._serialized_start=4084
-  _globals['_LOSSSERVICE']._serialized_end=4477
+  _globals['_TENSORSLOT']._serialized_start=3784
+  _globals['_TENSORSLOT']._serialized_end=4350
+  _globals['_REDUCTION']._serialized_start=4352
+  _globals['_REDUCTION']._serialized_end=4474
+  _globals['_COMPUTELOSSBATCHREQUEST']._serialized_start=91
+  _globals['_COMPUTELOSSBATCHREQUEST']._serialized_end=164
+  _globals['_COMPUTELOSSBATCHRESPONSE']._serialized_start=166
+  _globals['_COMPUTELOSSBATCHRESPONSE']._serialized_end=243
+  _globals['_COMPUTELOSSBATCHRESULT']._serialized_start=245
+  _globals['_COMPUTELOSSBATCHRESULT']._serialized_end=370
+  _globals['_ENTRYSTATUS']._serialized_start=372
+  _globals['_ENTRYSTATUS']._serialized_end=455
+  _globals['_PUTTENSORREQUEST']._serialized_start=457
+  _globals['_PUTTENSORREQUEST']._serialized_end=559
+  _globals['_PUTTENSORRESPONSE']._serialized_start=561
+  _globals['_PUTTENSORRESPONSE']._serialized_end=622
+  _globals['_RESIDENTTENSOR']._serialized_start=624
+  _globals['_RESIDENTTENSOR']._serialized_end=718
+  _globals['_LISTTENSORSREQUEST']._serialized_start=720
+  _globals['_LISTTENSORSREQUEST']._serialized_end=740
+  _globals['_LISTTENSORSRESPONSE']._serialized_start=742
+  _globals['_LISTTENSORSRESPONSE']._serialized_end=858
+  _globals['_DELETETENSORREQUEST']._serialized_start=860
+  _globals['_DELETETENSORREQUEST']._serialized_end=893
+  _globals['_DELETETENSORRESPONSE']._serialized_start=895
+  _globals['_DELETETENSORRESPONSE']._serialized_end=934
+  _globals['_COMPUTELOSSREQUEST']._serialized_start=937
+  _globals['_COMPUTELOSSREQUEST']._serialized_end=1474
+  _globals['_COMPUTELOSSRESPONSE']._serialized_start=1477
+  _globals['_COMPUTELOSSRESPONSE']._serialized_end=1808
+  _globals['_STREAMLOSSREQUEST']._serialized_start=1810
+  _globals['_STREAMLOSSREQUEST']._serialized_end=1925
+  _globals['_STREAMLOSSRESPONSE']._serialized_start=1927
+  _globals['_STREAMLOSSRESPONSE']._serialized_end=2044
+  _globals['_TENSORCHUNK']._serialized_start=2046
+  _globals['_TENSORCHUNK']._serialized_end=2125
+  _globals['_NLLLOSSOPTIONS']._serialized_start=2127
+  _globals['_NLLLOSSOPTIONS']._serialized_end=2221
+  _globals['_CROSSENTROPYLOSSOPTIONS']._serialized_start=2224
+  _globals['_CROSSENTROPYLOSSOPTIONS']._serialized_end=2352
+  _globals['_KLDIVLOSSOPTIONS']._serialized_start=2354
+  _globals['_KLDIVLOSSOPTIONS']._serialized_end=2392
+  _globals['_DISTILLATIONLOSSOPTIONS']._serialized_start=2395
+  _globals['_DISTILLATIONLOSSOPTIONS']._serialized_end=2803
+  _globals['_LINEARCROSSENTROPYLOSSOPTIONS']._serialized_start=2806
+  _globals['_LINEARCROSSENTROPYLOSSOPTIONS']._serialized_end=3073
+  _globals['_LINEARDISTILLATIONLOSSOPTIONS']._serialized_start=3076
+  _globals['_LINEARDISTILLATIONLOSSOPTIONS']._serialized_end=3622
+  _globals['_GRADIENTOPTIONS']._serialized_start=3625
+  _globals['_GRADIENTOPTIONS']._serialized_end=3781
+  _globals['_LOSSSERVICE']._serialized_start=4477
+  _globals['_LOSSSERVICE']._serialized_end=4961
 # @@protoc_insertion_point(module_scope)

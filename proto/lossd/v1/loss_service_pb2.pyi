@@ -7,6 +7,7 @@ computed remotely.
 """
 
 from collections import abc as _abc
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -168,6 +169,126 @@ REDUCTION_BATCHMEAN: Reduction.ValueType  # 4
 (not divided for a 0-d input).
 """
 Global___Reduction: _TypeAlias = Reduction  # noqa: Y015
+
+@_typing.final
+class ComputeLossBatchRequest(_message.Message):
+    """Many ComputeLoss requests in one call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___ComputeLossRequest]:
+        """The entries, each a complete ComputeLoss request (resident tensors
+        included).
+        """
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___ComputeLossRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComputeLossBatchRequest: _TypeAlias = ComputeLossBatchRequest  # noqa: Y015
+
+@_typing.final
+class ComputeLossBatchResponse(_message.Message):
+    """The results of a ComputeLossBatchRequest, one per entry, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ComputeLossBatchResult]:
+        """results[i] answers requests[i]."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ComputeLossBatchResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComputeLossBatchResponse: _TypeAlias = ComputeLossBatchResponse  # noqa: Y015
+
+@_typing.final
+class ComputeLossBatchResult(_message.Message):
+    """The result of one entry of a batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> Global___ComputeLossResponse:
+        """What ComputeLoss would have answered."""
+
+    @_builtins.property
+    def error(self) -> Global___EntryStatus:
+        """The status ComputeLoss would have ended with: code, message and details
+        (google.rpc.ErrorInfo, BadRequest, RetryInfo).
+        """
+
+    def __init__(
+        self,
+        *,
+        response: Global___ComputeLossResponse | None = ...,
+        error: Global___EntryStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___ComputeLossBatchResult: _TypeAlias = ComputeLossBatchResult  # noqa: Y015
+
+@_typing.final
+class EntryStatus(_message.Message):
+    """A failed entry's status. Field for field google.rpc.Status, so its bytes
+    parse as one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code (google.rpc.Code): 3 INVALID_ARGUMENT, say."""
+    message: _builtins.str
+    """The error message, naming the field and the value."""
+    @_builtins.property
+    def details(self) -> _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]:
+        """google.rpc.ErrorInfo (domain "lossd", the reason, the values), and
+        BadRequest and RetryInfo where they apply.
+        """
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        details: _abc.Iterable[_any_pb2.Any] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EntryStatus: _TypeAlias = EntryStatus  # noqa: Y015
 
 @_typing.final
 class PutTensorRequest(_message.Message):

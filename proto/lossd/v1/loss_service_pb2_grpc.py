@@ -67,6 +67,11 @@ class LossServiceStub:
                 request_serializer=lossd_dot_v1_dot_loss__service__pb2.DeleteTensorRequest.SerializeToString,
                 response_deserializer=lossd_dot_v1_dot_loss__service__pb2.DeleteTensorResponse.FromString,
                 _registered_method=True)
+        self.ComputeLossBatch = channel.unary_unary(
+                '/lossd.v1.LossService/ComputeLossBatch',
+                request_serializer=lossd_dot_v1_dot_loss__service__pb2.ComputeLossBatchRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_loss__service__pb2.ComputeLossBatchResponse.FromString,
+                _registered_method=True)
 
 
 class LossServiceServicer:
@@ -128,6 +133,20 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ComputeLossBatch(self, request, context):
+        """Many losses in one call: each entry is a ComputeLoss request and gets its
+        own result, a response or its own status, so one bad entry fails only
+        itself. The entries are computed together with each other and with
+        concurrent calls (the server's batching). Limits apply to each entry as to
+        a ComputeLoss call, and to the whole message (--max-message-bytes) and the
+        number of entries (--max-batch-entries: RESOURCE_EXHAUSTED, reason
+        BATCH_TOO_LARGE). Entries must fit one message: large tensors go by
+        StreamLoss.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +174,11 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.DeleteTensor,
                     request_deserializer=lossd_dot_v1_dot_loss__service__pb2.DeleteTensorRequest.FromString,
                     response_serializer=lossd_dot_v1_dot_loss__service__pb2.DeleteTensorResponse.SerializeToString,
+            ),
+            'ComputeLossBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ComputeLossBatch,
+                    request_deserializer=lossd_dot_v1_dot_loss__service__pb2.ComputeLossBatchRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_loss__service__pb2.ComputeLossBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -300,6 +324,33 @@ class LossService:
             '/lossd.v1.LossService/DeleteTensor',
             lossd_dot_v1_dot_loss__service__pb2.DeleteTensorRequest.SerializeToString,
             lossd_dot_v1_dot_loss__service__pb2.DeleteTensorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComputeLossBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.LossService/ComputeLossBatch',
+            lossd_dot_v1_dot_loss__service__pb2.ComputeLossBatchRequest.SerializeToString,
+            lossd_dot_v1_dot_loss__service__pb2.ComputeLossBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,16 @@ class LossServiceStub:
     """The tensors the server holds, most recently used first."""
     DeleteTensor: _grpc.UnaryUnaryMultiCallable[_loss_service_pb2.DeleteTensorRequest, _loss_service_pb2.DeleteTensorResponse]
     """Lets go of a held tensor (calls under way that use it still finish)."""
+    ComputeLossBatch: _grpc.UnaryUnaryMultiCallable[_loss_service_pb2.ComputeLossBatchRequest, _loss_service_pb2.ComputeLossBatchResponse]
+    """Many losses in one call: each entry is a ComputeLoss request and gets its
+    own result, a response or its own status, so one bad entry fails only
+    itself. The entries are computed together with each other and with
+    concurrent calls (the server's batching). Limits apply to each entry as to
+    a ComputeLoss call, and to the whole message (--max-message-bytes) and the
+    number of entries (--max-batch-entries: RESOURCE_EXHAUSTED, reason
+    BATCH_TOO_LARGE). Entries must fit one message: large tensors go by
+    StreamLoss.
+    """
 
 @_typing.type_check_only
 class LossServiceAsyncStub(LossServiceStub):
@@ -108,6 +118,16 @@ class LossServiceAsyncStub(LossServiceStub):
     """The tensors the server holds, most recently used first."""
     DeleteTensor: _aio.UnaryUnaryMultiCallable[_loss_service_pb2.DeleteTensorRequest, _loss_service_pb2.DeleteTensorResponse]  # type: ignore[assignment]
     """Lets go of a held tensor (calls under way that use it still finish)."""
+    ComputeLossBatch: _aio.UnaryUnaryMultiCallable[_loss_service_pb2.ComputeLossBatchRequest, _loss_service_pb2.ComputeLossBatchResponse]  # type: ignore[assignment]
+    """Many losses in one call: each entry is a ComputeLoss request and gets its
+    own result, a response or its own status, so one bad entry fails only
+    itself. The entries are computed together with each other and with
+    concurrent calls (the server's batching). Limits apply to each entry as to
+    a ComputeLoss call, and to the whole message (--max-message-bytes) and the
+    number of entries (--max-batch-entries: RESOURCE_EXHAUSTED, reason
+    BATCH_TOO_LARGE). Entries must fit one message: large tensors go by
+    StreamLoss.
+    """
 
 class LossServiceServicer(metaclass=_abc_1.ABCMeta):
     """Computes losses exactly as torch.nn.functional does on the server's device.
@@ -174,5 +194,21 @@ class LossServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_loss_service_pb2.DeleteTensorResponse, _abc.Awaitable[_loss_service_pb2.DeleteTensorResponse]]:
         """Lets go of a held tensor (calls under way that use it still finish)."""
+
+    @_abc_1.abstractmethod
+    def ComputeLossBatch(
+        self,
+        request: _loss_service_pb2.ComputeLossBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_loss_service_pb2.ComputeLossBatchResponse, _abc.Awaitable[_loss_service_pb2.ComputeLossBatchResponse]]:
+        """Many losses in one call: each entry is a ComputeLoss request and gets its
+        own result, a response or its own status, so one bad entry fails only
+        itself. The entries are computed together with each other and with
+        concurrent calls (the server's batching). Limits apply to each entry as to
+        a ComputeLoss call, and to the whole message (--max-message-bytes) and the
+        number of entries (--max-batch-entries: RESOURCE_EXHAUSTED, reason
+        BATCH_TOO_LARGE). Entries must fit one message: large tensors go by
+        StreamLoss.
+        """
 
 def add_LossServiceServicer_to_server(servicer: LossServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -142,6 +142,9 @@ class ServerConfig:
         "when an upload would pass max_resident_bytes: lru (let the least recently used tensors go; a "
         "call naming one gets NOT_FOUND and lossd's client uploads it again) or refuse (RESOURCE_EXHAUSTED)",
     )
+    max_batch_entries: int = _setting(
+        1024, "most entries in one ComputeLossBatch call (more: RESOURCE_EXHAUSTED, BATCH_TOO_LARGE)"
+    )
     stream_chunk_bytes: int = _setting(2**20, "bytes per StreamLoss response chunk")
     stream_block_bytes: int = _setting(
         8 * 2**20, "input bytes per block a StreamLoss call is computed in while its input still arrives"
@@ -273,6 +276,7 @@ class ServerConfig:
             "admission_wait_s",
             "max_tensor_bytes",
             "max_resident_bytes",
+            "max_batch_entries",
         )
         if self.resident_policy not in ("lru", "refuse"):
             raise ValueError(f"resident_policy must be lru or refuse, got {self.resident_policy!r}")

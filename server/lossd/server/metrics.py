@@ -159,6 +159,13 @@ class ServerMetrics:
             ["event"],
             **kw,
         )
+        self.batch_entries = Counter(
+            "lossd_batch_entries",
+            "Entries of ComputeLossBatch calls answered, by loss and status code (the calls themselves "
+            'count in lossd_requests_total as loss="batch").',
+            ["loss", "code"],
+            **kw,
+        )
         self.implementation = Gauge(
             "lossd_loss_implementation",
             "1 for the implementation chosen at start-up for each loss that has several (Liger Kernel, "
@@ -202,6 +209,10 @@ class ServerMetrics:
         self.resident_events.labels(event).inc()
         self.resident_bytes.set(held_bytes)
         self.resident_tensors.set(held_tensors)
+
+    def batch_entry(self, loss: str, code: str) -> None:
+        """One entry of a ComputeLossBatch call, answered with `code`."""
+        self.batch_entries.labels(loss, code).inc()
 
     def implementations(self, chosen: Mapping[str, str]) -> None:
         """The implementation chosen for each loss that has several (loss -> implementation)."""

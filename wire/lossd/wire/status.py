@@ -12,7 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from lossd.wire.errors import DOMAIN, LossdError, error_class
 
-__all__ = ["STATUS_DETAILS_KEY", "from_rpc_error", "rich_status"]
+__all__ = ["STATUS_DETAILS_KEY", "from_rpc_error", "from_status", "rich_status", "status_of"]
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 """The trailer that carries a serialized `google.rpc.Status` (the gRPC rich error model)."""
@@ -25,30 +25,43 @@ def from_rpc_error(error: grpc.RpcError) -> LossdError:
     """
     code = error.code()
     message = error.details() or code.name
-    reason, field, metadata, retry_after = "", None, {}, None
+    details: list[any_pb2.Any] = []
     # Sync calls yield (key, value) namedtuples, aio calls plain tuples; the stubs know only the first.
     trailers: Any = error.trailing_metadata()
     for key, value in trailers or ():
-        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
-            continue
-        status = status_pb2.Status.FromString(value)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason, metadata = info.reason, dict(info.metadata)
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                if bad.field_violations:
-                    field = bad.field_violations[0].field
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                detail.Unpack(retry)
-                retry_after = retry.retry_delay.ToNanoseconds() / 1e9
-    return error_class(code.name)(
-        message, reason=reason, field=field, metadata=metadata, retry_after=retry_after
-    )
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            details.extend(status_pb2.Status.FromString(value).details)
+    return _error(code.name, message, details)
+
+
+def from_status(status: status_pb2.Status | Any) -> LossdError:
+    """The `LossdError` a `google.rpc.Status` (or a message with its fields: `lossd.v1.EntryStatus`)
+    stands for: a batch entry's failure."""
+    name = _NAMES.get(status.code, "UNKNOWN")
+    return _error(name, status.message or name, list(status.details))
+
+
+_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def _error(name: str, message: str, details: list[any_pb2.Any]) -> LossdError:
+    """The error class for the status code `name`, with what the details say."""
+    reason, field, metadata, retry_after = "", None, {}, None
+    for detail in details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            if bad.field_violations:
+                field = bad.field_violations[0].field
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    return error_class(name)(message, reason=reason, field=field, metadata=metadata, retry_after=retry_after)
 
 
 def _pack(
@@ -61,6 +74,12 @@ def _pack(
 
 def rich_status(error: LossdError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
     """The status code, message and trailing metadata that carry `error` to a client."""
+    status = status_of(error)
+    return grpc.StatusCode[error.code], error.message, ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+
+
+def status_of(error: LossdError) -> status_pb2.Status:
+    """`error` as a `google.rpc.Status`: code, message, ErrorInfo, BadRequest and RetryInfo."""
     code = grpc.StatusCode[error.code]
     details = [
         _pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata))
@@ -74,5 +93,4 @@ def rich_status(error: LossdError) -> tuple[grpc.StatusCode, str, tuple[tuple[st
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(round(error.retry_after * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
-    return code, error.message, ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+    return status_pb2.Status(code=code.value[0], message=error.message, details=details)

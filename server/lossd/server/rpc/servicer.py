@@ -33,6 +33,7 @@ from lossd.server.losses import LossCall, LossOutput
 from lossd.server.memory import MemoryBudget, Reservation
 from lossd.server.metrics import ServerMetrics
 from lossd.server.resident import ResidentStore
+from lossd.server.rpc.batch import BatchServicer
 from lossd.server.rpc.requests import call_from_request, encode_response, read_request
 from lossd.server.rpc.resident import ResidentServicer
 from lossd.server.rpc.status import abort
@@ -91,8 +92,10 @@ class LossServicer:
         max_message_bytes: int = 2**31 - 1,
         wire: Executor | None = None,
         resident: ResidentStore | None = None,
+        max_batch_entries: int = 1024,
     ) -> None:
         self._engine = engine
+        self.max_batch_entries = max_batch_entries
         self.resident = resident if resident is not None else ResidentStore(0)
         self._batcher = batcher
         self.limits = limits
@@ -134,6 +137,7 @@ class LossServicer:
             "ComputeLoss": grpc.stream_stream_rpc_method_handler(self.ComputeLoss),
             "StreamLoss": grpc.stream_stream_rpc_method_handler(self.StreamLoss),
             **ResidentServicer(self, self.resident).handlers(),
+            **BatchServicer(self).handlers(),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
