@@ -182,6 +182,35 @@ def test_full_queue_is_refused_at_once() -> None:
     asyncio.run(main())
 
 
+def test_many_items_enter_at_once_each_refused_or_answered_alone() -> None:
+    """A batch call's entries: queued together, the depth reported once, those past the queue's
+    bound refused one by one while the others are answered; after close, every one is refused."""
+
+    async def main() -> None:
+        recorder, observer = Recorder(), Observer()
+        batcher = make(recorder, observer, max_queue_size=3)
+        batcher.start()
+        recorder.gate.clear()
+        first = asyncio.ensure_future(batcher.submit(Item("first", key="hold")))
+        await asyncio.sleep(0.05)
+        reported = len(observer.depths)
+        entered = batcher.enqueue_many([Item("m1"), Item("m2", fail=True), Item("m3"), Item("m4")])
+        assert len(observer.depths) == reported + 1 and observer.depths[-1] == 3
+        assert isinstance(entered[3], ResourceExhaustedError) and entered[3].reason == "QUEUE_FULL"
+        futures = [e for e in entered if isinstance(e, asyncio.Future)]
+        assert len(futures) == 3
+        recorder.gate.set()
+        results = await asyncio.gather(first, *futures, return_exceptions=True)
+        assert results[0] == "done first" and results[1] == "done m1" and results[3] == "done m3"
+        assert isinstance(results[2], ValueError)
+        assert ["m1", "m2", "m3"] in recorder.batches
+        await batcher.close()
+        refused = batcher.enqueue_many([Item("late")])
+        assert isinstance(refused[0], UnavailableError) and refused[0].reason == "SHUTTING_DOWN"
+
+    asyncio.run(main())
+
+
 def test_expired_items_are_never_computed() -> None:
     async def main() -> None:
         recorder, observer = Recorder(), Observer()

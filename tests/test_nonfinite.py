@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lossd.client import LossClient, errors
-from lossd.server.engine.finite import nonfinite_fields
+from lossd.server.engine.finite import nonfinite_fields, nonfinite_many
 from lossd.server.losses import LossCall, make_options
 
 from conftest import RunningServer
@@ -135,3 +135,25 @@ def test_the_check_finds_every_kind_of_nonfinite_value(dtype: torch.dtype, size:
     # the largest finite values are finite
     x = torch.full((size, 3), torch.finfo(dtype).max, dtype=dtype)
     assert nonfinite_fields(LossCall(make_options("kl_div"), x, -x)) == ()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss", ["cross_entropy", "kl_div", "distillation"])
+def test_calls_checked_together_flag_what_each_alone_would(loss: str, dtype: torch.dtype) -> None:
+    """Calls computed together are checked in one pass first; each call's fields are then exactly
+    those its own check finds (distillation's teacher log-probabilities may hold -inf, a value)."""
+    rng = torch.Generator().manual_seed(5)
+
+    def call(value: float | None, where: str) -> LossCall:
+        x = torch.randn(3, 4, generator=rng).to(dtype)
+        target = torch.randn(3, 4, generator=rng).to(dtype)
+        grad_output = torch.ones((), dtype=dtype)
+        if value is not None:
+            {"input": x, "target": target, "grad_output": grad_output}[where].view(-1)[-1] = value
+        return LossCall(make_options(loss), x, target, grad_output=grad_output)
+
+    for value in (None, NAN, INF, -INF):
+        for where in ("input", "target", "grad_output"):
+            for position in range(3):
+                calls = [call(value if i == position else None, where) for i in range(3)]
+                assert nonfinite_many(calls) == [nonfinite_fields(c) for c in calls]

@@ -25,7 +25,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from lossd.wire.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
+from lossd.wire.errors import DeadlineExceededError, LossdError, ResourceExhaustedError, UnavailableError
 
 __all__ = ["BatchLimits", "BatchObserver", "Batcher"]
 
@@ -169,8 +169,26 @@ class Batcher(Generic[T, R]):
 
     def enqueue(self, value: T, deadline: float | None = None) -> asyncio.Future[R]:
         """Queues `value`; the future of its result (cancelling it takes the value out of the
-        queue). Many values are queued at once without a task each (a batch call's entries).
-        Raises as `submit` does."""
+        queue). Raises as `submit` does."""
+        future = self._add(value, deadline)
+        self._report_depth()
+        return future
+
+    def enqueue_many(
+        self, values: Sequence[T], deadline: float | None = None
+    ) -> list[asyncio.Future[R] | Exception]:
+        """`enqueue` of each value (a batch call's entries) without a task each, the queue depth
+        reported once: each value's future, or the error that refused it (as `submit` raises)."""
+        queued: list[asyncio.Future[R] | Exception] = []
+        for value in values:
+            try:
+                queued.append(self._add(value, deadline))
+            except LossdError as refused:  # the queue is full, or the batcher closing or aborted
+                queued.append(refused)
+        self._report_depth()
+        return queued
+
+    def _add(self, value: T, deadline: float | None) -> asyncio.Future[R]:
         if self._refusal is not None:
             raise self._refusal
         if self._closing:
@@ -202,16 +220,16 @@ class Batcher(Generic[T, R]):
         lane.groups.setdefault(item.key, collections.deque()).append(item)
         self._depth += 1
         item.future.add_done_callback(lambda _: self._dequeue(item))
-        self._report_depth()
         lane.wake.set()
         return item.future
 
-    def _dequeue(self, item: _Item[T, R]) -> None:
+    def _dequeue(self, item: _Item[T, R], report: bool = True) -> None:
         """Takes an item out of the depth count once (a cancelled item's deque slot is skipped later)."""
         if item.queued:
             item.queued = False
             self._depth -= 1
-            self._report_depth()
+            if report:
+                self._report_depth()
 
     def _report_depth(self) -> None:
         if self._observer:
@@ -250,8 +268,9 @@ class Batcher(Generic[T, R]):
             if taken and (over or not self.limits.merge):
                 break
             taken.append(group.popleft())
-            self._dequeue(item)
+            self._dequeue(item, report=False)
             rows, nbytes = rows + item.rows, nbytes + item.nbytes
+        self._report_depth()
         return taken
 
     async def _dispatch(self, lane: _Lane[T, R]) -> None:

@@ -210,19 +210,21 @@ class ServerMetrics:
         self.resident_bytes.set(held_bytes)
         self.resident_tensors.set(held_tensors)
 
-    def batch_entry(self, loss: str, code: str) -> None:
-        """One entry of a ComputeLossBatch call, answered with `code`."""
-        self.batch_entries.labels(loss, code).inc()
+    def batch_entries_answered(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """The entries of a ComputeLossBatch call by (loss, code) they were answered with: one
+        increment per label pair, not per entry."""
+        for (loss, code), count in counts.items():
+            self.batch_entries.labels(loss, code).inc(count)
 
     def implementations(self, chosen: Mapping[str, str]) -> None:
         """The implementation chosen for each loss that has several (loss -> implementation)."""
         for loss, implementation in chosen.items():
             self.implementation.labels(loss, implementation).set(1)
 
-    def implementation_call(self, loss: str, implementation: str) -> None:
-        """One call computed by `implementation` (nothing for a loss with one: "")."""
+    def implementation_call(self, loss: str, implementation: str, calls: int = 1) -> None:
+        """`calls` calls computed by `implementation` (nothing for a loss with one: "")."""
         if implementation:
-            self.implementation_calls.labels(loss, implementation).inc()
+            self.implementation_calls.labels(loss, implementation).inc(calls)
 
     def request(self, loss: str, code: str, seconds: float, received: int, sent: int) -> None:
         """One answered request."""

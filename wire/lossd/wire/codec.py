@@ -12,6 +12,7 @@ TensorFlow use), which widen to float32 exactly with `.astype(np.float32)`.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import warnings
@@ -77,6 +78,7 @@ _BY_NUMPY_KIND: dict[tuple[str, int], int] = {
     ("u", 1): tensor_pb2.DATA_TYPE_UINT8,
 }
 _BY_NAME: dict[str, int] = {info.name: code for code, info in _INFO.items()}
+_WIRE_DTYPES: dict[int, np.dtype[Any]] = {code: np.dtype(info.numpy) for code, info in _INFO.items()}
 
 # Decoded request tensors are read-only views of the message's bytes (no copy); lossd never writes
 # to them, so torch's once-per-process notice about non-writable memory is noise here.
@@ -127,8 +129,9 @@ def check(
     Raises `InvalidArgumentError` or `ResourceExhaustedError` naming `field`. `data_bytes` is
     `len(msg.data)` when the caller already holds the data: each read of a bytes field copies it.
     """
-    info = _INFO.get(msg.dtype)
-    if msg.dtype == tensor_pb2.DATA_TYPE_UNSPECIFIED:
+    dtype = msg.dtype
+    info = _INFO.get(dtype)
+    if dtype == tensor_pb2.DATA_TYPE_UNSPECIFIED:
         raise InvalidArgumentError(
             f"{field}.dtype is unset: set a DataType such as DATA_TYPE_FLOAT32",
             reason="DTYPE_UNSPECIFIED",
@@ -136,10 +139,10 @@ def check(
         )
     if info is None:
         raise InvalidArgumentError(
-            f"{field}.dtype {msg.dtype} is not a known DataType",
+            f"{field}.dtype {dtype} is not a known DataType",
             reason="DTYPE_UNKNOWN",
             field=f"{field}.dtype",
-            metadata={"dtype": str(msg.dtype)},
+            metadata={"dtype": str(dtype)},
         )
     shape = tuple(msg.shape)
     if len(shape) > limits.max_dims:
@@ -149,7 +152,7 @@ def check(
             field=f"{field}.shape",
             metadata={"dims": str(len(shape)), "maxDims": str(limits.max_dims)},
         )
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise InvalidArgumentError(
             f"{field}.shape {list(shape)} has a negative dimension",
             reason="SHAPE_INVALID",
@@ -220,7 +223,7 @@ def _wire_array(
     if data is None:
         data = msg.data  # read once: protobuf hands out a fresh copy of a bytes field on every read
     shape = check(msg, field, limits, len(data))
-    wire = np.dtype(_INFO[msg.dtype].numpy)
+    wire = _WIRE_DTYPES[msg.dtype]
     array = np.frombuffer(data, dtype=wire) if len(data) else np.empty(0, dtype=wire)
     if not wire.isnative:  # a big-endian host: one byte-swapping copy
         array = array.astype(wire.newbyteorder("="))
@@ -316,7 +319,14 @@ def data_type_of(dtype: object, field: str = "dtype") -> int:
     return _data_type_of_numpy(numpy_dtype, field)
 
 
+_NUMPY_CODES: dict[np.dtype[Any], int] = {}
+"""The wire dtype of each numpy dtype met so far (a dtype's name is slow to read)."""
+
+
 def _data_type_of_numpy(dtype: np.dtype[Any], field: str) -> int:
+    code = _NUMPY_CODES.get(dtype)
+    if code is not None:
+        return code
     if dtype.name == "bfloat16":  # ml_dtypes' numpy bfloat16
         return tensor_pb2.DATA_TYPE_BFLOAT16
     code = _BY_NUMPY_KIND.get((dtype.kind, dtype.itemsize))
@@ -327,6 +337,8 @@ def _data_type_of_numpy(dtype: np.dtype[Any], field: str) -> int:
             field=field,
             metadata={"dtype": str(dtype)},
         )
+    if len(_NUMPY_CODES) < 64:
+        _NUMPY_CODES[dtype] = code
     return code
 
 
@@ -356,6 +368,12 @@ def wire_view(array: np.ndarray) -> memoryview:
 def header(shape: Sequence[int], dtype: int) -> tensor_pb2.Tensor:
     """A wire tensor with a dtype and a shape and no data (its bytes travel in chunks)."""
     return tensor_pb2.Tensor(dtype=dtype, shape=tuple(shape))  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=4096)
+def header_bytes(shape: tuple[int, ...], dtype: int) -> bytes:
+    """`header(shape, dtype)` serialized; each dtype and shape once (answers repeat them)."""
+    return header(shape, dtype).SerializeToString()
 
 
 def encode(

@@ -46,7 +46,14 @@ class TooManyFields(Exception):
     """The message has more fields than `split` walks (see `MAX_FIELDS`)."""
 
 
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
+
+
 def varint(value: int) -> bytes:
+    if value < 0x80:  # tags and most lengths: no loop
+        return _ONE_BYTE[value]
+    if value < 0x4000:
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while True:
         byte = value & 0x7F

@@ -9,14 +9,17 @@ all-ones exponent is infinity or NaN.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
+from lossd.server.engine.staging import host_array
 from lossd.server.losses import LossCall
 from lossd.server.losses.checks import FLOATING
 from lossd.wire.errors import InvalidArgumentError
 
-__all__ = ["nonfinite_error", "nonfinite_fields"]
+__all__ = ["nonfinite_error", "nonfinite_fields", "nonfinite_many"]
 
 _SMALL = 1 << 18
 _BF16_EXPONENT = 0x7F80
@@ -35,20 +38,70 @@ def _has_nonfinite(tensor: torch.Tensor, log_probabilities: bool = False) -> boo
     return not bool(np.isfinite(tensor.numpy()).all())
 
 
-def nonfinite_fields(call: LossCall) -> tuple[str, ...]:
-    """The request fields of `call` that hold a NaN or an infinity, in request order."""
+def _tensors(call: LossCall) -> tuple[tuple[str, torch.Tensor | None], ...]:
+    """A call's request tensors by field, in request order."""
     name = call.loss.name
-    tensors = (
+    return (
         ("input", call.input),
         ("target", call.target),
         (f"{name}.weight", call.weight),
         *((f"{name}.{field}", tensor) for field, tensor in call.tensors.items()),
         ("gradients.grad_output", call.grad_output),
     )
+
+
+def nonfinite_fields(call: LossCall) -> tuple[str, ...]:
+    """The request fields of `call` that hold a NaN or an infinity, in request order."""
     logs = call.loss.log_probabilities
     return tuple(
-        field for field, tensor in tensors if tensor is not None and _has_nonfinite(tensor, field in logs)
+        field
+        for field, tensor in _tensors(call)
+        if tensor is not None and _has_nonfinite(tensor, field in logs)
     )
+
+
+def _array_nonfinite(array: np.ndarray, dtype: torch.dtype, log_probabilities: bool) -> bool:
+    """`_has_nonfinite` of a host array of `dtype`'s elements (bfloat16 as int16 bits)."""
+    if dtype == torch.bfloat16:
+        return bool(np.any((array & _BF16_EXPONENT) == _BF16_EXPONENT))
+    if log_probabilities:
+        return bool(np.any(np.isnan(array) | np.isposinf(array)))
+    return not bool(np.isfinite(array).all())
+
+
+_ANY = ""
+"""A field name that is no loss's log-probabilities (for calls whose loss has none)."""
+
+
+def nonfinite_many(calls: Sequence[LossCall]) -> list[tuple[str, ...]]:
+    """`nonfinite_fields` of each call. Small host tensors of several calls are checked together
+    first, one numpy pass per dtype: when that finds nothing (nearly always), no call holds a NaN
+    or an infinity; otherwise each call is checked on its own to say which fields do."""
+    if len(calls) < 2:
+        return [nonfinite_fields(call) for call in calls]
+    groups: dict[tuple[torch.dtype, bool], list[np.ndarray]] = {}
+    for call in calls:
+        logs = call.loss.log_probabilities
+        tensors: tuple[tuple[str, torch.Tensor | None], ...] = (
+            _tensors(call) if logs else ((_ANY, call.input), (_ANY, call.target))
+        )
+        if not logs and (call.weight is not None or call.tensors or call.grad_output is not None):
+            tensors = _tensors(call)
+        for field, tensor in tensors:
+            if tensor is None or tensor.dtype not in FLOATING or tensor.numel() == 0:
+                continue
+            log = field in logs
+            if (
+                tensor.numel() >= _SMALL
+                or tensor.device.type != "cpu"
+                or (log and tensor.dtype == torch.bfloat16)
+            ):
+                return [nonfinite_fields(call) for call in calls]
+            groups.setdefault((tensor.dtype, log), []).append(host_array(tensor).reshape(-1))
+    for (dtype, log), arrays in groups.items():
+        if _array_nonfinite(np.concatenate(arrays), dtype, log):
+            return [nonfinite_fields(call) for call in calls]
+    return [()] * len(calls)
 
 
 def nonfinite_error(fields: tuple[str, ...]) -> InvalidArgumentError:

@@ -24,7 +24,7 @@ from lossd.server.engine.faults import (
     is_out_of_memory,
     out_of_memory_error,
 )
-from lossd.server.engine.finite import nonfinite_error, nonfinite_fields
+from lossd.server.engine.finite import nonfinite_error, nonfinite_many
 from lossd.server.engine.merging import MergeKey, compute_merged, merge_key
 from lossd.server.engine.staging import Staging
 from lossd.server.losses import LOSSES, LossCall, LossOutput, loss_shape, validate
@@ -157,7 +157,7 @@ class LossEngine:
         other. Raises `DeviceFailure` when the device is no longer usable.
         """
         self._use_threads(calls)
-        flags = [nonfinite_fields(call) for call in calls]
+        flags = nonfinite_many(calls)
         results: list[LossOutput | Exception | None] = [None] * len(calls)
         todo = list(range(len(calls)))
         if self.reject_nonfinite and any(flags):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,9 +30,9 @@ from lossd.server.losses import Loss, LossCall, LossOutput, loss_shape
 __all__ = ["MergeKey", "compute_merged", "denominators", "merge_key", "segment_sums"]
 
 
-@dataclass(frozen=True)
-class MergeKey:
-    """What calls must share to be computed together."""
+class MergeKey(NamedTuple):
+    """What calls must share to be computed together (a tuple: the batcher hashes and compares one
+    per queued call)."""
 
     loss: Loss
     params: Hashable

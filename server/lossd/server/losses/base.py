@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -55,6 +55,18 @@ class LossOptions:
 
     loss: Loss
     reduction: str = "mean"
+
+    def without_reduction(self) -> Hashable:
+        """Every option but the reduction, hashable: what calls computed together as rows must
+        share (each keeps its own reduction). Cheaper than a copy with reduction 'none'."""
+        names = _SHARED_FIELDS.get(type(self))
+        if names is None:
+            names = tuple(item.name for item in fields(self) if item.name != "reduction")
+            _SHARED_FIELDS[type(self)] = names
+        return (type(self), *[getattr(self, name) for name in names])
+
+
+_SHARED_FIELDS: dict[type[LossOptions], tuple[str, ...]] = {}
 
 
 @dataclass(frozen=True)

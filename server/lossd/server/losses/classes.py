@@ -94,6 +94,8 @@ class ClassificationLoss(Loss):
                     loss=self.name,
                 )
         weight = self._weight(call, probabilities)
+        if target is call.target and weight is call.weight:  # int64 targets, no weights: as sent
+            return call
         return dataclasses.replace(call, target=target, weight=weight)
 
     def _class_targets(self, call: LossCall, ignore_index: int) -> torch.Tensor:
@@ -201,7 +203,7 @@ class ClassificationLoss(Loss):
             return None
         options = call.options
         assert isinstance(options, ClassOptions)
-        return (self.classes(call), self.probabilities(call), dataclasses.replace(options, reduction="none"))
+        return (self.classes(call), self.probabilities(call), options.without_reduction())
 
     def rows_of(self, call: LossCall) -> int:
         shape = call.input.shape

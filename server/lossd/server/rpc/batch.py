@@ -11,6 +11,7 @@ number of entries, its memory, its deadline, a failed device.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import time
@@ -40,9 +41,14 @@ _RESPONSE = pb.ComputeLossBatchResult.DESCRIPTOR.fields_by_name["response"].numb
 _ERROR = pb.ComputeLossBatchResult.DESCRIPTOR.fields_by_name["error"].number
 
 
-def _field(number: int, data: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return messages.varint(number << 3 | 2) + messages.varint(len(data)) + data
+_RESULT_TAG = messages.varint(_RESULTS << 3 | messages.LEN)
+_ENTRY_TAGS = {number: messages.varint(number << 3 | messages.LEN) for number in (_RESPONSE, _ERROR)}
+
+
+def _result(number: int, data: bytes) -> bytes:
+    """A `results` entry holding `data` in its field `number` (the response or the error)."""
+    entry = _ENTRY_TAGS[number] + messages.varint(len(data))
+    return b"".join((_RESULT_TAG, messages.varint(len(entry) + len(data)), entry, data))
 
 
 def _entry_error(error: BaseException) -> LossdError:
@@ -158,28 +164,36 @@ class BatchServicer:
         servicer = self._servicer
         metrics = servicer._metrics
         deadline = servicer._deadline(context, started)
+        indices = [index for index, (_, value) in enumerate(results) if isinstance(value, LossCall)]
+        calls = [value for _, value in results if isinstance(value, LossCall)]
         queued: list[asyncio.Future[LossOutput]] = []
-        for index, (loss, value) in enumerate(results):
-            if isinstance(value, LossCall):
-                try:
-                    queued.append(servicer._batcher.enqueue(value, deadline))
-                except LossdError as refused:  # the queue is full, or the server is draining
-                    results[index] = (loss, refused)
+        for index, entered in zip(indices, servicer._batcher.enqueue_many(calls, deadline), strict=True):
+            if isinstance(entered, LossdError):  # the queue is full, or the server is draining
+                results[index] = (results[index][0], entered)
+            elif isinstance(entered, asyncio.Future):
+                queued.append(entered)
         done = iter(await asyncio.gather(*queued, return_exceptions=True))
         pieces = []
+        answered: collections.Counter[tuple[str, str]] = collections.Counter()
+        computed_by: collections.Counter[tuple[str, str]] = collections.Counter()
         for loss, value in results:
             outcome: LossOutput | BaseException = value if isinstance(value, LossdError) else next(done)
             if isinstance(outcome, asyncio.CancelledError):
                 raise outcome
             if isinstance(outcome, BaseException):
                 error = _entry_error(outcome)
-                metrics.batch_entry(loss, error.code)
+                answered[loss, error.code] += 1
                 if error.reason == "NONFINITE_VALUE":
                     metrics.nonfinite(loss, tuple(error.metadata["fields"].split(",")))
-                pieces.append(_field(_RESULTS, _field(_ERROR, status_of(error).SerializeToString())))
+                pieces.append(_result(_ERROR, status_of(error).SerializeToString()))
                 continue
-            metrics.batch_entry(loss, "OK")
-            metrics.nonfinite(loss, outcome.nonfinite)
-            metrics.implementation_call(loss, outcome.implementation)
-            pieces.append(_field(_RESULTS, _field(_RESPONSE, encode_response(outcome))))
+            answered[loss, "OK"] += 1
+            if outcome.nonfinite:
+                metrics.nonfinite(loss, outcome.nonfinite)
+            if outcome.implementation:
+                computed_by[loss, outcome.implementation] += 1
+            pieces.append(_result(_RESPONSE, encode_response(outcome)))
+        metrics.batch_entries_answered(answered)
+        for (loss, implementation), count in computed_by.items():
+            metrics.implementation_call(loss, implementation, count)
         return b"".join(pieces)

@@ -304,18 +304,12 @@ _RESPONSE_FIELDS = {field.name: field.number for field in pb.ComputeLossResponse
 
 
 def encode_response(output: LossOutput) -> bytes:
-    """The serialized ComputeLossResponse of the engine's result, each tensor's bytes copied once
-    (small answers through protobuf, which is quicker for them); gradients that were not asked
-    for are not sent."""
-    answer = _answer(output)
-    if sum(value.nbytes for _, value in answer) < SPLIT_BYTES:
-        response = pb.ComputeLossResponse()
-        for name, value in answer:
-            codec.encode(value, name, out=getattr(response, name))
-        return response.SerializeToString()
+    """The serialized ComputeLossResponse of the engine's result, each tensor's bytes copied once,
+    into the joined message (each dtype and shape's header is serialized once, see
+    `codec.header_bytes`); gradients that were not asked for are not sent."""
     pieces: list[bytes | memoryview] = []
-    for name, value in answer:
+    for name, value in _answer(output):
         array, dtype = codec.to_wire(value, name)
-        header = codec.header(array.shape, dtype).SerializeToString()
+        header = codec.header_bytes(array.shape, dtype)
         pieces += messages.tensor_field(_RESPONSE_FIELDS[name], header, _DATA, codec.wire_view(array))
     return b"".join(pieces)
