@@ -145,6 +145,29 @@ def test_limits_per_call(server_factory: Callable[..., RunningServer]) -> None:
         assert len(_batch(stub, [small] * 4).results) == 4
 
 
+def test_millions_of_empty_entries_are_refused_before_they_are_built(server: RunningServer) -> None:
+    """Two bytes make an empty entry: a 4 MB message holds two million, which are counted (up to
+    the limit) before protobuf would build each one; the server answers on."""
+    with grpc.insecure_channel(server.target) as channel:
+        call = channel.unary_unary("/lossd.v1.LossService/ComputeLossBatch")
+        with pytest.raises(grpc.RpcError) as caught:
+            call(b"\x0a\x00" * 2_000_000, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "BATCH_TOO_LARGE" in str(caught.value.trailing_metadata())
+        stub = pb_grpc.LossServiceStub(channel)
+        assert len(_batch(stub, [build_request("cross_entropy", _logits(), _labels())]).results) == 1
+
+
+def test_entries_are_counted_up_to_the_limit_only() -> None:
+    from lossd.server.rpc.batch import _more_fields_than
+
+    entry = b"\x0a\x00"
+    assert not _more_fields_than(entry * 4, 4) and _more_fields_than(entry * 5, 4)
+    assert not _more_fields_than(b"", 0) and _more_fields_than(entry, 0)
+    assert _more_fields_than(entry * 2_000_000, 1024)
+    assert not _more_fields_than(b"\x0a\x05\x00", 1)  # truncated: the parser's to refuse
+
+
 def test_concurrent_threads_are_coalesced_each_with_its_own_answer(server: RunningServer) -> None:
     registry = server.server.metrics.registry
     batches_before = registry.get_sample_value("lossd_requests_total", {"loss": "batch", "code": "OK"}) or 0

@@ -85,6 +85,23 @@ class _Entry(Generic[F]):
     future: F
 
 
+def _deliver(
+    entries: Sequence[_Entry[concurrent.futures.Future[pb.ComputeLossResponse]]]
+    | Sequence[_Entry[asyncio.Future[pb.ComputeLossResponse]]],
+    outcomes: Sequence[pb.ComputeLossResponse | BaseException],
+) -> None:
+    """Each caller's outcome to its future (threads' or tasks'), unless it gave up already."""
+    futures: list[concurrent.futures.Future[pb.ComputeLossResponse] | asyncio.Future[pb.ComputeLossResponse]]
+    futures = [entry.future for entry in entries]
+    for future, outcome in zip(futures, outcomes, strict=True):
+        if future.done():
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
 @dataclass
 class _Queue(Generic[F]):
     """The calls waiting for a slot, and the slots taken; guarded by the coalescer's lock (sync) or
@@ -203,7 +220,7 @@ class Coalescer:
                     _batch_bytes(entries), timeout=_batch_deadline(entries), metadata=self._metadata
                 )
         except Exception:  # the channel is closed, say: each caller learns it alone
-            self._deliver(entries, [SendAlone() for _ in entries])
+            _deliver(entries, [SendAlone() for _ in entries])
             self._finished()
             return
         call.add_done_callback(lambda done: self._done(entries, done))
@@ -216,26 +233,13 @@ class Coalescer:
         except grpc.RpcError as failed:
             response, error = None, failed
         except Exception:  # cancelled: the channel closed under it
-            self._deliver(entries, [SendAlone() for _ in entries])
+            _deliver(entries, [SendAlone() for _ in entries])
             self._finished()
             return
         with self._lock:
             outcomes = _outcomes(entries, response, error, self._queue)
-        self._deliver(entries, outcomes)
+        _deliver(entries, outcomes)
         self._finished()
-
-    @staticmethod
-    def _deliver(
-        entries: Sequence[_Entry[concurrent.futures.Future[pb.ComputeLossResponse]]],
-        outcomes: Sequence[pb.ComputeLossResponse | BaseException],
-    ) -> None:
-        for entry, outcome in zip(entries, outcomes, strict=True):
-            if entry.future.done():
-                continue
-            if isinstance(outcome, BaseException):
-                entry.future.set_exception(outcome)
-            else:
-                entry.future.set_result(outcome)
 
     def _finished(self) -> None:
         with self._lock:
@@ -303,11 +307,5 @@ class AsyncCoalescer:
             outcomes = [SendAlone() for _ in entries]
         finally:
             self._queue.busy -= 1
-        for entry, outcome in zip(entries, outcomes, strict=True):
-            if entry.future.done():
-                continue
-            if isinstance(outcome, BaseException):
-                entry.future.set_exception(outcome)
-            else:
-                entry.future.set_result(outcome)
+        _deliver(entries, outcomes)
         self._start_next()

@@ -51,6 +51,25 @@ def _result(number: int, data: bytes) -> bytes:
     return b"".join((_RESULT_TAG, messages.varint(len(entry) + len(data)), entry, data))
 
 
+def _more_fields_than(raw: bytes, limit: int) -> bool:
+    """Whether a message holds more than `limit` top-level fields (a batch's entries), counted
+    before protobuf parses it: the parser would build every entry first, and a message holds
+    millions of empty ones. Walks at most `limit` + 1 fields; a malformed message is the parser's
+    to refuse."""
+    data = memoryview(raw)
+    pos = count = 0
+    try:
+        while pos < len(data):
+            count += 1
+            if count > limit:
+                return True
+            key, pos = messages.read_varint(data, pos)
+            pos = messages.skip(data, pos, key & 7)
+    except LossdError:
+        return False
+    return False
+
+
 def _entry_error(error: BaseException) -> LossdError:
     """What a failed entry's status says: lossd's own errors as they are; anything else is ours."""
     if isinstance(error, LossdError):
@@ -84,28 +103,20 @@ class BatchServicer:
             async with servicer._time_limit():
                 servicer._check_failure()
                 deadline = servicer._deadline(context, started)
-                await reservation.grow_to(
-                    servicer.max_message_bytes, deadline, "receiving this call's message"
-                )
-                raw = await servicer.first_message(requests)
+                raw = await servicer.receive(requests, reservation, deadline)
                 received = len(raw)
-                reservation.receiving = False
+                if _more_fields_than(raw, servicer.max_batch_entries):
+                    raise ResourceExhaustedError(
+                        f"the batch holds more than {servicer.max_batch_entries} entries, the most this "
+                        "server takes in one call (max_batch_entries): send several",
+                        reason="BATCH_TOO_LARGE",
+                        field="requests",
+                        metadata={"maxBatchEntries": str(servicer.max_batch_entries)},
+                    )
                 parse = functools.partial(
                     parse_message, pb.ComputeLossBatchRequest.FromString, raw, "the request", _KIND
                 )
                 batch = await servicer._wire(received, parse)
-                entries = len(batch.requests)
-                if entries > servicer.max_batch_entries:
-                    raise ResourceExhaustedError(
-                        f"the batch holds {entries} entries, more than this server takes in one call "
-                        f"({servicer.max_batch_entries}, max_batch_entries): send several",
-                        reason="BATCH_TOO_LARGE",
-                        field="requests",
-                        metadata={
-                            "entries": str(entries),
-                            "maxBatchEntries": str(servicer.max_batch_entries),
-                        },
-                    )
                 # The parsed message holds every entry's bytes once more than `raw`.
                 results, need, answers = await servicer._wire(
                     received, functools.partial(self._prepare, batch)

@@ -201,6 +201,16 @@ class LossServicer:
     def _open(self, context: Context) -> Reservation:
         return self.budget.open_for_task(context.peer() or "unknown")
 
+    async def receive(
+        self, requests: AsyncIterator[bytes], reservation: Reservation, deadline: float | None
+    ) -> bytes:
+        """A whole-message call's request, read once the call's budget holds room for the largest
+        message a client may send (so that what gRPC buffers for it is admitted first)."""
+        await reservation.grow_to(self.max_message_bytes, deadline, "receiving this call's message")
+        raw = await self.first_message(requests)
+        reservation.receiving = False
+        return raw
+
     async def first_message(self, requests: AsyncIterator[bytes], *, failing: bool = True) -> bytes:
         """A whole-message call's request, awaited at most `idle_timeout_s`."""
         try:
@@ -263,10 +273,8 @@ class LossServicer:
             async with self._time_limit():
                 self._check_failure()
                 deadline = self._deadline(context, started)
-                await reservation.grow_to(self.max_message_bytes, deadline, "receiving this call's message")
-                raw = await self.first_message(requests)
+                raw = await self.receive(requests, reservation, deadline)
                 received = len(raw)
-                reservation.receiving = False
 
                 named: list[str] = []
 
