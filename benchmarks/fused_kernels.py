@@ -98,9 +98,8 @@ def main() -> int:
         make_options("linear_cross_entropy", "mean"),
         hidden,
         targets,
-        input_grad=True,
         tensors={"classifier": classifier},
-        tensor_grads=frozenset({"classifier"}) if args.head_grad else frozenset(),
+        grads=frozenset({"input", "classifier"}) if args.head_grad else frozenset({"input"}),
     )
     for implementation in LINEAR_CROSS_ENTROPY.implementations():
         why = implementation.unavailable(device)

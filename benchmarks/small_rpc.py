@@ -63,7 +63,7 @@ def _request_and_response_size() -> tuple[bytes, int]:
     loss.backward()
     response = pb.ComputeLossResponse()
     codec.encode(loss.detach(), out=response.loss)
-    codec.encode(x.grad, out=response.input_gradient)  # type: ignore[arg-type]
+    codec.encode(x.grad, out=response.gradients["input"])  # type: ignore[arg-type]
     return request.SerializeToString(), response.ByteSize()
 
 

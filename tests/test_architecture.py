@@ -1,33 +1,35 @@
-"""The code's shape, enforced: who may import whom, no import cycles, and no code outside a loss's
-own module that asks which loss a call is.
+"""The code's shape, enforced: who may import whom, no import cycles (`TYPE_CHECKING` imports
+included), and a loss is its module: no code outside it names the loss, its tensors, its outputs
+or its options.
 
 Rooms: `lossd.v1` (generated), `lossd.wire` (what client and server share), `lossd.server.losses`
 (one module per loss), `lossd.server.engine` (pure torch compute), `lossd.server.rpc` (gRPC
 servicers), the server's top level (app, batcher, memory, metrics, config, workers), `lossd.client`,
 and `lossd.cli` (the command, the only importer of the app).
+
+`python tests/test_architecture.py` prints, for each loss, the files that name it or its tensors,
+outputs and options.
 """
 
 from __future__ import annotations
 
 import ast
+import collections
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from lossd.client.losses import DECLARATIONS
+from lossd.server.losses import LOSSES, Loss
+
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE_ROOTS = ("wire", "server", "client")
-LOSS_NAMES = (
-    "nll_loss",
-    "cross_entropy",
-    "kl_div",
-    "distillation",
-    "linear_cross_entropy",
-    "linear_distillation",
-)
 
 
 @dataclass(frozen=True)
@@ -144,13 +146,15 @@ def test_only_the_command_line_imports_the_app() -> None:
 
 
 def test_no_import_cycles() -> None:
-    """Between modules at import time, and between rooms counting every import (lazy ones too)."""
+    """Between modules at import time, and between rooms counting every import (lazy ones too);
+    `TYPE_CHECKING` imports count: a cycle that only type checking sees is still two modules that
+    need each other."""
     graph: dict[str, set[str]] = {module: set() for module in MODULES}
     for module, _, imports in ALL:
         for i in imports:
             target = _resolve(i.target)
             # A package's own __init__ imported by its modules is the package, not a cycle edge.
-            if i.top_level and not i.type_only and target and not _within(module, target):
+            if i.top_level and target and not _within(module, target):
                 graph[module].add(target)
     assert _cycle(graph) is None, f"import cycle: {_cycle(graph)}"
 
@@ -174,7 +178,7 @@ def test_no_import_cycles() -> None:
             continue  # `python -m lossd.server` runs the command line, imported by nothing
         for i in imports:
             target = _resolve(i.target)
-            if target and not i.type_only and room(target) != room(module):
+            if target and room(target) != room(module):
                 rooms.setdefault(room(module), set()).add(room(target))
     assert _cycle(rooms) is None, f"cycle between rooms: {_cycle(rooms)}"
 
@@ -201,8 +205,58 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def _loss_mentions(path: Path) -> Iterator[str]:
-    """Places in code (not docstrings or comments) that name one of the losses."""
+# -- a loss is its module -------------------------------------------------------------------------
+
+
+def loss_names(loss: Loss[Any]) -> set[str]:
+    """What belongs to one loss: its name, its own tensors, its outputs and its options."""
+    return {
+        loss.name,
+        *(spec.name for spec in loss.tensors),
+        *(spec.name for spec in loss.outputs),
+        *loss.parameters,
+    }
+
+
+SHARED = {
+    f"lossd.server.losses.{name}"
+    for name in ("base", "functional", "chunked", "checks", "validation", "implementations", "registry")
+} | {"lossd.server.losses"}
+"""The losses' interface and shared machinery: they name no loss and nothing of one."""
+REGISTRY = "lossd.server.losses.registry"
+"""The one list of the losses: it names each (its module and instance), nothing of them."""
+DECLARATIONS_MODULE = "lossd.client.losses"
+"""The client's declaration of every loss."""
+COINCIDENCES = {
+    ("lossd.server.metrics", "labels"): "prometheus_client's Metric.labels() and help texts",
+    ("lossd.server.losses.linear_cross_entropy", "cut_cross_entropy"): "Apple's package, a candidate kernel",
+    ("lossd.server.losses.linear_cross_entropy", "_cut_cross_entropy"): "its adapter",
+}
+"""Words that are a loss's name for something and also another library's word for another."""
+
+
+def own_modules(loss: Loss[Any]) -> set[str]:
+    """A loss's module and the family modules it is built from (those it imports, directly or
+    not, in lossd.server.losses: `classes`, `heads`, a sibling loss it reuses), the shared
+    machinery aside."""
+    imports = {module: {_resolve(i.target) for i in found} for module, _, found in ALL}
+    start = type(loss).__module__
+    seen, todo = {start}, [start]
+    while todo:
+        for target in imports.get(todo.pop(), ()):
+            if _within(target, "lossd.server.losses") and target not in seen and target not in SHARED:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def _snake(word: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", word).lower()
+
+
+def _words(path: Path) -> Iterator[tuple[int, str]]:
+    """The words of a module's code (not its docstrings or comments): every identifier it defines
+    or uses, and every word of its string constants (error messages, field paths), snake_cased."""
     tree = ast.parse(path.read_text(), str(path))
     docstrings = {  # docstrings, and the strings that document an attribute after it
         id(node.value)
@@ -210,41 +264,140 @@ def _loss_mentions(path: Path) -> Iterator[str]:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
     }
     for node in ast.walk(tree):
+        found: list[str] = []
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
-            if any(name in node.value for name in LOSS_NAMES):
-                yield f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}"
-        elif isinstance(node, ast.Attribute) and (
-            node.attr in LOSS_NAMES
-            or node.attr.endswith("LossOptions")
-            or (node.attr.isupper() and "KL" in node.attr)
-        ):
-            yield f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}"
-        elif isinstance(node, ast.Name) and node.id in (
-            "NLL_LOSS",
-            "CROSS_ENTROPY",
-            "KL_DIV",
-            "DISTILLATION",
-        ):
-            yield f"{path.relative_to(ROOT)}:{node.lineno} {node.id}"
+            found = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", node.value)
+        elif isinstance(node, ast.Name):
+            found = [node.id]
+        elif isinstance(node, ast.Attribute):
+            if isinstance(node.value, ast.Name) and node.value.id == "F":
+                continue  # torch.nn.functional's own names: F.cross_entropy composes torch's loss
+            found = [node.attr]
+        elif isinstance(node, ast.arg) or (isinstance(node, ast.keyword) and node.arg):
+            found = [node.arg]
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found = [node.name]
+        elif isinstance(node, ast.alias):
+            found = [(node.asname or node.name).rsplit(".", 1)[-1]]
+        for word in found:
+            yield getattr(node, "lineno", 0), _snake(word)
 
 
-def test_outside_its_module_no_code_asks_which_loss_a_call_is() -> None:
-    """Losses are named only in their own module (and the registry that lists them) on the server,
-    and in their declaration on the client; everything else works through the `Loss` interface."""
-    allowed = {
-        ROOT / "server/lossd/server/losses/nll.py",
-        ROOT / "server/lossd/server/losses/cross_entropy.py",
-        ROOT / "server/lossd/server/losses/kl_div.py",
-        ROOT / "server/lossd/server/losses/distillation.py",  # composes torch's F.cross_entropy
-        ROOT / "server/lossd/server/losses/linear_cross_entropy.py",
-        ROOT / "server/lossd/server/losses/linear_distillation.py",
-        ROOT / "server/lossd/server/losses/registry.py",
-        ROOT / "client/lossd/client/losses.py",
+def _named(word: str) -> set[str]:
+    """The losses a word names something of: one of their names, or (for a loss's own name) any
+    word containing it (`CROSS_ENTROPY`, `CrossEntropyLossOptions`)."""
+    return {
+        name
+        for name, loss in LOSSES.items()
+        if word in loss_names(loss) or (name in word and len(word) > len(name))
     }
-    mentions = [mention for _, path, _ in ALL if path not in allowed for mention in _loss_mentions(path)]
-    assert not mentions, "loss-specific code outside its module:\n" + "\n".join(mentions)
-    planted = ROOT / "server/lossd/server/losses/kl_div.py"
-    assert list(_loss_mentions(planted)), "the check finds names where they are"
+
+
+def mentions() -> list[tuple[str, Path, int, str, set[str]]]:
+    """(module, path, line, word, the losses it names something of) for the whole code."""
+    found = []
+    for module, path, _ in ALL:
+        for line, word in _words(path):
+            losses = _named(word)
+            if losses:
+                found.append((module, path, line, word, losses))
+    return found
+
+
+def _allowed(module: str, word: str, loss: str) -> bool:
+    if module == DECLARATIONS_MODULE or (module, word) in COINCIDENCES:
+        return True
+    if module == REGISTRY:
+        return loss in word  # the loss's module and instance, nothing of the loss
+    if module in own_modules(LOSSES[loss]):
+        return True
+    # A module built from another loss's module (linear_distillation from distillation) names it.
+    return module in LOSS_MODULES and type(LOSSES[loss]).__module__ in own_modules(LOSS_MODULES[module])
+
+
+LOSS_MODULES = {type(loss).__module__: loss for loss in LOSSES.values()}
+
+
+def mentions_by_loss() -> dict[str, list[str]]:
+    """For each loss, the files that name it, its tensors, outputs or options as its own (a word
+    another loss has too, `weight`, counts for the loss whose module it is in)."""
+    files: dict[str, set[str]] = collections.defaultdict(set)
+    for module, path, _, word, losses in mentions():
+        for loss in losses:
+            if (module, word) not in COINCIDENCES and _allowed(module, word, loss):
+                files[loss].add(str(path.relative_to(ROOT)))
+    return {name: sorted(files[name]) for name in LOSSES}
+
+
+def test_a_loss_is_named_only_in_its_own_modules() -> None:
+    """Outside a loss's module (and the family modules it is built from), the registry's line and
+    the client's declaration, no code names the loss, its tensors, outputs or options: the
+    engine, rpc, wire, Open Inference Protocol and client code work from the declarations."""
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line} {word} ({', '.join(sorted(losses))})"
+        for module, path, line, word, losses in mentions()
+        if not any(_allowed(module, word, loss) for loss in losses)
+    ]
+    assert not wrong, "loss-specific code outside its module:\n" + "\n".join(wrong)
+    planted = [m for m in mentions() if m[0] == "lossd.server.losses.kl_div"]
+    assert {"kl_div", "log_target"} <= {m[3] for m in planted}, "the check finds names where they are"
+    assert own_modules(LOSSES["nll_loss"]) == {"lossd.server.losses.nll", "lossd.server.losses.classes"}
+    by_loss = mentions_by_loss()
+    assert by_loss["kl_div"] == [
+        "client/lossd/client/losses.py",
+        "server/lossd/server/losses/kl_div.py",
+        "server/lossd/server/losses/registry.py",
+    ]
+    for name, files in by_loss.items():
+        module = type(LOSSES[name]).__module__
+        built_from_it = {m for m, other in LOSS_MODULES.items() if module in own_modules(other)}
+        expected = {
+            _file(m) for m in own_modules(LOSSES[name]) | built_from_it | {REGISTRY, DECLARATIONS_MODULE}
+        }
+        assert set(files) <= expected, (name, sorted(set(files) - expected))
+
+
+def _file(module: str) -> str:
+    return next(str(path.relative_to(ROOT)) for name, path, _ in ALL if name == module)
+
+
+def test_the_declarations_of_a_loss_agree() -> None:
+    """What the server module, the .proto options message and the client declaration say of each
+    loss is the same: names, tensors, options, outputs and gradients."""
+    from lossd.v1 import loss_service_pb2 as pb
+
+    oneof = pb.ComputeLossRequest.DESCRIPTOR.oneofs_by_name["loss"]
+    assert [field.name for field in oneof.fields] == list(LOSSES) == list(DECLARATIONS)
+    for field in oneof.fields:
+        loss, declaration = LOSSES[field.name], DECLARATIONS[field.name]
+        message = field.message_type
+        tensors = [f.name for f in message.fields if f.message_type is not None]
+        scalars = [f.name for f in message.fields if f.message_type is None]
+        assert tensors == [spec.name for spec in loss.tensors], loss.name
+        assert all(f.message_type.full_name == "lossd.v1.Tensor" for f in message.fields if f.message_type)
+        assert sorted(scalars) == sorted(loss.parameters), loss.name
+        assert sorted(declaration.tensors) == sorted(tensors), loss.name
+        assert sorted(declaration.options) == sorted(scalars), loss.name
+        assert sorted(declaration.outputs.values()) == sorted(spec.name for spec in loss.outputs)
+        assert sorted(declaration.gradients.values()) == sorted(loss.differentiable), loss.name
+        assert declaration.unreduced == {spec.name for spec in loss.outputs if not spec.reduced}
+
+
+def test_the_loss_interface_is_small() -> None:
+    """What every loss must give is options (derived), check, compute and its cost (and a warm-up
+    example); merging and streaming are a separate piece (`Rows`) that the losses computed alone
+    do not have, and nothing is stubbed."""
+    import inspect
+
+    from lossd.server.losses.base import Rows
+
+    required = {name for name, member in vars(Loss).items() if getattr(member, "__isabstractmethod__", False)}
+    assert required == {"check", "loss_shape", "compute", "scratch_bytes", "example"}
+    for name in ("linear_cross_entropy", "linear_distillation"):
+        assert LOSSES[name].rows is None
+        source = inspect.getsource(type(LOSSES[name]))
+        assert "merge" not in source and "NotImplementedError" not in source
+    assert all(isinstance(loss.rows, Rows) for name, loss in LOSSES.items() if not name.startswith("linear"))
 
 
 def test_the_wire_loads_without_torch() -> None:
@@ -268,3 +421,8 @@ def test_the_engine_and_losses_load_no_grpc_protobuf_or_metrics() -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+if __name__ == "__main__":
+    for name, files in mentions_by_loss().items():
+        print(f"{name}: {', '.join(files)}")

@@ -80,7 +80,7 @@ def test_raw_request(client: LossClient) -> None:
     request = build_request("nll_loss", LOGITS, LABELS, reduction="sum", ignore_index=3)
     response = client.compute(request)
     assert isinstance(response, pb.ComputeLossResponse)
-    assert not response.HasField("input_gradient")  # nothing sent that was not asked for
+    assert not response.gradients and not response.outputs  # nothing sent that was not asked for
     loss = decode_response(response, LOGITS).loss
     expected = F.nll_loss(torch.from_numpy(LOGITS), torch.from_numpy(LABELS), reduction="sum", ignore_index=3)
     assert loss == expected.item()
@@ -91,7 +91,7 @@ def test_results_follow_the_input_device() -> None:
     response = pb.ComputeLossResponse()
     from lossd.wire import codec
 
-    codec.encode(np.ones((2, 2), np.float32), out=response.input_gradient)
+    codec.encode(np.ones((2, 2), np.float32), out=response.gradients["input"])
     codec.encode(np.float32(1.0), out=response.loss)
     result = decode_response(response, torch.empty(2, device="meta"))
     assert result.loss.device.type == "meta" and result.grad.device.type == "meta"

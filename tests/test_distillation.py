@@ -4,6 +4,7 @@ finite wherever the math is; every invalid option or tensor refused naming its f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from lossd.server.engine import LossEngine
 from lossd.server.engine.finite import nonfinite_fields
 from lossd.server.losses import LossCall, make_options
+from lossd.server.losses import chunked as chunked_module
 from lossd.server.losses import distillation as distillation_module
 from lossd.wire.errors import InvalidArgumentError
 
@@ -46,11 +48,15 @@ def call_of(
         make_options("distillation", reduction, **options),
         student,
         teacher,
-        input_grad=grad,
+        tensors=tensors,
+        grads=frozenset({"input"}) if grad else frozenset(),
+        outputs=PARTS,
         grad_output=grad_output,
         grad_dtype=grad_dtype,
-        tensors=tensors,
     )
+
+
+PARTS = frozenset({"hard_loss", "soft_loss"})
 
 
 def top_k(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,8 +92,8 @@ def check_exact(call: LossCall, **reference_kwargs: Any) -> Any:
     else:
         loss, hard, soft = reference(call.input, call.target, **kwargs)
     assert_bits(out.loss, loss, "loss")
-    assert_bits(out.parts["hard_loss"], hard, "hard loss")
-    assert_bits(out.parts["soft_loss"], soft, "soft loss")
+    assert_bits(out.outputs["hard_loss"], hard, "hard loss")
+    assert_bits(out.outputs["soft_loss"], soft, "soft loss")
     return out
 
 
@@ -177,8 +183,8 @@ def test_matches_the_three_torch_losses_it_is_made_of() -> None:
     kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none")
     kl = torch.where(labels != -100, kl.sum(-1), 0.0)
     hard = F.cross_entropy(student, labels, reduction="none")
-    torch.testing.assert_close(out.parts["soft_loss"], kl)
-    torch.testing.assert_close(out.parts["hard_loss"], hard)
+    torch.testing.assert_close(out.outputs["soft_loss"], kl)
+    torch.testing.assert_close(out.outputs["hard_loss"], hard)
     torch.testing.assert_close(out.loss, kl + hard)
 
 
@@ -214,14 +220,14 @@ def test_chunks_agree_with_one_piece(monkeypatch: pytest.MonkeyPatch, reduction:
         calls.append(student.shape[0])
         return original(student, *args)
 
-    monkeypatch.setattr(distillation_module, "CHUNK_ELEMENTS", 50 * 6)
+    monkeypatch.setattr(chunked_module, "CHUNK_ELEMENTS", 50 * 6)
     monkeypatch.setattr(distillation_module, "token_losses", counting)
     chunked = ENGINE.compute(call)
     assert calls == [6, 6, 6, 6, 6, 6, 1], "one chunk's tokens at a time"
     # Each token's values and gradient are computed alike: equal. The reductions sum in float64.
     assert torch.equal(chunked.input_grad, whole.input_grad)
     for name in ("hard_loss", "soft_loss"):
-        torch.testing.assert_close(chunked.parts[name], whole.parts[name], rtol=CHUNKED_RTOL, atol=1e-7)
+        torch.testing.assert_close(chunked.outputs[name], whole.outputs[name], rtol=CHUNKED_RTOL, atol=1e-7)
     torch.testing.assert_close(chunked.loss, whole.loss, rtol=CHUNKED_RTOL, atol=1e-7)
 
 
@@ -237,7 +243,7 @@ def test_a_large_call_holds_one_chunk_of_temporaries() -> None:
 
 
 def finite_everything(out: Any) -> None:
-    for name, value in (("loss", out.loss), *out.parts.items(), ("grad", out.input_grad)):
+    for name, value in (("loss", out.loss), *out.outputs.items(), ("grad", out.input_grad)):
         assert torch.isfinite(torch.as_tensor(value)).all(), f"{name} is not finite: {value}"
 
 
@@ -280,7 +286,7 @@ def test_every_token_ignored_is_zero_not_nan() -> None:
     student, teacher = torch.randn(3, 5), torch.randn(3, 5)
     labels = torch.full((3,), -100)
     out = check_exact(call_of(student, teacher, labels=labels, weight_hard=1.0))
-    assert out.loss == 0.0 and out.parts["hard_loss"] == 0.0 and out.parts["soft_loss"] == 0.0
+    assert out.loss == 0.0 and out.outputs["hard_loss"] == 0.0 and out.outputs["soft_loss"] == 0.0
     assert torch.equal(out.input_grad, torch.zeros(3, 5))
 
 
@@ -460,9 +466,20 @@ def test_invalid_tensors_name_their_field() -> None:
 
 
 def test_the_teacher_has_no_gradient() -> None:
-    call = LossCall(make_options("distillation"), torch.randn(2, 3), torch.randn(2, 3), target_grad=True)
+    call = LossCall(
+        make_options("distillation"), torch.randn(2, 3), torch.randn(2, 3), grads=frozenset({"target"})
+    )
     error = refused(call)
-    assert (error.reason, error.field) == ("TARGET_GRADIENT_NOT_SUPPORTED", "gradients.target")
+    assert (error.reason, error.field) == ("GRADIENT_NOT_SUPPORTED", "gradients.with_respect_to")
+
+
+def test_the_parts_come_back_only_when_asked_for() -> None:
+    call = dataclasses.replace(
+        call_of(torch.randn(3, 5), torch.randn(3, 5)), outputs=frozenset({"soft_loss"})
+    )
+    out = ENGINE.compute(call)
+    assert set(out.outputs) == {"soft_loss"}
+    assert not ENGINE.compute(dataclasses.replace(call, outputs=frozenset())).outputs
 
 
 def test_the_zero_probability_masks_change_nothing_where_there_is_no_zero(
@@ -526,8 +543,8 @@ def test_merged_calls_keep_their_own_reductions(dtype: torch.dtype, sparse: bool
         assert not isinstance(result, Exception), result
         for name, value, wanted in (
             ("loss", result.loss, loss),
-            ("hard", result.parts["hard_loss"], hard),
-            ("soft", result.parts["soft_loss"], soft),
+            ("hard", result.outputs["hard_loss"], hard),
+            ("soft", result.outputs["soft_loss"], soft),
             ("grad", result.input_grad, grad),
         ):
             actual = torch.as_tensor(value)

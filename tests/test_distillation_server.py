@@ -33,6 +33,7 @@ LABELS[0, :2] = -100
 VALUES, IDS = torch.log_softmax(TEACHER.double(), -1).topk(8, -1)
 VALUES = VALUES.float()
 VALUES[1, 1, 5:] = -math.inf  # padding
+PARTS = {"return_hard_loss": True, "return_soft_loss": True}
 
 
 def check(result: Any, expected: tuple[torch.Tensor, ...], exact: bool) -> None:
@@ -52,7 +53,9 @@ def test_unary_is_the_reference_bit_for_bit(exact_client: LossClient, sparse: bo
     target = TEACHER
     if sparse:
         target, kwargs["teacher_ids"] = VALUES, IDS
-    result = exact_client.distillation(STUDENT, target, reduction=reduction, return_grad=True, **kwargs)
+    result = exact_client.distillation(
+        STUDENT, target, reduction=reduction, return_grad=True, **PARTS, **kwargs
+    )
     check(result, reference_grad(STUDENT, target, reduction=reduction, **kwargs), exact=True)
     numpy = exact_client.distillation(STUDENT.numpy(), target.numpy(), reduction=reduction, **kwargs)
     assert isinstance(numpy.loss, np.ndarray) and numpy.grad is None
@@ -88,16 +91,20 @@ def test_streamed(server_factory: Callable[..., RunningServer], blocks: bool, re
         labels[::3] = -100
     kwargs: dict[str, Any] = {"labels": labels, "teacher_ids": ids, "beta": 0.2, "weight_hard": 0.5}
     with LossClient(running.target, stream_threshold_bytes=0, stream_chunk_bytes=1 << 16) as client:
-        result = client.distillation(student, values, reduction=reduction, return_grad=True, **kwargs)
+        result = client.distillation(
+            student, values, reduction=reduction, return_grad=True, **PARTS, **kwargs
+        )
     expected = reference_grad(student, values, reduction=reduction, **kwargs)
     check(result, expected, exact=not blocks or reduction == "none")
     computations = running.server.metrics.registry.get_sample_value("lossd_batch_requests_count")
     assert (computations > 1) == blocks, computations
 
 
-def test_merged_concurrent_calls_agree_with_alone(client: LossClient) -> None:
+def test_merged_concurrent_calls_agree_with_alone(server_factory: Callable[..., RunningServer]) -> None:
     """A batching server merges compatible calls (their tokens concatenated); each keeps its own
-    reduction, normalizer, labels and upstream gradient."""
+    reduction, normalizer, labels and upstream gradient. The server holds a call back up to 0.5 s
+    for company, so the 12 calls sent at once are computed in fewer computations than calls."""
+    running = server_factory(max_queue_delay_us=500_000)
     calls = []
     for i in range(12):
         generator = torch.Generator().manual_seed(i)
@@ -112,16 +119,24 @@ def test_merged_concurrent_calls_agree_with_alone(client: LossClient) -> None:
         if i % 4 == 1:
             kwargs["normalizer"], kwargs["reduction"] = 17.0, "mean"
         calls.append((student, teacher, kwargs))
-    with ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(lambda c: client.distillation(c[0], c[1], return_grad=True, **c[2]), calls))
+    with LossClient(running.target, timeout=30, coalesce=False) as client, ThreadPoolExecutor(12) as pool:
+        results = list(
+            pool.map(lambda c: client.distillation(c[0], c[1], return_grad=True, **PARTS, **c[2]), calls)
+        )
     for (student, teacher, kwargs), result in zip(calls, results, strict=True):
         check(result, reference_grad(student, teacher, **kwargs), exact=False)
+    value = running.server.metrics.registry.get_sample_value
+    computations = value("lossd_batch_requests_count")
+    assert value("lossd_batch_requests_sum") == 12
+    assert computations is not None and computations < 12, f"{computations} computations: nothing merged"
 
 
 def test_asyncio_client_and_torch_autograd(server: RunningServer) -> None:
     async def run() -> Any:
         async with AsyncLossClient(server.target, timeout=30) as client:
-            return await client.distillation(STUDENT, TEACHER, labels=LABELS, beta=1.0, return_grad=True)
+            return await client.distillation(
+                STUDENT, TEACHER, labels=LABELS, beta=1.0, return_grad=True, **PARTS
+            )
 
     result = asyncio.run(run())
     check(result, reference_grad(STUDENT, TEACHER, labels=LABELS, beta=1.0), exact=False)
@@ -220,11 +235,13 @@ def test_open_inference(stub: oip_grpc.GRPCInferenceServiceStub) -> None:  # noq
 
 
 def test_the_client_sizes_a_distillation_answer_from_its_tokens() -> None:
-    """One loss (and two parts) per token, not per logit: a small answer does not stream."""
+    """One loss (and the parts asked for) per token, not per logit: a small answer does not stream."""
     from lossd.client._calls import prepare_call
 
     student, teacher = np.zeros((64, 1000), np.float32), np.zeros((64, 1000), np.float32)
-    assert prepare_call("distillation", student, teacher, reduction="none").answer_nbytes == 64 * 4 * 3
-    assert prepare_call("distillation", student, teacher).answer_nbytes == 4 * 3
+    assert prepare_call("distillation", student, teacher, reduction="none").answer_nbytes == 64 * 4
+    with_parts = prepare_call("distillation", student, teacher, reduction="none", **PARTS)
+    assert with_parts.answer_nbytes == 64 * 4 * 3
+    assert prepare_call("distillation", student, teacher, return_hard_loss=True).answer_nbytes == 4 * 2
     with_grad = prepare_call("distillation", student, teacher, return_grad=True)
-    assert with_grad.answer_nbytes == 4 * 3 + student.nbytes
+    assert with_grad.answer_nbytes == 4 + student.nbytes

@@ -90,7 +90,7 @@ def test_draining_refuses_new_calls_and_finishes_those_in_progress(
         worker = threading.Thread(target=lambda: results.append(client.cross_entropy(LOGITS, LABELS)))
         worker.start()
         deadline = time.monotonic() + 10
-        while running.server.servicer.active < 1 and time.monotonic() < deadline:
+        while running.server.lifecycle.active < 1 and time.monotonic() < deadline:
             time.sleep(0.01)  # until the call is in progress
         stopping = asyncio.run_coroutine_threadsafe(running.server.stop(5.0), running.loop)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING

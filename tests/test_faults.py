@@ -48,7 +48,7 @@ def _call(rows: int = 4) -> LossCall:
         make_options("cross_entropy"),
         torch.from_numpy(_logits(rows)),
         torch.from_numpy(_labels(rows)),
-        input_grad=True,
+        grads=frozenset({"input"}),
     )
 
 

@@ -139,11 +139,7 @@ def test_a_call_alone_moves_each_tensor_up_once_and_waits_once() -> None:
         (output,) = engine.compute_batch([call], merge=False)
         assert not isinstance(output, Exception), (case.id, output)
         check_result(Result(output), reference(case, tensors), case)
-        expected_uploads = (
-            2
-            + (call.weight is not None)
-            + (call.grad_output is not None and bool(call.input_grad or call.target_grad))
-        )
+        expected_uploads = 2 + len(call.tensors) + (call.grad_output is not None and bool(call.grads))
         assert staging.uploads == expected_uploads, case.id
         assert staging.downloads == 1, case.id
 

@@ -319,7 +319,7 @@ def test_a_stream_cancelled_while_its_answer_is_written_counts_as_cancelled(
             next(stream)  # the answer has begun
             stream.cancel()
         del call
-    servicer = running.server.servicer
+    servicer = running.server.lifecycle
     assert _wait(lambda: servicer.active == 0)
     assert servicer.answered["CANCELLED"] == 5, servicer.answered
     assert "failed unexpectedly" not in caplog.text

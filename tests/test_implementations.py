@@ -46,8 +46,8 @@ def _probe(**options: Any) -> LossCall:
         make_options("linear_cross_entropy", "mean", **options),
         hidden,
         targets,
-        input_grad=True,
         tensors={"classifier": classifier},
+        grads=frozenset({"input"}),
     )
 
 
@@ -123,14 +123,17 @@ def test_calls_the_chosen_one_lacks_go_to_the_reference() -> None:
 def test_disagreement_uses_the_stated_tolerances() -> None:
     loss = torch.tensor(2.0)
     grad = torch.randn(8, 4)
-    exact = Computed(loss, [grad])
-    assert disagreement(Computed(loss * (1 + 5e-6), [grad]), exact, torch.float32) is None
-    assert disagreement(Computed(loss * (1 + 5e-5), [grad]), exact, torch.float32) is not None
-    assert disagreement(Computed(loss, [grad * (1 + 5e-5)]), exact, torch.float32) is None
-    assert "gradient" in str(disagreement(Computed(loss, [grad * 1.01]), exact, torch.float32))
-    assert disagreement(Computed(loss, []), exact, torch.float32) == "0 gradients, not 1"
-    with_head = Computed(loss, [grad], tensor_grads={"classifier": grad})
-    assert disagreement(Computed(loss, [grad]), with_head, torch.float32) == "no classifier gradient"
+    exact = Computed(loss, {"input": grad})
+    assert disagreement(Computed(loss * (1 + 5e-6), {"input": grad}), exact, torch.float32) is None
+    assert disagreement(Computed(loss * (1 + 5e-5), {"input": grad}), exact, torch.float32) is not None
+    assert disagreement(Computed(loss, {"input": grad * (1 + 5e-5)}), exact, torch.float32) is None
+    assert "gradient" in str(disagreement(Computed(loss, {"input": grad * 1.01}), exact, torch.float32))
+    assert disagreement(Computed(loss, {}), exact, torch.float32) == "gradients of [], not ['input']"
+    with_head = Computed(loss, {"input": grad, "classifier": grad})
+    found = disagreement(Computed(loss, {"input": grad}), with_head, torch.float32)
+    assert found == "gradients of ['input'], not ['classifier', 'input']"
+    with_lse = Computed(loss, {"input": grad}, {"lse": loss})
+    assert disagreement(Computed(loss, {"input": grad}), with_lse, torch.float32) == "no lse"
 
 
 def test_the_cuda_candidates_say_why_not_here() -> None:
@@ -160,8 +163,8 @@ def test_what_a_fused_kernel_supports() -> None:
         half_only=True,
     )
     assert not supports(dataclasses.replace(plain, options=make_options("linear_cross_entropy", "none")))
-    assert not supports(dataclasses.replace(plain, weight=torch.ones(40)))
-    assert not supports(_probe(return_lse=True))
+    assert not supports(dataclasses.replace(plain, tensors={**plain.tensors, "weight": torch.ones(40)}))
+    assert not supports(dataclasses.replace(plain, outputs=frozenset({"lse"})))
     assert not supports(_probe(label_smoothing=0.1), smoothing=False)
     assert not supports(_probe(lse_square_scale=1e-4), z_loss=False)
     assert not supports(
@@ -200,7 +203,7 @@ def test_a_kernel_adapter_agrees_with_the_chunks(reduction: str) -> None:
         _probe(softcap=5.0, label_smoothing=0.1),
         options=make_options("linear_cross_entropy", reduction, softcap=5.0, label_smoothing=0.1),
         grad_output=torch.tensor(1.5),
-        tensor_grads=frozenset({"classifier", "bias"}),
+        grads=frozenset({"input", "classifier", "bias"}),
     )
     call = dataclasses.replace(call, tensors={**call.tensors, "bias": torch.randn(40)})
     adapted = kernel_call(call, _identity, _torch_kernel)

@@ -126,7 +126,7 @@ def test_concurrent_streams_per_connection_are_bounded(server_factory: Callable[
     def watch() -> None:
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, running.server.servicer.active)
+            peak = max(peak, running.server.lifecycle.active)
             time.sleep(0.002)
 
     watcher = threading.Thread(target=watch)

@@ -16,7 +16,7 @@ from lossd.client import LossClient
 from lossd.client import torch as lossd_torch
 from lossd.server.engine import LossEngine
 from lossd.server.losses import LossCall, make_options
-from lossd.server.losses import linear_cross_entropy as module
+from lossd.server.losses import chunked as chunked_module
 from lossd.wire.errors import InvalidArgumentError
 
 from conftest import RunningServer
@@ -125,15 +125,16 @@ def fused(
     tensors = {"classifier": classifier}
     if bias is not None:
         tensors["bias"] = bias
+    if weight is not None:
+        tensors["weight"] = weight
     call = LossCall(
-        make_options("linear_cross_entropy", reduction, return_lse=True, **options),
+        make_options("linear_cross_entropy", reduction, **options),
         hidden,
         target,
-        weight=weight,
-        input_grad=True,
-        grad_output=grad_output,
         tensors=tensors,
-        tensor_grads=tensor_grads,
+        grads=frozenset({"input"}) | tensor_grads,
+        outputs=frozenset({"lse"}),
+        grad_output=grad_output,
     )
     return ENGINE.compute(call)
 
@@ -144,7 +145,7 @@ def test_every_option_against_the_unfused_composition(
     monkeypatch: pytest.MonkeyPatch, reduction: str, chunked: bool
 ) -> None:
     if chunked:  # chunk boundaries: 37 tokens in chunks of 5 (V = 23 does not divide the chunk)
-        monkeypatch.setattr(module, "CHUNK_ELEMENTS", 23 * 5)
+        monkeypatch.setattr(chunked_module, "CHUNK_ELEMENTS", 23 * 5)
     torch.manual_seed(0)
     hidden, classifier, bias = torch.randn(37, 16), torch.randn(23, 16), torch.randn(23)
     weight = torch.rand(23) + 0.5
@@ -168,10 +169,10 @@ def test_every_option_against_the_unfused_composition(
         hidden, target, classifier, bias, weight, reduction=reduction, grad_output=upstream, **options
     )
     close(out.loss, loss, torch.float32, "loss")
-    close(out.parts["lse"], lse, torch.float32, "lse")
+    close(out.outputs["lse"], lse, torch.float32, "lse")
     close(out.input_grad, grads[0], torch.float32, "grad", gradient=True)
-    close(out.tensor_grads["classifier"], grads[1], torch.float32, "classifier grad", gradient=True)
-    close(out.tensor_grads["bias"], grads[2], torch.float32, "bias grad", gradient=True)
+    close(out.grads["classifier"], grads[1], torch.float32, "classifier grad", gradient=True)
+    close(out.grads["bias"], grads[2], torch.float32, "bias grad", gradient=True)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -203,8 +204,8 @@ def test_property_shapes_dtypes_chunks(
     bias = torch.randn(classes, generator=generator).to(dtype) if with_bias else None
     target = torch.randint(-1, classes, tuple(lead), generator=generator)
     wanted = frozenset({"classifier", "bias"} if with_bias else {"classifier"})
-    original = module.CHUNK_ELEMENTS
-    module.CHUNK_ELEMENTS = classes * chunk
+    original = chunked_module.CHUNK_ELEMENTS
+    chunked_module.CHUNK_ELEMENTS = classes * chunk
     try:
         out = fused(
             hidden,
@@ -217,15 +218,15 @@ def test_property_shapes_dtypes_chunks(
             tensor_grads=wanted,
         )
     finally:
-        module.CHUNK_ELEMENTS = original
+        chunked_module.CHUNK_ELEMENTS = original
     loss, _, grads = unfused_head(
         hidden, target, classifier, bias, reduction=reduction, ignore_index=-1, softcap=softcap
     )
     close(out.loss, loss, dtype, "loss")
     close(out.input_grad, grads[0].to(dtype), dtype, "grad", gradient=True)
-    close(out.tensor_grads["classifier"], grads[1].to(dtype), dtype, "classifier grad", gradient=True)
+    close(out.grads["classifier"], grads[1].to(dtype), dtype, "classifier grad", gradient=True)
     if with_bias:
-        close(out.tensor_grads["bias"], grads[2].to(dtype), dtype, "bias grad", gradient=True)
+        close(out.grads["bias"], grads[2].to(dtype), dtype, "bias grad", gradient=True)
 
 
 def test_one_token_and_every_token_ignored() -> None:
@@ -361,16 +362,21 @@ def test_gradients_of_tensors_a_loss_lacks_are_refused(client: LossClient) -> No
     hidden, classifier = torch.randn(3, 4), torch.randn(5, 4)
     with pytest.raises(InvalidArgumentError) as caught:
         client.linear_cross_entropy(hidden, torch.tensor([0, 1, 2]), classifier, return_bias_grad=True)
-    assert (caught.value.reason, caught.value.field) == ("TENSOR_GRADIENT_NOT_SUPPORTED", "gradients.bias")
+    assert (caught.value.reason, caught.value.field) == (
+        "GRADIENT_NOT_SUPPORTED",
+        "gradients.with_respect_to",
+    )
+    assert "bias" in caught.value.message and caught.value.metadata["tensor"] == "bias"
     call = LossCall(
         make_options("cross_entropy", "mean"),
         torch.randn(3, 5),
         torch.tensor([0, 1, 2]),
-        tensor_grads=frozenset({"classifier"}),
+        grads=frozenset({"classifier"}),
     )
     with pytest.raises(InvalidArgumentError) as caught:
         ENGINE.prepare(call)
     assert (caught.value.reason, caught.value.field) == (
-        "TENSOR_GRADIENT_NOT_SUPPORTED",
-        "gradients.classifier",
+        "GRADIENT_NOT_SUPPORTED",
+        "gradients.with_respect_to",
     )
+    assert caught.value.metadata == {"tensor": "classifier", "loss": "cross_entropy"}

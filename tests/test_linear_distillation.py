@@ -20,7 +20,7 @@ from lossd.client import AsyncLossClient, LossClient
 from lossd.client import torch as lossd_torch
 from lossd.server.engine import LossEngine
 from lossd.server.losses import LossCall, make_options
-from lossd.server.losses import linear_distillation as module
+from lossd.server.losses import chunked as chunked_module
 from lossd.v1.oip import open_inference_pb2 as oip
 from lossd.v1.oip import open_inference_pb2_grpc as oip_grpc
 from lossd.wire.errors import InvalidArgumentError
@@ -100,10 +100,10 @@ def fused(
         make_options("linear_distillation", reduction, **options),
         hidden,
         teacher_hidden,
-        input_grad=True,
-        grad_output=grad_output,
         tensors=tensors,
-        tensor_grads=tensor_grads,
+        grads=frozenset({"input"}) | tensor_grads,
+        outputs=frozenset({"hard_loss", "soft_loss"}),
+        grad_output=grad_output,
     )
     return ENGINE.compute(call)
 
@@ -111,12 +111,12 @@ def fused(
 def check(out: Any, expected: tuple[Any, ...], dtype: torch.dtype, with_bias: bool = True) -> None:
     loss, hard, soft, grads = expected
     close(out.loss, loss, dtype, "loss")
-    close(out.parts["hard_loss"], hard, dtype, "hard_loss")
-    close(out.parts["soft_loss"], soft, dtype, "soft_loss")
+    close(out.outputs["hard_loss"], hard, dtype, "hard_loss")
+    close(out.outputs["soft_loss"], soft, dtype, "soft_loss")
     close(out.input_grad, grads[0].to(dtype), dtype, "input grad", gradient=True)
-    close(out.tensor_grads["classifier"], grads[1].to(dtype), dtype, "classifier grad", gradient=True)
+    close(out.grads["classifier"], grads[1].to(dtype), dtype, "classifier grad", gradient=True)
     if with_bias:
-        close(out.tensor_grads["bias"], grads[2].to(dtype), dtype, "bias grad", gradient=True)
+        close(out.grads["bias"], grads[2].to(dtype), dtype, "bias grad", gradient=True)
 
 
 TEACHERS = {
@@ -134,7 +134,7 @@ def test_every_option_against_the_unfused_reference(
     monkeypatch: pytest.MonkeyPatch, reduction: str, chunked: bool, teacher: str, beta: float
 ) -> None:
     if chunked:  # 37 tokens in chunks of 5: V = 23 does not divide the chunk
-        monkeypatch.setattr(module, "CHUNK_ELEMENTS", 24 * 5)
+        monkeypatch.setattr(chunked_module, "CHUNK_ELEMENTS", 24 * 5)
     torch.manual_seed(0)
     hidden, teacher_hidden = torch.randn(37, 16), torch.randn(37, 12)
     classifier, bias = torch.randn(23, 16), torch.randn(23)
@@ -199,8 +199,8 @@ def test_property_shapes_dtypes_chunks(
     teacher_classifier = torch.randn(classes, teacher_size, generator=generator).to(dtype)
     labels = torch.randint(-1, classes, tuple(lead), generator=generator) if with_labels else None
     options = {"beta": beta, "top_k": top_k, "ignore_index": -1, "weight_hard": 0.5 if with_labels else 0.0}
-    original = module.CHUNK_ELEMENTS
-    module.CHUNK_ELEMENTS = (classes + 1) * chunk
+    original = chunked_module.CHUNK_ELEMENTS
+    chunked_module.CHUNK_ELEMENTS = (classes + 1) * chunk
     try:
         out = fused(
             hidden,
@@ -213,7 +213,7 @@ def test_property_shapes_dtypes_chunks(
             **options,
         )
     finally:
-        module.CHUNK_ELEMENTS = original
+        chunked_module.CHUNK_ELEMENTS = original
     expected = unfused(
         hidden, teacher_hidden, classifier, teacher_classifier, labels=labels, reduction=reduction, **options
     )
@@ -242,7 +242,7 @@ def test_one_token_every_token_ignored_truncation_and_normalizer() -> None:
         **options,
     )
     assert float(ignored.loss) == 0.0 and torch.equal(torch.as_tensor(ignored.input_grad), torch.zeros(3, 6))
-    assert torch.equal(torch.as_tensor(ignored.tensor_grads["classifier"]), torch.zeros(7, 6))
+    assert torch.equal(torch.as_tensor(ignored.grads["classifier"]), torch.zeros(7, 6))
     tensors = (torch.randn(5, 6), torch.randn(5, 4), classifier, teacher_classifier)
     labels = torch.tensor([0, -100, 3, 4, -100])
     options = {"truncate_teacher": True, "normalizer": 64.0, "weight_hard": 1.0}
@@ -329,6 +329,8 @@ def test_through_a_server_with_a_resident_teacher_head(server: RunningServer, st
             return_grad=True,
             return_classifier_grad=True,
             return_bias_grad=True,
+            return_hard_loss=True,
+            return_soft_loss=True,
             **options,
         )
     loss, hard, soft, grads = unfused(

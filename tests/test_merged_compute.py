@@ -36,15 +36,15 @@ def as_call(case: Case, tensors: dict[str, Any]) -> LossCall:
     loss_options = make_options(
         case.kind, options["reduction"], **{k: v for k, v in options.items() if k in own}
     )
+    grads = {name for name, asked in (("input", case.input_grad), ("target", case.target_grad)) if asked}
     call = LossCall(
         loss_options,
         tensors["input"],
         tensors["target"],
-        tensors["weight"],
-        case.input_grad,
-        case.target_grad,
-        case.grad_dtype,
-        tensors["grad_output"],
+        tensors={} if tensors["weight"] is None else {"weight": tensors["weight"]},
+        grads=frozenset(grads),
+        grad_dtype=case.grad_dtype,
+        grad_output=tensors["grad_output"],
     )
     return ENGINE.prepare(call)
 
@@ -159,7 +159,7 @@ def test_staging_concatenates_every_dtype_on_the_cpu() -> None:
         parts = [torch.arange(6).reshape(3, 2).to(dtype), torch.arange(4).reshape(2, 2).to(dtype)]
         from lossd.server.engine.staging import host_array
 
-        tensor = staging.to_device([host_array(p) for p in parts], dtype)
+        tensor = staging.host_rows([host_array(p) for p in parts], dtype)
         assert tensor.dtype == dtype and torch.equal(tensor, torch.cat(parts))
         (back,) = staging.to_host([tensor])
         assert np.array_equal(back, host_array(torch.cat(parts)))
@@ -364,7 +364,8 @@ def test_weighted_calls_merge_and_keep_torchs_numbers(
         t = torch.randint(0, classes, (shape[0], *shape[2:]), generator=generator)
         t.view(-1)[i] = 3  # an ignored target in every call
         options = make_options(loss, reduction, ignore_index=3)
-        calls.append(ENGINE.prepare(LossCall(options, x, t, weight.clone(), input_grad=True)))
+        call = LossCall(options, x, t, tensors={"weight": weight.clone()}, grads=frozenset({"input"}))
+        calls.append(ENGINE.prepare(call))
         leaf = x.clone().requires_grad_()
         value = function(leaf, t, weight=weight, ignore_index=3, reduction=reduction)
         (grad,) = torch.autograd.grad(value, leaf, torch.ones_like(value))

@@ -56,6 +56,8 @@ def test_unset_fields_are_served_as_torchs_defaults(exact_server: RunningServer,
     import inspect
 
     from lossd.server.losses import LOSSES
+    from lossd.server.rpc.requests import call_from_request
+    from lossd.wire.codec import TensorLimits
 
     generator = torch.Generator().manual_seed(2)
     x = torch.log_softmax(torch.randn(4, 5, generator=generator), 1)
@@ -71,7 +73,7 @@ def test_unset_fields_are_served_as_torchs_defaults(exact_server: RunningServer,
         response = pb_grpc.LossServiceStub(channel).ComputeLoss(request, timeout=30)
     expected = getattr(F, loss)(x, target)
     assert torch.equal(codec.decode_torch(response.loss), expected)
-    served = LOSSES[loss].options(getattr(pb.ComputeLossRequest(), loss), "mean")
+    served = call_from_request(request, TensorLimits()).options  # as the server reads the message
     torchs = inspect.signature(getattr(F, loss)).parameters
     for name in LOSSES[loss].parameters:
         assert getattr(served, name) == torchs[name].default, name
@@ -88,7 +90,7 @@ def test_a_hand_built_request_as_another_language_would_send_it(exact_server: Ru
         target=tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_INT32, shape=[2], data=struct.pack("<2i", 2, 0)),
         cross_entropy=pb.CrossEntropyLossOptions(label_smoothing=0.1),
         reduction=pb.REDUCTION_SUM,
-        gradients=pb.GradientOptions(input=True, dtype=tensor_pb2.DATA_TYPE_FLOAT32),
+        gradients=pb.GradientOptions(with_respect_to=["input"], dtype=tensor_pb2.DATA_TYPE_FLOAT32),
     )
     with grpc.insecure_channel(exact_server.target) as channel:
         response = pb_grpc.LossServiceStub(channel).ComputeLoss(request, timeout=30)
@@ -98,7 +100,8 @@ def test_a_hand_built_request_as_another_language_would_send_it(exact_server: Ru
     assert response.loss.dtype == tensor_pb2.DATA_TYPE_BFLOAT16 and list(response.loss.shape) == []
     loss = struct.unpack("<f", b"\0\0" + response.loss.data)[0]
     assert loss == expected.item()
-    assert response.input_gradient.dtype == tensor_pb2.DATA_TYPE_FLOAT32
-    grad = np.frombuffer(response.input_gradient.data, "<f4").reshape(list(response.input_gradient.shape))
+    gradient = response.gradients["input"]
+    assert gradient.dtype == tensor_pb2.DATA_TYPE_FLOAT32
+    grad = np.frombuffer(gradient.data, "<f4").reshape(list(gradient.shape))
     np.testing.assert_array_equal(grad, x.grad.float().numpy())  # type: ignore[union-attr]
-    assert not response.HasField("target_gradient")
+    assert list(response.gradients) == ["input"] and not response.outputs

@@ -54,7 +54,7 @@ def test_a_resident_tensor_stands_in_anywhere(server_factory: Callable[..., Runn
         with LossClient(running.target, timeout=30, stream_threshold_bytes=0) as streaming:
             streamed = streaming.cross_entropy(logits, labels, held_weight, return_grad=True)
         assert torch.equal(streamed.loss, expected)
-    store = running.server.servicer.resident
+    store = running.server.lifecycle.resident
     assert {info.id for info in store.list()} == {held_weight.id, held_logits.id, teacher.id}
     value = running.server.metrics.registry.get_sample_value
     assert value("lossd_resident_events_total", {"event": "upload"}) == 3
@@ -164,4 +164,4 @@ def test_uploads_need_the_same_token_as_every_call(server_factory: Callable[...,
         held = client.resident(data)
         assert held.id == Resident.of(data).id
         assert client.delete_resident(held)
-    assert running.server.servicer.resident.list() == []
+    assert running.server.lifecycle.resident.list() == []

@@ -149,33 +149,59 @@ MALFORMED: list[tuple[str, Callable[[], list[bytes]], str]] = [
     ("empty", list, "STREAM_HEADER_MISSING"),
     (
         "chunk-first",
-        lambda: [chunks.encode_chunk(pb.TENSOR_SLOT_INPUT, 0, b"\0" * 4)],
+        lambda: [chunks.encode_chunk("input", 0, b"\0" * 4)],
         "STREAM_HEADER_MISSING",
     ),
     ("header-twice", lambda: [_header()[0], _header()[0]], "STREAM_HEADER_REPEATED"),
     (
-        "unknown-slot",
-        lambda: [_header()[0], chunks.encode_chunk(pb.TENSOR_SLOT_WEIGHT, 0, b"\0" * 4)],
-        "CHUNK_SLOT_INVALID",
+        "unknown-tensor",
+        lambda: [_header()[0], chunks.encode_chunk("cross_entropy.weight", 0, b"\0" * 4)],
+        "CHUNK_TENSOR_UNKNOWN",
+    ),
+    (
+        "a-name-no-request-has",
+        lambda: [_header()[0], chunks.encode_chunk("x" * 5000, 0, b"\0" * 4)],
+        "CHUNK_TENSOR_UNKNOWN",
+    ),
+    (
+        "name-not-utf8",
+        lambda: [_header()[0], b"\x12\x04\x22\x02\xff\xfe"],
+        "STREAM_MESSAGE_MALFORMED",
     ),
     (
         "inline-tensor-chunked",
-        lambda: [_header(stream_input=False)[0], chunks.encode_chunk(1, 0, b"\0" * 4)],
-        "CHUNK_SLOT_INVALID",
+        lambda: [_header(stream_input=False)[0], chunks.encode_chunk("input", 0, b"\0" * 4)],
+        "CHUNK_TENSOR_UNKNOWN",
     ),
-    ("out-of-order", lambda: [_header()[0], chunks.encode_chunk(1, 8, b"\0" * 8)], "CHUNK_OUT_OF_ORDER"),
+    (
+        "out-of-order",
+        lambda: [_header()[0], chunks.encode_chunk("input", 8, b"\0" * 8)],
+        "CHUNK_OUT_OF_ORDER",
+    ),
     (
         "chunk-repeated",
-        lambda: [_header()[0], chunks.encode_chunk(1, 0, b"\0" * 16), chunks.encode_chunk(1, 0, b"\0" * 16)],
+        lambda: [
+            _header()[0],
+            chunks.encode_chunk("input", 0, b"\0" * 16),
+            chunks.encode_chunk("input", 0, b"\0" * 16),
+        ],
         "CHUNK_OUT_OF_ORDER",
     ),
     (
         "chunks-overlap",
-        lambda: [_header()[0], chunks.encode_chunk(1, 0, b"\0" * 16), chunks.encode_chunk(1, 8, b"\0" * 40)],
+        lambda: [
+            _header()[0],
+            chunks.encode_chunk("input", 0, b"\0" * 16),
+            chunks.encode_chunk("input", 8, b"\0" * 40),
+        ],
         "CHUNK_OUT_OF_ORDER",
     ),
-    ("overrun", lambda: [_header()[0], chunks.encode_chunk(1, 0, b"\0" * 52)], "CHUNK_OVERRUN"),
-    ("ends-early", lambda: [_header()[0], chunks.encode_chunk(1, 0, _header()[1][:20])], "STREAM_INCOMPLETE"),
+    ("overrun", lambda: [_header()[0], chunks.encode_chunk("input", 0, b"\0" * 52)], "CHUNK_OVERRUN"),
+    (
+        "ends-early",
+        lambda: [_header()[0], chunks.encode_chunk("input", 0, _header()[1][:20])],
+        "STREAM_INCOMPLETE",
+    ),
     ("garbage", lambda: [_header()[0], b"\xff\xff\xff"], "STREAM_MESSAGE_MALFORMED"),
     ("neither-part", lambda: [_header()[0], b"\x18\x01"], "STREAM_PART_MISSING"),
 ]
@@ -226,7 +252,9 @@ def test_a_failed_stream_leaves_nothing_allocated(server: RunningServer, channel
     call.request.target.shape[:] = [rows]
     call.request.target.data = np.zeros(rows, np.int64).tobytes()
     messages = [chunks.encode_header(call.request)]
-    messages += [chunks.encode_chunk(1, i << 20, b"\1" * (1 << 20)) for i in range(8)]  # 8 MiB, then stop
+    messages += [
+        chunks.encode_chunk("input", i << 20, b"\1" * (1 << 20)) for i in range(8)
+    ]  # 8 MiB, then stop
     staging.host_buffer = recording  # type: ignore[method-assign]
     try:
         _, message, reason = _stream_error(channel, messages)
@@ -244,14 +272,17 @@ def test_a_failed_stream_leaves_nothing_allocated(server: RunningServer, channel
 
 def test_chunk_codec_round_trip() -> None:
     data = memoryview(bytes(range(256)) * 5)
-    message = chunks.encode_chunk(pb.TENSOR_SLOT_TARGET, 1 << 40, data)
+    message = chunks.encode_chunk("target", 1 << 40, data)
     parsed = pb.StreamLossRequest.FromString(message)  # plain protobuf reads what we write
-    assert parsed.chunk.slot == pb.TENSOR_SLOT_TARGET and parsed.chunk.offset == 1 << 40
+    assert parsed.chunk.tensor == "target" and parsed.chunk.offset == 1 << 40
     assert parsed.chunk.data == data.tobytes()
-    part = chunks.decode_part(
-        pb.StreamLossRequest(chunk=pb.TensorChunk(slot=2, offset=5, data=b"xyz")).SerializeToString()
-    )
-    assert isinstance(part, chunks.Chunk) and (part.slot, part.offset, bytes(part.data)) == (2, 5, b"xyz")
+    named = pb.TensorChunk(tensor="linear_cross_entropy.classifier", offset=5, data=b"xyz")
+    part = chunks.decode_part(pb.StreamLossRequest(chunk=named).SerializeToString())
+    assert isinstance(part, chunks.Chunk)
+    assert (part.tensor, part.offset, bytes(part.data)) == ("linear_cross_entropy.classifier", 5, b"xyz")
+    unnamed = chunks.decode_part(chunks.encode_chunk("", 0, b"ab"))  # a PutTensor stream's
+    assert isinstance(unnamed, chunks.Chunk) and unnamed.tensor == ""
+    assert pb.StreamLossRequest.FromString(chunks.encode_chunk("", 0, b"ab")).chunk.tensor == ""
     header = chunks.encode_header(pb.ComputeLossRequest(kl_div=pb.KlDivLossOptions(log_target=True)))
     assert pb.StreamLossRequest.FromString(header).header.kl_div.log_target
 

@@ -157,7 +157,9 @@ def test_lossd_accepts_what_torch_accepts(args: dict[str, Any]) -> None:
         except torch_errors:
             expected = None
     options = loss_options(args)
-    call = LossCall(options, args["input"], args["target"], args["weight"], input_grad=args["input_grad"])
+    weight = {} if args["weight"] is None else {"weight": args["weight"]}
+    grads = frozenset({"input"}) if args["input_grad"] else frozenset()
+    call = LossCall(options, args["input"], args["target"], tensors=weight, grads=grads)
     try:
         output = ENGINE.compute(call)
     except InvalidArgumentError as error:
@@ -200,7 +202,7 @@ def test_a_one_element_target_for_one_class_has_its_gradient_as_in_torch() -> No
     shapes unless C = 1; lossd refuses exactly then."""
     for classes, computes in ((1, True), (3, False)):
         x, t = torch.randn(classes), torch.tensor([0])
-        call = LossCall(make_options("nll_loss", "sum"), x, t, input_grad=True)
+        call = LossCall(make_options("nll_loss", "sum"), x, t, grads=frozenset({"input"}))
         if computes:
             leaf = x.clone().requires_grad_()
             expected = F.nll_loss(leaf, t, reduction="sum")

@@ -66,7 +66,7 @@ def _upstream(shape: tuple[int, ...], reduction: int) -> Callable[[], pb.Compute
     def build() -> pb.ComputeLossRequest:
         message = request()
         message.reduction = reduction  # type: ignore[assignment]
-        message.gradients.input = True
+        message.gradients.with_respect_to.append("input")
         codec.encode(np.ones(shape, np.float32), out=message.gradients.grad_output)
         return message
 
@@ -341,17 +341,38 @@ RULES = [
     ),
     Rule(
         "nll-target-grad",
-        lambda: _with(request("nll_loss"), lambda m: setattr(m.gradients, "target", True)),
-        "TARGET_GRADIENT_NOT_SUPPORTED",
-        "gradients.target",
-        ("gradients.target", "nll_loss"),
+        lambda: _with(request("nll_loss"), lambda m: m.gradients.with_respect_to.append("target")),
+        "GRADIENT_NOT_SUPPORTED",
+        "gradients.with_respect_to",
+        ("'target'", "nll_loss can be differentiated with respect to input"),
     ),
     Rule(
         "ce-index-target-grad",
-        lambda: _with(request(), lambda m: setattr(m.gradients, "target", True)),
-        "TARGET_GRADIENT_NOT_SUPPORTED",
-        "gradients.target",
-        ("gradients.target", "class-index"),
+        lambda: _with(request(), lambda m: m.gradients.with_respect_to.append("target")),
+        "GRADIENT_NOT_SUPPORTED",
+        "gradients.with_respect_to",
+        ("'target'", "class-index"),
+    ),
+    Rule(
+        "gradient-of-no-tensor",
+        lambda: _with(request(), lambda m: m.gradients.with_respect_to.append("logits")),
+        "GRADIENT_NOT_SUPPORTED",
+        "gradients.with_respect_to",
+        ("'logits'", "input, target"),
+    ),
+    Rule(
+        "output-unknown",
+        lambda: _with(request(), lambda m: m.outputs.append("lse")),
+        "OUTPUT_UNKNOWN",
+        "outputs",
+        ("'lse'", "cross_entropy", "none besides the loss"),
+    ),
+    Rule(
+        "output-of-another-loss",
+        lambda: _with(_distill()(), lambda m: m.outputs.append("lse")),
+        "OUTPUT_UNKNOWN",
+        "outputs",
+        ("'lse'", "hard_loss, soft_loss"),
     ),
     Rule(
         "grad-dtype-int",
@@ -470,10 +491,20 @@ RULES = [
     ),
     Rule(
         "tensor-gradient-of-a-loss-without-it",
-        lambda: _with(request(), lambda m: setattr(m.gradients, "classifier", True)),
-        "TENSOR_GRADIENT_NOT_SUPPORTED",
-        "gradients.classifier",
-        ("gradients.classifier", "cross_entropy"),
+        lambda: _with(request(), lambda m: m.gradients.with_respect_to.append("classifier")),
+        "GRADIENT_NOT_SUPPORTED",
+        "gradients.with_respect_to",
+        ("'classifier'", "cross_entropy"),
+    ),
+    Rule(
+        "tensor-gradient-of-an-unset-tensor",
+        lambda: _with(
+            _linear(RNG.standard_normal((5, 5)).astype(np.float32))(),
+            lambda m: m.gradients.with_respect_to.append("bias"),
+        ),
+        "GRADIENT_NOT_SUPPORTED",
+        "gradients.with_respect_to",
+        ("'bias'", "linear_cross_entropy.bias is unset"),
     ),
     Rule(
         "linear-distillation-top-k",

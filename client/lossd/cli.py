@@ -54,6 +54,9 @@ def configure(config: ServerConfig) -> None:
     warnings.filterwarnings(
         "ignore", message="reduction: 'mean' divides the total loss", category=UserWarning
     )
+    # The server decodes request tensors as read-only views of the received bytes (no copy) and never
+    # writes to them: torch's notice about non-writable memory is noise in this process.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 def run_server(config: ServerConfig, *, worker: str = "") -> int:

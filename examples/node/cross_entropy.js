@@ -17,7 +17,7 @@ const PROTO_ROOT = path.resolve(__dirname, "..", "..", "proto");
 function loadService() {
   const definition = protoLoader.loadSync("lossd/v1/loss_service.proto", {
     includeDirs: [PROTO_ROOT],
-    keepCase: true, // field names as in the .proto: cross_entropy, input_gradient
+    keepCase: true, // field names as in the .proto: cross_entropy, with_respect_to
     enums: String, // DataType and Reduction by name
     longs: String,
     bytes: Buffer,
@@ -66,7 +66,7 @@ function main() {
     target: int64Tensor(input.labels),
     cross_entropy: { label_smoothing: input.labelSmoothing || 0 },
     reduction: "REDUCTION_MEAN",
-    gradients: { input: true },
+    gradients: { with_respect_to: ["input"] }, // tensors are named: "input", "target", ...
   };
   const deadline = new Date(Date.now() + 30000);
   client.ComputeLoss(request, metadata, { deadline }, (error, response) => {
@@ -76,7 +76,8 @@ function main() {
       console.error(`lossd: ${grpc.status[error.code]}: ${error.details}`);
       process.exit(1);
     }
-    const result = { loss: readFloat32(response.loss), grad: readFloat32(response.input_gradient) };
+    // Gradients come back by the name of their tensor.
+    const result = { loss: readFloat32(response.loss), grad: readFloat32(response.gradients.input) };
     console.log(JSON.stringify(result));
   });
 }

@@ -1,4 +1,7 @@
-"""Builds `ComputeLossRequest`s from Python arguments and decodes responses; shared by both clients."""
+"""Builds `ComputeLossRequest`s from Python arguments and decodes responses; shared by both clients.
+
+What a loss takes, differentiates and returns comes from its declaration (`lossd.client.losses`):
+tensors, gradients and outputs are addressed by name, as the contract addresses them."""
 
 from __future__ import annotations
 
@@ -41,33 +44,46 @@ _REDUCTIONS: dict[str, pb.Reduction.ValueType] = {
 }
 
 
-_TENSOR_GRADIENTS = ("classifier", "bias")
-"""The loss tensors a gradient can be asked for: ComputeLossResponse.<name>_gradient."""
-
-
 @dataclass(frozen=True)
 class LossResult(Generic[ArrayT]):
-    """A loss and the gradients that were asked for, as numpy arrays or torch tensors like the input.
+    """A loss and what was asked for with it, as numpy arrays or torch tensors like the input
+    (torch results live on the input's device).
 
-    Torch results live on the input's device.
+    `grads` holds the gradients by the name of their tensor ("input", "target", "classifier"),
+    `outputs` the outputs besides the loss by name ("hard_loss", "lse"); each is also an attribute:
+    `result.grad` (the input's), `result.target_grad`, `result.<tensor>_grad`, `result.<output>`.
     """
 
     loss: ArrayT
     """The loss: 0-d, or one value per element for `reduction="none"`."""
-    grad: ArrayT | None = None
-    """d(loss)/d(input), if `return_grad` was set."""
-    target_grad: ArrayT | None = None
-    """d(loss)/d(target), if `return_target_grad` was set."""
-    hard_loss: ArrayT | None = None
-    """A distillation's hard (cross-entropy) part, reduced like `loss`."""
-    soft_loss: ArrayT | None = None
-    """A distillation's soft (divergence) part, reduced like `loss`."""
-    lse: ArrayT | None = None
-    """A linear cross-entropy's per-token log-sum-exp, if `return_lse` was set."""
-    classifier_grad: ArrayT | None = None
-    """d(loss)/d(classifier) of a linear loss, if `return_classifier_grad` was set."""
-    bias_grad: ArrayT | None = None
-    """d(loss)/d(bias) of a linear loss, if `return_bias_grad` was set."""
+    grads: Mapping[str, ArrayT] = field(default_factory=dict)
+    outputs: Mapping[str, ArrayT] = field(default_factory=dict)
+
+    @property
+    def grad(self) -> ArrayT | None:
+        """d(loss)/d(input), if `return_grad` was set."""
+        return self.grads.get("input")
+
+    @property
+    def target_grad(self) -> ArrayT | None:
+        """d(loss)/d(target), if `return_target_grad` was set."""
+        return self.grads.get("target")
+
+    def __getattr__(self, name: str) -> ArrayT:
+        if not name.startswith("_"):
+            if name in self.outputs:
+                return self.outputs[name]
+            if name.endswith("_grad") and name.removesuffix("_grad") in self.grads:
+                return self.grads[name.removesuffix("_grad")]
+        asked = [
+            *self.outputs,
+            *(f"{tensor}_grad" for tensor in self.grads if tensor not in ("input", "target")),
+        ]
+        raise AttributeError(
+            f"this LossResult has no {name!r}: it holds loss, grad, target_grad"
+            + "".join(f", {item}" for item in asked)
+            + " (outputs and gradients come back when their return_* argument asks for them)"
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,7 +124,6 @@ rather than in chunks of their own."""
 
 def _put_option_tensor(
     call: PreparedCall,
-    name: str,
     value: codec.TensorLike | Resident,
     message: tensor_pb2.Tensor,
     field: str,
@@ -116,77 +131,73 @@ def _put_option_tensor(
 ) -> None:
     """A loss's own tensor (class weights, token ids, say); plain floats take the input's dtype, as
     torch requires of weights, plain integers stay int64."""
-    slot = chunks.REQUEST_SLOTS[name]
     if isinstance(value, (np.ndarray, Resident)) or codec.is_torch_tensor(value):
-        call.put(slot, message, value, field)
+        call.put(field, message, value)
         return
     if integers:
-        call.put(slot, message, np.asarray(value, dtype=np.int64), field)
+        call.put(field, message, np.asarray(value, dtype=np.int64))
         return
     input_dtype = call.request.input.dtype
     dtype = input_dtype if codec.is_floating(input_dtype) else None
-    call.put(slot, message, np.asarray(value, dtype=np.float64), field, dtype)
+    call.put(field, message, np.asarray(value, dtype=np.float64), dtype)
 
 
 @dataclass
 class PreparedCall:
-    """A request with every tensor's dtype and shape set and its bytes still aside (`pending`), so
-    that it can go as one `ComputeLoss` message or as a `StreamLoss` stream without a copy too many.
+    """A request with every tensor's dtype and shape set and its bytes still aside (`pending`, by
+    the tensor's field path: the name its StreamLoss chunks carry), so that it can go as one
+    `ComputeLoss` message or as a `StreamLoss` stream without a copy too many.
     """
 
     request: pb.ComputeLossRequest
-    pending: list[tuple[int, tensor_pb2.Tensor, memoryview]] = field(default_factory=list)
+    declaration: LossDeclaration
+    pending: list[tuple[str, tensor_pb2.Tensor, memoryview]] = field(default_factory=list)
     residents: list[Resident] = field(default_factory=list)
     """The resident tensors the call names."""
-    classes_last: bool = False
-    """The loss is over tokens with the vocabulary last (a distillation): one loss per token, and
-    its two parts besides."""
 
     @property
     def nbytes(self) -> int:
         """The tensor bytes still to place."""
         return sum(data.nbytes for _, _, data in self.pending)
 
+    def _tensor(self, name: str) -> tensor_pb2.Tensor | None:
+        request = self.request
+        if name in ("input", "target"):
+            return request.input if name == "input" else request.target
+        options = getattr(request, self.declaration.name)
+        return getattr(options, name) if options.HasField(name) else None
+
     @property
     def answer_nbytes(self) -> int:
-        """The answer's tensor bytes as the shapes tell them (a `none` kl_div loss broadcasts):
-        a call whose answer would not fit one message streams too."""
+        """The answer's tensor bytes as the shapes and the declaration tell them (a `none` kl_div
+        loss broadcasts): a call whose answer would not fit one message streams too."""
         request = self.request
+        declaration = self.declaration
         input_shape, target_shape = tuple(request.input.shape), tuple(request.target.shape)
         itemsize = codec.itemsize(request.input.dtype)
-        nbytes = itemsize
-        if request.reduction == pb.REDUCTION_NONE and self.classes_last:
-            nbytes = math.prod(input_shape[:-1]) * max(itemsize, 4)
-        elif request.reduction == pb.REDUCTION_NONE:
-            shape = input_shape
-            with contextlib.suppress(ValueError):  # a loss whose operands broadcast (kl_div)
-                shape = tuple(np.broadcast_shapes(input_shape, target_shape))
-            nbytes = math.prod(shape) * itemsize
-        if self.classes_last:
-            nbytes *= 3  # the loss, its hard and its soft part
+        if declaration.rows == "tokens":
+            itemsize = max(itemsize, 4)  # computed, and answered, in float32 at least
+        per_row = math.prod(_unreduced_shape(declaration, input_shape, target_shape))
+        reduced = per_row if request.reduction == pb.REDUCTION_NONE else 1
+        nbytes = reduced * itemsize
+        for name in request.outputs:
+            nbytes += (per_row if name in declaration.unreduced else reduced) * itemsize
         gradients = request.gradients
-        wanted = [(gradients.input, request.input), (gradients.target, request.target)]
-        loss = request.WhichOneof("loss")
-        if loss is not None:
-            options = getattr(request, loss)
-            wanted += [
-                (getattr(gradients, name), getattr(options, name))
-                for name in _TENSOR_GRADIENTS
-                if name in options.DESCRIPTOR.fields_by_name
-            ]
-        for asked, tensor in wanted:
-            if asked:
+        for name in gradients.with_respect_to:
+            tensor = self._tensor(name)
+            if tensor is not None:
                 nbytes += math.prod(tensor.shape) * codec.itemsize(gradients.dtype or tensor.dtype)
         return nbytes
 
     def put(
         self,
-        slot: int,
+        name: str,
         message: tensor_pb2.Tensor,
         value: codec.TensorLike | Resident,
-        name: str,
         dtype: int | None = None,
     ) -> None:
+        """Sets tensor `name` (its field path) in `message`: a resident's id, or its dtype and
+        shape with its bytes aside."""
         if isinstance(value, Resident):
             message.CopyFrom(value.header())
             message.resident_id = value.id
@@ -195,7 +206,7 @@ class PreparedCall:
         array, code = codec.to_wire(value, name, dtype)
         message.dtype = code  # type: ignore[assignment]
         message.shape[:] = array.shape
-        self.pending.append((slot, message, codec.wire_view(array)))
+        self.pending.append((name, message, codec.wire_view(array)))
 
     def unary(self) -> pb.ComputeLossRequest:
         """The complete ComputeLossRequest."""
@@ -209,15 +220,28 @@ class PreparedCall:
         the input last, so that everything the server needs beside it is there when it arrives."""
         rest = []
         inline = min(_INLINE_BYTES, chunk_bytes)
-        for slot, message, data in self.pending:
+        for name, message, data in self.pending:
             if data.nbytes <= inline:
                 message.data = data.tobytes()
             else:
-                rest.append((slot, data))
+                rest.append((name, data))
         self.pending = []
         yield chunks.encode_header(self.request)
-        for slot, data in sorted(rest, key=lambda item: item[0] == pb.TENSOR_SLOT_INPUT):
-            yield from chunks.iter_chunks(slot, data, chunk_bytes)
+        for name, data in sorted(rest, key=lambda item: item[0] == "input"):
+            yield from chunks.iter_chunks(name, data, chunk_bytes)
+
+
+def _unreduced_shape(
+    declaration: LossDeclaration, input_shape: tuple[int, ...], target_shape: tuple[int, ...]
+) -> tuple[int, ...]:
+    """The shape of the loss under reduction 'none', by the declaration's rows."""
+    if declaration.rows == "tokens":
+        return input_shape[:-1]
+    if declaration.rows == "classes":
+        return input_shape[:1] + input_shape[2:] if len(input_shape) >= 2 else ()
+    with contextlib.suppress(ValueError):  # a broadcast the server refuses: the input's, then
+        return tuple(np.broadcast_shapes(input_shape, target_shape))
+    return input_shape
 
 
 def prepare_call(
@@ -226,20 +250,16 @@ def prepare_call(
     target: codec.TensorLike,
     *,
     reduction: str = "mean",
-    return_grad: bool = False,
-    return_target_grad: bool = False,
-    return_classifier_grad: bool = False,
-    return_bias_grad: bool = False,
     grad_dtype: object = None,
     grad_output: codec.TensorLike | None = None,
     **options: Any,
 ) -> PreparedCall:
     """The call `F.<loss>(input, target, ...)`, with torch's argument names and defaults: the
-    common ones here, the loss's own in `options` (see `lossd.client.losses`)."""
+    common ones here, the loss's own in `options`, with the `return_*` requests (see
+    `lossd.client.losses`)."""
     declaration = DECLARATIONS[loss] if isinstance(loss, str) else loss
-    unknown = [
-        name for name in options if name not in declaration.options and name not in declaration.tensors
-    ]
+    known = {*declaration.options, *declaration.tensors, *declaration.gradients, *declaration.outputs}
+    unknown = [name for name in options if name not in known]
     if unknown:
         raise TypeError(f"{declaration.name}() got unexpected keyword arguments {sorted(unknown)}")
     if reduction not in _REDUCTIONS:
@@ -249,37 +269,30 @@ def prepare_call(
             field="reduction",
             metadata={"reduction": str(reduction)},
         )
-    call = PreparedCall(
-        pb.ComputeLossRequest(reduction=_REDUCTIONS[reduction]), classes_last=declaration.classes_last
-    )
+    call = PreparedCall(pb.ComputeLossRequest(reduction=_REDUCTIONS[reduction]), declaration)
     request = call.request
-    call.put(pb.TENSOR_SLOT_INPUT, request.input, input, "input")
-    call.put(pb.TENSOR_SLOT_TARGET, request.target, target, "target")
+    call.put("input", request.input, input)
+    call.put("target", request.target, target)
     message = getattr(request, declaration.name)
     message.SetInParent()
     for name in declaration.tensors:
         value = options.get(name)
         if value is not None:
             field = f"{declaration.name}.{name}"
-            _put_option_tensor(call, name, value, getattr(message, name), field, name in declaration.indices)
+            _put_option_tensor(call, value, getattr(message, name), field, name in declaration.indices)
     for name, default in declaration.options.items():
         value = options.get(name, default)
         if value is not None and value != default:  # unset fields mean the default on the server too
             setattr(message, name, value if default is None else type(default)(value))
-    tensor_grads = {"classifier": return_classifier_grad, "bias": return_bias_grad}
-    for name, asked in tensor_grads.items():
-        if asked and name not in declaration.gradient_tensors:
-            raise TypeError(f"{declaration.name}() has no {name} gradient (return_{name}_grad)")
-    if return_grad or return_target_grad or any(tensor_grads.values()) or grad_output is not None:
+    request.outputs.extend(output for flag, output in declaration.outputs.items() if options.get(flag))
+    wrt = [tensor for flag, tensor in declaration.gradients.items() if options.get(flag)]
+    if wrt or grad_output is not None:
         gradients = request.gradients
-        gradients.input = return_grad
-        gradients.target = return_target_grad
-        gradients.classifier = return_classifier_grad
-        gradients.bias = return_bias_grad
+        gradients.with_respect_to.extend(wrt)
         if grad_dtype is not None:
             gradients.dtype = codec.data_type_of(grad_dtype, "gradients.dtype")  # type: ignore[assignment]
         if grad_output is not None:
-            call.put(pb.TENSOR_SLOT_GRAD_OUTPUT, gradients.grad_output, grad_output, "gradients.grad_output")
+            call.put("gradients.grad_output", gradients.grad_output, grad_output)
     return call
 
 
@@ -295,8 +308,8 @@ def decode_response(
 ) -> LossResult[Any]:
     """Decodes a response into arrays of the same kind as `like` (torch: on `like`'s device).
 
-    `data[field]` holds a gradient's bytes when they came in StreamLoss chunks; the result then
-    shares that memory.
+    `data[name]` holds a tensor's bytes when they came in StreamLoss chunks (by the name they
+    carried: "loss", "outputs.lse", "gradients.input"); the result then shares that memory.
     """
     extra = data or {}
     if codec.is_torch_tensor(like):
@@ -312,28 +325,20 @@ def decode_response(
             bytes_ = extra.get(field)
             return codec.decode_numpy(message, field, data=bytes_, copy=bytes_ is None)
 
-    parts = {
-        name: decode(getattr(response, name), name)
-        for name in ("hard_loss", "soft_loss", "lse")
-        if response.HasField(name)
-    }
-    parts.update(
-        (f"{name}_grad", decode(getattr(response, f"{name}_gradient"), f"{name}_gradient"))
-        for name in _TENSOR_GRADIENTS
-        if response.HasField(f"{name}_gradient")  # type: ignore[arg-type]
-    )
     return LossResult(
         loss=decode(response.loss, "loss"),
-        **parts,
-        grad=decode(response.input_gradient, "input_gradient")
-        if response.HasField("input_gradient")
-        else None,
-        target_grad=(
-            decode(response.target_gradient, "target_gradient")
-            if response.HasField("target_gradient")
-            else None
-        ),
+        grads={name: decode(tensor, f"gradients.{name}") for name, tensor in response.gradients.items()},
+        outputs={name: decode(tensor, f"outputs.{name}") for name, tensor in response.outputs.items()},
     )
+
+
+def response_tensors(response: pb.ComputeLossResponse) -> Iterator[tuple[str, tensor_pb2.Tensor]]:
+    """A response's tensors by the names their chunks carry."""
+    yield "loss", response.loss
+    for name, tensor in response.outputs.items():
+        yield f"outputs.{name}", tensor
+    for name, tensor in response.gradients.items():
+        yield f"gradients.{name}", tensor
 
 
 class StreamReceiver:
@@ -355,14 +360,12 @@ class StreamReceiver:
                         "the response stream opened with a chunk", reason="STREAM_HEADER_MISSING"
                     )
                 self._header = pb.ComputeLossResponse.FromString(bytes(part))
-                sizes: dict[int, int] = {}
-                fields: dict[int, str] = {}
-                for name, slot in chunks.RESPONSE_SLOTS.items():
-                    if self._header.HasField(name):  # type: ignore[arg-type]
-                        nbytes = codec.streamed_bytes(getattr(self._header, name), name)
-                        if nbytes is not None:
-                            sizes[int(slot)], fields[int(slot)] = nbytes, name
-                self._assembly = chunks.Assembly(sizes, lambda n: np.empty(n, dtype=np.uint8), fields)
+                sizes: dict[str, int] = {}
+                for name, tensor in response_tensors(self._header):
+                    nbytes = codec.streamed_bytes(tensor, name)
+                    if nbytes is not None:
+                        sizes[name] = nbytes
+                self._assembly = chunks.Assembly(sizes, lambda n: np.empty(n, dtype=np.uint8))
             elif isinstance(part, chunks.Chunk):
                 self._assembly.add(*part)
             else:
@@ -379,4 +382,4 @@ class StreamReceiver:
             self._assembly.check_complete()
         except InvalidArgumentError as error:
             raise DataLossError(f"malformed response stream: {error.message}", reason=error.reason) from None
-        return decode_response(self._header, self._like, self._assembly.by_field())
+        return decode_response(self._header, self._like, self._assembly.by_name())

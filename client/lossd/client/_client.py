@@ -8,33 +8,27 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import grpc
 
-from lossd.client._calls import (
-    LossResult,
-    PreparedCall,
-    Resident,
-    StreamReceiver,
-    decode_response,
-    prepare_call,
+from lossd.client._calls import LossResult, PreparedCall, Resident, StreamReceiver, prepare_call
+from lossd.client._core import (
+    ClientCore,
+    Operation,
+    Outcome,
+    Plan,
+    RpcFailed,
+    Stream,
+    Unary,
+    Upload,
+    connection_lost,
+    run,
+    run_async,
 )
 from lossd.client.channels import DEFAULT_RETRY_ATTEMPTS, auth_metadata, make_aio_channel, make_channel
-from lossd.client.coalescing import (
-    DEFAULT_IN_FLIGHT,
-    DEFAULT_MAX_ENTRIES,
-    AsyncCoalescer,
-    Coalescer,
-    SendAlone,
-)
+from lossd.client.coalescing import DEFAULT_IN_FLIGHT, DEFAULT_MAX_ENTRIES, AsyncCoalescer, Coalescer
 from lossd.client.losses import DECLARATIONS, LossDeclaration, Losses
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd.wire import chunks
-from lossd.wire.errors import (
-    FailedPreconditionError,
-    LossdError,
-    NotFoundError,
-    ResourceExhaustedError,
-    UnavailableError,
-)
+from lossd.wire.errors import FailedPreconditionError, LossdError
 from lossd.wire.status import from_rpc_error
 
 __all__ = ["DEFAULT_TARGET", "AsyncLossClient", "LossClient"]
@@ -51,14 +45,7 @@ ChannelOptions = Sequence[tuple[str, Any]]
 
 R = TypeVar("R")
 C = TypeVar("C", grpc.Channel, grpc.aio.Channel)
-
-
-def _connection_lost(error: LossdError) -> bool:
-    """A call that failed because its connection broke (the server died) after the server began to
-    answer: gRPC's retry policy no longer retries it (the answer's headers commit the call), but a
-    loss call is idempotent, so the client sends it once more. lossd's own UNAVAILABLE answers carry
-    a reason and were already retried by the policy."""
-    return isinstance(error, UnavailableError) and not error.reason
+T = TypeVar("T")
 
 
 def _loss_method(declaration: LossDeclaration) -> Callable[..., Any]:
@@ -92,10 +79,17 @@ def _loss_method(declaration: LossDeclaration) -> Callable[..., Any]:
     return method
 
 
+def _raised(outcome: T | LossdError) -> T:
+    """A plan's result, or its error raised: the one place a call's failure becomes an exception."""
+    if isinstance(outcome, LossdError):
+        raise outcome
+    return outcome
+
+
 class LossMethods(Generic[R, C]):
-    """What the blocking and the asyncio client share: the channel, the settings, and one method
-    per loss, made from its declaration in `lossd.client.losses.Losses` (`_send` makes them
-    blocking or awaitable)."""
+    """What the blocking and the asyncio client share: the channel, the settings, the call plans
+    (`lossd.client._core.ClientCore`), and one method per loss, made from its declaration in
+    `lossd.client.losses.Losses`. Each client only performs the plans' RPCs, blocking or awaited."""
 
     _make_channel: ClassVar[Callable[..., Any]]
     _make_coalescer: ClassVar[Callable[..., Any]]
@@ -119,10 +113,9 @@ class LossMethods(Generic[R, C]):
     ) -> None:
         self._timeout = timeout
         self._closed = False
-        self._resend = retry_attempts > 1
         self._metadata = auth_metadata(token)
-        self._stream_threshold = stream_threshold_bytes
         self._chunk_bytes = stream_chunk_bytes
+        self._core = ClientCore(stream_threshold=stream_threshold_bytes, resend=retry_attempts > 1)
         self._owns_channel = channel is None
         if channel is None:
             channel = type(self)._make_channel(
@@ -139,8 +132,6 @@ class LossMethods(Generic[R, C]):
         self._put_call: Any = channel.stream_unary(
             PUT_TENSOR_METHOD, response_deserializer=pb.PutTensorResponse.FromString
         )
-        self._residents: dict[str, Resident] = {}
-        """Tensors uploaded through this client, by id."""
         self._coalescer: Any = None
         if coalesce:
             self._coalescer = type(self)._make_coalescer(
@@ -149,27 +140,7 @@ class LossMethods(Generic[R, C]):
 
     def _upload_messages(self, resident: Resident) -> Iterator[bytes]:
         yield chunks.encode_header(resident.header())
-        yield from chunks.iter_chunks(int(pb.TENSOR_SLOT_RESIDENT), resident.data, self._chunk_bytes)
-
-    def _known(self, tensor: Any) -> tuple[Resident, bool]:
-        """The handle for `tensor`, and whether this client already uploaded it."""
-        self._check_open()
-        resident = tensor if isinstance(tensor, Resident) else Resident.of(tensor)
-        known = self._residents.get(resident.id)
-        return (known, True) if known is not None else (resident, False)
-
-    @staticmethod
-    def _missing(error: LossdError, call: PreparedCall) -> bool:
-        """Whether a call failed only because the server does not hold a resident tensor it names."""
-        return (
-            isinstance(error, NotFoundError) and error.reason == "RESIDENT_NOT_FOUND" and bool(call.residents)
-        )
-
-    def _resending(self, exc: grpc.RpcError, attempt: int) -> LossdError | None:
-        """None to send a unary call again (its connection broke mid-answer, first attempt),
-        else the error to raise."""
-        error = from_rpc_error(exc)
-        return None if attempt == 1 and self._resend and _connection_lost(error) else error
+        yield from chunks.iter_chunks("", resident.data, self._chunk_bytes)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -183,12 +154,17 @@ class LossMethods(Generic[R, C]):
         return self._timeout if timeout is None else timeout
 
     def _send(self, build: Callable[[], PreparedCall], like: Any, timeout: float | None) -> R:
-        raise NotImplementedError
+        raise NotImplementedError  # each client runs the plan its own way
 
-    def _streams(self, call: PreparedCall) -> bool:
-        """Whether a call goes as a StreamLoss stream: when its tensors, or its answer's, outgrow
-        the threshold (a server refuses a unary answer that no message could carry)."""
-        return call.nbytes > self._stream_threshold or call.answer_nbytes > self._stream_threshold
+    def _loss_plan(
+        self, build: Callable[[], PreparedCall], like: Any, timeout: float | None
+    ) -> Plan[LossResult[Any] | LossdError]:
+        self._check_open()
+        return self._core.loss(build, like, self._deadline(timeout), self._coalescer is not None)
+
+    def _failed(self, exc: grpc.RpcError) -> RpcFailed:
+        error = from_rpc_error(exc)
+        return RpcFailed(error, connection_lost(error))
 
 
 for _declaration in DECLARATIONS.values():
@@ -235,106 +211,61 @@ class LossClient(LossMethods[LossResult[Any], grpc.Channel], Losses[LossResult[A
     ) -> pb.ComputeLossResponse:
         """Sends a raw request; for callers that build `lossd.v1` messages themselves."""
         self._check_open()
-        for attempt in (1, 2):
-            try:
-                response: pb.ComputeLossResponse = self._stub.ComputeLoss(
-                    request, timeout=self._deadline(timeout), metadata=self._metadata
-                )
-                return response
-            except grpc.RpcError as exc:
-                error = self._resending(exc, attempt)
-                if error is None:
-                    continue
-                raise error from None
-        raise AssertionError("unreachable")
-
-    def _unary(self, request: pb.ComputeLossRequest, timeout: float | None) -> pb.ComputeLossResponse:
-        """A unary call, coalesced with concurrent ones where coalescing is on."""
-        if self._coalescer is None:
-            return self.compute(request, timeout=timeout)
-        try:
-            response: pb.ComputeLossResponse = self._coalescer.compute(request, self._deadline(timeout))
-            return response
-        except SendAlone as failed:
-            if not (failed.alone and failed.cause is not None):
-                return self.compute(request, timeout=timeout)  # a batch failed: as a single call
-            error = self._resending(failed.cause, 1)
-            if error is not None:
-                raise error from None
-        try:  # the call went alone and its connection broke: once more, and only once
-            again: pb.ComputeLossResponse = self._stub.ComputeLoss(
-                request, timeout=self._deadline(timeout), metadata=self._metadata
-            )
-            return again
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        return _raised(run(self._core.unary(request, self._deadline(timeout), False), self._perform))
 
     def resident(self, tensor: Any, *, timeout: float | None = None) -> Resident:
         """Uploads `tensor` (numpy or torch) for the server to hold, once: pass the handle wherever a
         loss takes a tensor and only its id travels. A tensor this client already uploaded is not
         sent again (handles are cached by content); a server that does not hold it (another
         replica, a restart, one that let it go) gets it again when a call names it."""
-        resident, known = self._known(tensor)
+        self._check_open()
+        resident, known = self._core.known(tensor)
         if not known:
-            self._upload(resident, timeout)
+            _raised(run(self._core.upload(resident, self._deadline(timeout)), self._perform))
         return resident
-
-    def _upload(self, resident: Resident, timeout: float | None) -> None:
-        try:
-            self._put_call(
-                self._upload_messages(resident), timeout=self._deadline(timeout), metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        self._residents[resident.id] = resident
 
     def delete_resident(self, resident: Resident, *, timeout: float | None = None) -> bool:
         """Asks the server to let go of a resident tensor; whether it held it."""
         self._check_open()
-        self._residents.pop(resident.id, None)
-        try:
-            answer = self._stub.DeleteTensor(
-                pb.DeleteTensorRequest(id=resident.id),
-                timeout=self._deadline(timeout),
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        return bool(answer.deleted)
+        return _raised(run(self._core.delete(resident, self._deadline(timeout)), self._perform))
 
     def _send(self, build: Callable[[], PreparedCall], like: Any, timeout: float | None) -> LossResult[Any]:
-        try:
-            return self._send_once(build, like, timeout)
-        except LossdError as error:
-            call = build()
-            if not self._missing(error, call):
-                raise
-            for resident in call.residents:  # this server does not hold them: upload, then again
-                self._upload(resident, timeout)
-            return self._send_once(build, like, timeout)
+        return _raised(run(self._loss_plan(build, like, timeout), self._perform))
 
-    def _send_once(
-        self, build: Callable[[], PreparedCall], like: Any, timeout: float | None
-    ) -> LossResult[Any]:
-        self._check_open()
-        call = build()
-        if not self._streams(call):
-            try:
-                return decode_response(self._unary(call.unary(), timeout), like)
-            except ResourceExhaustedError as refused:
-                if refused.reason != "RESPONSE_TOO_LARGE":
-                    raise
-                call = build()  # this server's messages are smaller than the answer: stream it
-        receiver = StreamReceiver(like)
+    def _perform(self, operation: Operation) -> Outcome:
+        """One RPC of a plan, blocking; its outcome as a value."""
+        if isinstance(operation, Unary) and operation.coalesce and self._coalescer is not None:
+            outcome: Outcome = self._coalescer.compute(operation.request, operation.timeout)
+            return outcome
         try:
-            stream = self._stream_call(
-                call.stream(self._chunk_bytes), timeout=self._deadline(timeout), metadata=self._metadata
+            if isinstance(operation, Unary):
+                response: pb.ComputeLossResponse = self._stub.ComputeLoss(
+                    operation.request, timeout=operation.timeout, metadata=self._metadata
+                )
+                return response
+            if isinstance(operation, Stream):
+                receiver = StreamReceiver(operation.like)
+                stream = self._stream_call(
+                    operation.call.stream(self._chunk_bytes),
+                    timeout=operation.timeout,
+                    metadata=self._metadata,
+                )
+                for raw in stream:
+                    receiver.feed(raw)
+                return receiver.result()
+            if isinstance(operation, Upload):
+                messages = self._upload_messages(operation.resident)
+                self._put_call(messages, timeout=operation.timeout, metadata=self._metadata)
+                return None
+            answer = self._stub.DeleteTensor(
+                pb.DeleteTensorRequest(id=operation.id), timeout=operation.timeout, metadata=self._metadata
             )
-            for raw in stream:
-                receiver.feed(raw)
+            return bool(answer.deleted)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        return receiver.result()
+            failed = self._failed(exc)
+            return failed if isinstance(operation, Unary) else failed.error
+        except LossdError as error:  # a malformed answer stream
+            return error
 
     def close(self) -> None:
         """Closes the channel, unless it was passed in; later calls raise `FailedPreconditionError`."""
@@ -370,111 +301,65 @@ class AsyncLossClient(
     ) -> pb.ComputeLossResponse:
         """Sends a raw request; for callers that build `lossd.v1` messages themselves."""
         self._check_open()
-        for attempt in (1, 2):
-            try:
-                response: pb.ComputeLossResponse = await self._stub.ComputeLoss(
-                    request, timeout=self._deadline(timeout), metadata=self._metadata
-                )
-                return response
-            except grpc.RpcError as exc:
-                error = self._resending(exc, attempt)
-                if error is None:
-                    continue
-                raise error from None
-        raise AssertionError("unreachable")
-
-    async def _unary(self, request: pb.ComputeLossRequest, timeout: float | None) -> pb.ComputeLossResponse:
-        """See `LossClient._unary`."""
-        if self._coalescer is None:
-            return await self.compute(request, timeout=timeout)
-        try:
-            response: pb.ComputeLossResponse = await self._coalescer.compute(request, self._deadline(timeout))
-            return response
-        except SendAlone as failed:
-            if not (failed.alone and failed.cause is not None):
-                return await self.compute(request, timeout=timeout)  # a batch failed: as a single call
-            error = self._resending(failed.cause, 1)
-            if error is not None:
-                raise error from None
-        try:  # the call went alone and its connection broke: once more, and only once
-            again: pb.ComputeLossResponse = await self._stub.ComputeLoss(
-                request, timeout=self._deadline(timeout), metadata=self._metadata
-            )
-            return again
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        return _raised(
+            await run_async(self._core.unary(request, self._deadline(timeout), False), self._perform)
+        )
 
     async def resident(self, tensor: Any, *, timeout: float | None = None) -> Resident:
         """See `LossClient.resident`."""
-        resident, known = self._known(tensor)
+        self._check_open()
+        resident, known = self._core.known(tensor)
         if not known:
-            await self._upload(resident, timeout)
+            _raised(await run_async(self._core.upload(resident, self._deadline(timeout)), self._perform))
         return resident
-
-    async def _upload(self, resident: Resident, timeout: float | None) -> None:
-        try:
-            await self._put_call(
-                self._upload_messages(resident), timeout=self._deadline(timeout), metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        self._residents[resident.id] = resident
 
     async def delete_resident(self, resident: Resident, *, timeout: float | None = None) -> bool:
         """See `LossClient.delete_resident`."""
         self._check_open()
-        self._residents.pop(resident.id, None)
-        try:
-            answer = await self._stub.DeleteTensor(
-                pb.DeleteTensorRequest(id=resident.id),
-                timeout=self._deadline(timeout),
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        return bool(answer.deleted)
+        return _raised(await run_async(self._core.delete(resident, self._deadline(timeout)), self._perform))
 
     def _send(
         self, build: Callable[[], PreparedCall], like: Any, timeout: float | None
     ) -> Awaitable[LossResult[Any]]:
-        async def send_again() -> LossResult[Any]:
-            try:
-                return await self._send_once(build, like, timeout)
-            except LossdError as error:
-                call = build()
-                if not self._missing(error, call):
-                    raise
-                for resident in call.residents:
-                    await self._upload(resident, timeout)
-                return await self._send_once(build, like, timeout)
-
-        return send_again()
-
-    def _send_once(
-        self, build: Callable[[], PreparedCall], like: Any, timeout: float | None
-    ) -> Awaitable[LossResult[Any]]:
         async def send() -> LossResult[Any]:
-            self._check_open()
-            call = build()
-            if not self._streams(call):
-                try:
-                    return decode_response(await self._unary(call.unary(), timeout), like)
-                except ResourceExhaustedError as refused:
-                    if refused.reason != "RESPONSE_TOO_LARGE":
-                        raise
-                    call = build()  # this server's messages are smaller than the answer: stream it
-            receiver = StreamReceiver(like)
-            try:
+            return _raised(await run_async(self._loss_plan(build, like, timeout), self._perform))
+
+        return send()
+
+    async def _perform(self, operation: Operation) -> Outcome:
+        """One RPC of a plan, awaited; its outcome as a value."""
+        if isinstance(operation, Unary) and operation.coalesce and self._coalescer is not None:
+            outcome: Outcome = await self._coalescer.compute(operation.request, operation.timeout)
+            return outcome
+        try:
+            if isinstance(operation, Unary):
+                response: pb.ComputeLossResponse = await self._stub.ComputeLoss(
+                    operation.request, timeout=operation.timeout, metadata=self._metadata
+                )
+                return response
+            if isinstance(operation, Stream):
+                receiver = StreamReceiver(operation.like)
                 stream = self._stream_call(
-                    call.stream(self._chunk_bytes), timeout=self._deadline(timeout), metadata=self._metadata
+                    operation.call.stream(self._chunk_bytes),
+                    timeout=operation.timeout,
+                    metadata=self._metadata,
                 )
                 async for raw in stream:
                     receiver.feed(raw)
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc) from None
-            return receiver.result()
-
-        return send()
+                return receiver.result()
+            if isinstance(operation, Upload):
+                messages = self._upload_messages(operation.resident)
+                await self._put_call(messages, timeout=operation.timeout, metadata=self._metadata)
+                return None
+            answer = await self._stub.DeleteTensor(
+                pb.DeleteTensorRequest(id=operation.id), timeout=operation.timeout, metadata=self._metadata
+            )
+            return bool(answer.deleted)
+        except grpc.RpcError as exc:
+            failed = self._failed(exc)
+            return failed if isinstance(operation, Unary) else failed.error
+        except LossdError as error:  # a malformed answer stream
+            return error
 
     async def close(self) -> None:
         """Closes the channel, unless it was passed in; later calls raise `FailedPreconditionError`."""

@@ -7,10 +7,15 @@ is never delayed: there is no timer), and calls that arrive while every slot is 
 next free slot and go together, up to `max_entries` per batch. Busy clients pay the per-call cost
 once per batch; idle ones pay nothing extra.
 
-Each caller gets its own response or its own error. A call's timeout is its own: a caller whose time
-runs out while its entry waits or travels gets DEADLINE_EXCEEDED, as alone. When the batch RPC
-itself fails (the server is draining, the connection broke, a server too old to have the method),
-each caller sends its call again alone, so retries behave exactly as for single calls.
+Each caller gets its own outcome, as a value (`lossd.client._core`): its response, its entry's own
+error, the failure of the RPC that carried it alone, or `BatchFailed` when the batch RPC failed as a
+whole (the server is draining, the connection broke, a server too old to have the method): the
+caller then sends its call again alone, so retries behave exactly as for single calls. A call's
+timeout is its own: a caller whose time runs out while its entry waits or travels gets
+DEADLINE_EXCEEDED, as alone.
+
+What the blocking and the asyncio coalescer share is here once (`_Queue`: which calls go next;
+`_outcomes`: what each caller gets); each only waits and sends its own way.
 """
 
 from __future__ import annotations
@@ -26,18 +31,19 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from lossd.client._core import BatchFailed, RpcFailed, connection_lost
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.wire import messages
-from lossd.wire.errors import DeadlineExceededError
-from lossd.wire.status import from_status
+from lossd.wire.errors import DeadlineExceededError, LossdError
+from lossd.wire.status import from_rpc_error, from_status
 
 __all__ = [
     "BATCH_METHOD",
     "DEFAULT_IN_FLIGHT",
     "DEFAULT_MAX_ENTRIES",
     "AsyncCoalescer",
+    "Coalesced",
     "Coalescer",
-    "SendAlone",
 ]
 
 BATCH_METHOD = "/lossd.v1.LossService/ComputeLossBatch"
@@ -51,16 +57,8 @@ several replicas keeps more than one busy)."""
 F = TypeVar("F")
 
 
-class SendAlone(Exception):
-    """The call's RPC failed as a whole: `alone`, the call went by itself and its error (`cause`)
-    follows a single call's rules (resend once if the connection broke, else raise it); otherwise a
-    batch failed (or the server lacks the method) and the call is sent again alone, with a single
-    call's retries."""
-
-    def __init__(self, cause: grpc.RpcError | None = None, alone: bool = False) -> None:
-        super().__init__("send this call alone")
-        self.cause = cause
-        self.alone = alone
+Coalesced = pb.ComputeLossResponse | LossdError | RpcFailed | BatchFailed
+"""What a coalesced call gets: see the module docstring."""
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -73,7 +71,7 @@ def _remaining(deadline: float | None) -> float | None:
 
 def _expired(timeout: float | None) -> DeadlineExceededError:
     return DeadlineExceededError(
-        f"the call took longer than its timeout ({timeout:g} s) while batched with others",
+        f"the call took longer than its timeout ({timeout or 0.0:g} s) while batched with others",
         reason="DEADLINE_EXCEEDED",
     )
 
@@ -86,19 +84,15 @@ class _Entry(Generic[F]):
 
 
 def _deliver(
-    entries: Sequence[_Entry[concurrent.futures.Future[pb.ComputeLossResponse]]]
-    | Sequence[_Entry[asyncio.Future[pb.ComputeLossResponse]]],
-    outcomes: Sequence[pb.ComputeLossResponse | BaseException],
+    entries: Sequence[_Entry[concurrent.futures.Future[Coalesced]]]
+    | Sequence[_Entry[asyncio.Future[Coalesced]]],
+    outcomes: Sequence[Coalesced],
 ) -> None:
     """Each caller's outcome to its future (threads' or tasks'), unless it gave up already."""
-    futures: list[concurrent.futures.Future[pb.ComputeLossResponse] | asyncio.Future[pb.ComputeLossResponse]]
+    futures: list[concurrent.futures.Future[Coalesced] | asyncio.Future[Coalesced]]
     futures = [entry.future for entry in entries]
     for future, outcome in zip(futures, outcomes, strict=True):
-        if future.done():
-            continue
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
+        if not future.done():
             future.set_result(outcome)
 
 
@@ -139,19 +133,20 @@ def _batch_deadline(entries: Sequence[_Entry[Any]]) -> float | None:
 
 def _outcomes(
     entries: Sequence[_Entry[Any]], response: Any, error: grpc.RpcError | None, queue: _Queue[Any]
-) -> list[pb.ComputeLossResponse | BaseException]:
-    """Each entry's response or exception, from the RPC's response or error."""
+) -> list[Coalesced]:
+    """Each entry's outcome, from the RPC's response or error."""
     if error is not None:
-        if len(entries) == 1:
-            return [SendAlone(error, alone=True)]  # the single call's own rules: resend, or raise
+        if len(entries) == 1:  # the single call's own rules: resend, or its error
+            failed = from_rpc_error(error)
+            return [RpcFailed(failed, connection_lost(failed))]
         if error.code() == grpc.StatusCode.UNIMPLEMENTED:
             queue.batching = False  # a server without ComputeLossBatch: no more batches
-        return [SendAlone(error) for _ in entries]
+        return [BatchFailed() for _ in entries]
     if len(entries) == 1:
         return [response]
     results = list(response.results)
     if len(results) != len(entries):
-        return [SendAlone() for _ in entries]
+        return [BatchFailed() for _ in entries]
     return [
         result.response if result.WhichOneof("result") == "response" else from_status(result.error)
         for result in results
@@ -188,14 +183,14 @@ class Coalescer:
     ) -> None:
         self._metadata = metadata
         self._lock = threading.Lock()
-        self._queue: _Queue[concurrent.futures.Future[pb.ComputeLossResponse]] = _Queue(
+        self._queue: _Queue[concurrent.futures.Future[Coalesced]] = _Queue(
             max(max_entries, 1), max(in_flight, 1)
         )
         self._single, self._batch = _methods(channel)
 
-    def compute(self, request: pb.ComputeLossRequest, timeout: float | None) -> pb.ComputeLossResponse:
-        """The response to `request`; raises its `LossdError`, or `SendAlone`."""
-        entry = _Entry(request, _deadline(timeout), concurrent.futures.Future[pb.ComputeLossResponse]())
+    def compute(self, request: pb.ComputeLossRequest, timeout: float | None) -> Coalesced:
+        """The outcome of `request` (see `Coalesced`)."""
+        entry = _Entry(request, _deadline(timeout), concurrent.futures.Future[Coalesced]())
         with self._lock:
             self._queue.pending.append(entry)
             taken = self._queue.take()
@@ -207,9 +202,9 @@ class Coalescer:
             with self._lock:
                 if entry in self._queue.pending:
                     self._queue.pending.remove(entry)
-            raise _expired(timeout or 0.0) from None
+            return _expired(timeout)
 
-    def _start(self, entries: list[_Entry[concurrent.futures.Future[pb.ComputeLossResponse]]]) -> None:
+    def _start(self, entries: list[_Entry[concurrent.futures.Future[Coalesced]]]) -> None:
         try:
             if len(entries) == 1:
                 call = self._single.future(
@@ -220,20 +215,18 @@ class Coalescer:
                     _batch_bytes(entries), timeout=_batch_deadline(entries), metadata=self._metadata
                 )
         except Exception:  # the channel is closed, say: each caller learns it alone
-            _deliver(entries, [SendAlone() for _ in entries])
+            _deliver(entries, [BatchFailed() for _ in entries])
             self._finished()
             return
         call.add_done_callback(lambda done: self._done(entries, done))
 
-    def _done(
-        self, entries: list[_Entry[concurrent.futures.Future[pb.ComputeLossResponse]]], call: Any
-    ) -> None:
+    def _done(self, entries: list[_Entry[concurrent.futures.Future[Coalesced]]], call: Any) -> None:
         try:
             response, error = call.result(), None
         except grpc.RpcError as failed:
             response, error = None, failed
         except Exception:  # cancelled: the channel closed under it
-            _deliver(entries, [SendAlone() for _ in entries])
+            _deliver(entries, [BatchFailed() for _ in entries])
             self._finished()
             return
         with self._lock:
@@ -261,15 +254,13 @@ class AsyncCoalescer:
         in_flight: int = DEFAULT_IN_FLIGHT,
     ) -> None:
         self._metadata = metadata
-        self._queue: _Queue[asyncio.Future[pb.ComputeLossResponse]] = _Queue(
-            max(max_entries, 1), max(in_flight, 1)
-        )
+        self._queue: _Queue[asyncio.Future[Coalesced]] = _Queue(max(max_entries, 1), max(in_flight, 1))
         self._single, self._batch = _methods(channel)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def compute(self, request: pb.ComputeLossRequest, timeout: float | None) -> pb.ComputeLossResponse:
-        """The response to `request`; raises its `LossdError`, or `SendAlone`."""
-        future: asyncio.Future[pb.ComputeLossResponse] = asyncio.get_running_loop().create_future()
+    async def compute(self, request: pb.ComputeLossRequest, timeout: float | None) -> Coalesced:
+        """The outcome of `request` (see `Coalesced`)."""
+        future: asyncio.Future[Coalesced] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieved)  # a caller gone (timed out, cancelled) reads it no more
         entry = _Entry(request, _deadline(timeout), future)
         self._queue.pending.append(entry)
@@ -277,7 +268,7 @@ class AsyncCoalescer:
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
-            raise _expired(timeout or 0.0) from None
+            return _expired(timeout)
         finally:
             if entry in self._queue.pending:  # timed out or cancelled before it was sent
                 self._queue.pending.remove(entry)
@@ -289,8 +280,8 @@ class AsyncCoalescer:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, entries: list[_Entry[asyncio.Future[pb.ComputeLossResponse]]]) -> None:
-        outcomes: list[pb.ComputeLossResponse | BaseException]
+    async def _run(self, entries: list[_Entry[asyncio.Future[Coalesced]]]) -> None:
+        outcomes: list[Coalesced]
         try:
             if len(entries) == 1:
                 response = await self._single(
@@ -304,7 +295,7 @@ class AsyncCoalescer:
         except grpc.RpcError as error:
             outcomes = _outcomes(entries, None, error, self._queue)
         except Exception:  # the channel closed under it: each caller learns it alone
-            outcomes = [SendAlone() for _ in entries]
+            outcomes = [BatchFailed() for _ in entries]
         finally:
             self._queue.busy -= 1
         _deliver(entries, outcomes)

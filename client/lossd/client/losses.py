@@ -1,20 +1,25 @@
-"""The losses the client offers, each declared once: its method's signature and docstring.
+"""The losses the client offers, each declared once: its method's signature, docstring and rows.
 
-`Losses` is that declaration. Everything else derives from it: which arguments are the loss's own
-options (those that are not common to every loss: `COMMON`), which of them are tensors (annotated
-`TensorLike`) and which scalars (set on the loss's .proto options message when they differ from
-their default), whether the target can have a gradient (a `return_target_grad` parameter), the
-request (`lossd.client._calls.prepare_call`), the blocking and asyncio methods
-(`lossd.client._client`), and the autograd functions (`lossd.client.torch`).
+`Losses` is that declaration. Everything else derives from it, by rules that name no loss: the
+arguments common to every loss are `COMMON`; the others are the loss's own options, tensors when
+annotated `TensorLike` (or `IndexLike`, integers), scalars otherwise (set on the loss's .proto
+options message when they differ from their default); `return_grad` asks for d(loss)/d(input),
+`return_<tensor>_grad` for the gradient of another tensor (`return_target_grad`,
+`return_classifier_grad`), and `return_<output>` for an output besides the loss (`return_lse`);
+`@rows(...)` says how the loss's values lie against its input (the answer's size, the class
+dimension autograd scales along). From these come the request
+(`lossd.client._calls.prepare_call`), the blocking and asyncio methods (`lossd.client._client`),
+and the autograd functions (`lossd.client.torch`).
 
-Adding a loss to the client is one method here, with its docstring (the server's side is one
-module in `lossd.server.losses`, the wire's one options message in the .proto).
+Adding a loss to the client is one method here, with its docstring and its rows (the server's side
+is one module in `lossd.server.losses`, the wire's one options message in the .proto).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, TypeVar
 
@@ -27,29 +32,34 @@ if TYPE_CHECKING:
     IndexLike: TypeAlias = TensorLike
     """A tensor option of integers (token ids, labels): plain Python numbers stay int64."""
 
-__all__ = ["COMMON", "DECLARATIONS", "LossDeclaration", "Losses", "ReductionName"]
+__all__ = ["COMMON", "DECLARATIONS", "LossDeclaration", "Losses", "ReductionName", "RowsKind", "rows"]
 
 ReductionName = Literal["none", "mean", "sum", "batchmean"]
+RowsKind = Literal["classes", "tokens", "elements"]
+"""How a loss's unreduced values lie against its input: one per sample and position with the
+classes on dimension 1 (dimension 0 of a 1-D input), one per token with a token's values last
+(computed in float32 at least), or one per element of the input and target broadcast."""
 
 R_co = TypeVar("R_co", covariant=True)
 ArrayT = TypeVar("ArrayT", "np.ndarray", "torch.Tensor")
 
 COMMON = frozenset(
-    {
-        "self",
-        "input",
-        "target",
-        "reduction",
-        "return_grad",
-        "return_target_grad",
-        "return_classifier_grad",
-        "return_bias_grad",
-        "grad_dtype",
-        "grad_output",
-        "timeout",
-    }
+    {"self", "input", "target", "reduction", "return_grad", "grad_dtype", "grad_output", "timeout"}
 )
-"""Arguments every loss has; the others are the loss's own options."""
+"""Arguments every loss has; the others are the loss's own: options, and `return_*` requests."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def rows(kind: RowsKind, *, unreduced: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Declares how a loss's values lie against its input (`RowsKind`); `unreduced`: its outputs
+    that are one value per row whatever the reduction (others are reduced like the loss)."""
+
+    def declare(method: F) -> F:
+        method.__lossd_rows__ = (kind, unreduced)  # type: ignore[attr-defined]
+        return method
+
+    return declare
 
 
 class Losses(Protocol[R_co]):
@@ -57,6 +67,7 @@ class Losses(Protocol[R_co]):
     as in torch), plus what to return and the call's timeout. `R_co` is what a call returns (a
     `LossResult`, or an awaitable of one)."""
 
+    @rows("classes")
     def nll_loss(
         self,
         input: ArrayT,
@@ -76,6 +87,7 @@ class Losses(Protocol[R_co]):
         input's); `grad_output` is the upstream gradient (default: ones).
         """
 
+    @rows("classes")
     def cross_entropy(
         self,
         input: ArrayT,
@@ -97,6 +109,7 @@ class Losses(Protocol[R_co]):
         `return_target_grad` (probability targets only) also returns d(loss)/d(target).
         """
 
+    @rows("elements")
     def kl_div(
         self,
         input: ArrayT,
@@ -117,6 +130,7 @@ class Losses(Protocol[R_co]):
         'batchmean' is the KL divergence proper.
         """
 
+    @rows("tokens")
     def distillation(
         self,
         input: ArrayT,
@@ -136,6 +150,8 @@ class Losses(Protocol[R_co]):
         normalizer: float | None = None,
         reduction: ReductionName = "mean",
         return_grad: bool = False,
+        return_hard_loss: bool = False,
+        return_soft_loss: bool = False,
         grad_dtype: object = None,
         grad_output: TensorLike | None = None,
         timeout: float | None = None,
@@ -149,9 +165,11 @@ class Losses(Protocol[R_co]):
         bucket or renormalized (`top_k_renormalize`). `beta` 0 is forward KL(teacher || student),
         1 reverse KL, between the generalized JSD. `labels` equal to `ignore_index` count in neither
         term; 'mean' divides by the counted tokens, or by `normalizer` (a global count) when given.
-        The result also carries `hard_loss` and `soft_loss`; `return_grad` returns d(loss)/d(input).
+        `return_hard_loss` and `return_soft_loss` also return the two terms (`result.hard_loss`,
+        `result.soft_loss`), reduced like the loss; `return_grad` returns d(loss)/d(input).
         """
 
+    @rows("tokens", unreduced=("lse",))
     def linear_cross_entropy(
         self,
         input: ArrayT,
@@ -183,6 +201,7 @@ class Losses(Protocol[R_co]):
         head (`result.classifier_grad`, `result.bias_grad`).
         """
 
+    @rows("tokens")
     def linear_distillation(
         self,
         input: ArrayT,
@@ -208,6 +227,8 @@ class Losses(Protocol[R_co]):
         return_grad: bool = False,
         return_classifier_grad: bool = False,
         return_bias_grad: bool = False,
+        return_hard_loss: bool = False,
+        return_soft_loss: bool = False,
         grad_dtype: object = None,
         grad_output: TensorLike | None = None,
         timeout: float | None = None,
@@ -218,9 +239,9 @@ class Losses(Protocol[R_co]):
 
         Every option is the distillation loss's (see `distillation`); `top_k` > 0 distills against
         the teacher's top-k log-probabilities only. The heads are best resident tensors
-        (`client.resident(W)`), uploaded once. The result carries `hard_loss` and `soft_loss`;
-        `return_grad` returns d(loss)/d(input), `return_classifier_grad` and `return_bias_grad`
-        those of the student's head.
+        (`client.resident(W)`), uploaded once. `return_hard_loss` and `return_soft_loss` return the
+        two terms; `return_grad` returns d(loss)/d(input), `return_classifier_grad` and
+        `return_bias_grad` those of the student's head.
         """
 
 
@@ -235,59 +256,74 @@ class LossDeclaration:
     """Its own tensor options, in order ("weight")."""
     options: Mapping[str, Any]
     """Its own scalar options and their defaults."""
-    target_gradient: bool
-    """Whether the target can have a gradient (the method has `return_target_grad`)."""
     positional: tuple[str, ...]
     """The arguments that may be given by position, in order (after `self`)."""
     accepts: frozenset[str]
     """Every argument's name."""
-    classes_last: bool = False
-    """Whether the classes are the input's last dimension (else its second, or its only one)."""
+    rows: RowsKind
+    """How its values lie against its input."""
     indices: tuple[str, ...] = ()
     """Those of `tensors` that hold integers."""
-    gradient_tensors: tuple[str, ...] = ()
-    """Those of `tensors` that can have a gradient (the method has `return_<name>_grad`)."""
+    gradients: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """The tensors it can differentiate by their `return_*` argument (`return_grad`: "input")."""
+    outputs: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Its outputs besides the loss by their `return_*` argument (`return_lse`: "lse")."""
+    unreduced: frozenset[str] = frozenset()
+    """Those of its outputs that are one value per row whatever the reduction."""
+
+    @property
+    def target_gradient(self) -> bool:
+        """Whether the target can have a gradient."""
+        return "target" in self.gradients.values()
 
     @property
     def own(self) -> tuple[str, ...]:
-        """Its own arguments in signature order (tensors and scalars), with `reduction`: what
-        torch's function takes besides input and target."""
-        return tuple(name for name in self.signature.parameters if name not in COMMON or name == "reduction")
-
-
-_CLASSES_LAST = frozenset({"distillation", "linear_cross_entropy", "linear_distillation"})
-"""Losses over tokens whose vocabulary is the last dimension, as language models lay them out."""
+        """Its own tensors and options in signature order, with `reduction`: what torch's function
+        takes besides input and target."""
+        return tuple(
+            name
+            for name in self.signature.parameters
+            if name == "reduction"
+            or (name not in COMMON and name not in self.gradients and name not in self.outputs)
+        )
 
 
 def _declaration(name: str, method: Any) -> LossDeclaration:
     signature = inspect.signature(method)
     tensors, indices, options = [], [], {}
+    gradients, outputs = {"return_grad": "input"}, {}
     for parameter in signature.parameters.values():
         if parameter.name in COMMON:
             continue
-        if "IndexLike" in str(parameter.annotation):
+        if parameter.name.startswith("return_") and parameter.name.endswith("_grad"):
+            gradients[parameter.name] = parameter.name.removeprefix("return_").removesuffix("_grad")
+        elif parameter.name.startswith("return_"):
+            outputs[parameter.name] = parameter.name.removeprefix("return_")
+        elif "IndexLike" in str(parameter.annotation):
             tensors.append(parameter.name)
             indices.append(parameter.name)
         elif "TensorLike" in str(parameter.annotation):
             tensors.append(parameter.name)
         else:
             options[parameter.name] = parameter.default
+    kind, unreduced = method.__lossd_rows__
     return LossDeclaration(
         name=name,
         signature=signature,
         doc=inspect.getdoc(method) or "",
         tensors=tuple(tensors),
         options=options,
-        target_gradient="return_target_grad" in signature.parameters,
         positional=tuple(
             p.name
             for p in signature.parameters.values()
             if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.name != "self"
         ),
         accepts=frozenset(signature.parameters) - {"self"},
-        classes_last=name in _CLASSES_LAST,
+        rows=kind,
         indices=tuple(indices),
-        gradient_tensors=tuple(name for name in tensors if f"return_{name}_grad" in signature.parameters),
+        gradients=gradients,
+        outputs=outputs,
+        unreduced=frozenset(unreduced),
     )
 
 

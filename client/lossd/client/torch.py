@@ -51,13 +51,14 @@ class _Call:
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """The loss, and the gradients of input, target and each of `tensor_grads` (None: not asked)."""
         method = getattr(self.client, self.declaration.name)
-        grads: dict[str, Any] = {"return_grad": self.input_grad}
-        if self.declaration.target_gradient:
-            grads["return_target_grad"] = self.target_grad
-        for name in self.tensor_grads:
-            grads[f"return_{name}_grad"] = True
-        result = method(input, target, **self.options, **grads, grad_output=grad_output, timeout=self.timeout)
-        tensors = [getattr(result, f"{name}_grad") for name in self.tensor_grads]
+        asked = {
+            "input": self.input_grad,
+            "target": self.target_grad,
+            **dict.fromkeys(self.tensor_grads, True),
+        }
+        flags = {flag: asked.get(tensor, False) for flag, tensor in self.declaration.gradients.items()}
+        result = method(input, target, **self.options, **flags, grad_output=grad_output, timeout=self.timeout)
+        tensors = [result.grads.get(name) for name in self.tensor_grads]
         return result.loss, [result.grad, result.target_grad, *tensors]
 
 
@@ -100,7 +101,7 @@ class _RemoteLoss(torch.autograd.Function):
         per_element = len(ctx.loss_shape) >= input.dim()
         if per_element:
             class_dim = None
-        elif call.declaration.classes_last:
+        elif call.declaration.rows == "tokens":
             class_dim = -1
         else:
             class_dim = 1 if input.dim() >= 2 else 0
@@ -161,8 +162,11 @@ class RemoteLossFunction:
         recording = torch.is_grad_enabled()
         tensors = {
             name: options[name]
-            for name in self.declaration.gradient_tensors
-            if recording and isinstance(options.get(name), torch.Tensor) and options[name].requires_grad
+            for name in self.declaration.gradients.values()
+            if name not in ("input", "target")
+            and recording
+            and isinstance(options.get(name), torch.Tensor)
+            and options[name].requires_grad
         }
         call = _Call(
             client=client,

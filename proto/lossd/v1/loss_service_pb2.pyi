@@ -24,106 +24,6 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class _TensorSlot:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _TensorSlotEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorSlot.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    TENSOR_SLOT_UNSPECIFIED: _TensorSlot.ValueType  # 0
-    """Not set. Rejected with INVALID_ARGUMENT (reason CHUNK_SLOT_INVALID)."""
-    TENSOR_SLOT_INPUT: _TensorSlot.ValueType  # 1
-    """ComputeLossRequest.input."""
-    TENSOR_SLOT_TARGET: _TensorSlot.ValueType  # 2
-    """ComputeLossRequest.target."""
-    TENSOR_SLOT_WEIGHT: _TensorSlot.ValueType  # 3
-    """The weight of the loss options (nll_loss.weight or cross_entropy.weight)."""
-    TENSOR_SLOT_GRAD_OUTPUT: _TensorSlot.ValueType  # 4
-    """ComputeLossRequest.gradients.grad_output."""
-    TENSOR_SLOT_INPUT_GRADIENT: _TensorSlot.ValueType  # 5
-    """ComputeLossResponse.input_gradient."""
-    TENSOR_SLOT_TARGET_GRADIENT: _TensorSlot.ValueType  # 6
-    """ComputeLossResponse.target_gradient."""
-    TENSOR_SLOT_LOSS: _TensorSlot.ValueType  # 7
-    """ComputeLossResponse.loss, when the response header leaves its data empty."""
-    TENSOR_SLOT_TEACHER_IDS: _TensorSlot.ValueType  # 8
-    """distillation.teacher_ids."""
-    TENSOR_SLOT_LABELS: _TensorSlot.ValueType  # 9
-    """distillation.labels."""
-    TENSOR_SLOT_HARD_LOSS: _TensorSlot.ValueType  # 10
-    """ComputeLossResponse.hard_loss, when the response header leaves its data
-    empty.
-    """
-    TENSOR_SLOT_SOFT_LOSS: _TensorSlot.ValueType  # 11
-    """ComputeLossResponse.soft_loss, when the response header leaves its data
-    empty.
-    """
-    TENSOR_SLOT_RESIDENT: _TensorSlot.ValueType  # 12
-    """The tensor of a PutTensor stream."""
-    TENSOR_SLOT_LSE: _TensorSlot.ValueType  # 13
-    """ComputeLossResponse.lse, when the response header leaves its data empty."""
-    TENSOR_SLOT_CLASSIFIER: _TensorSlot.ValueType  # 14
-    """linear_cross_entropy.classifier."""
-    TENSOR_SLOT_BIAS: _TensorSlot.ValueType  # 15
-    """linear_cross_entropy.bias."""
-    TENSOR_SLOT_CLASSIFIER_GRADIENT: _TensorSlot.ValueType  # 16
-    """ComputeLossResponse.classifier_gradient."""
-    TENSOR_SLOT_BIAS_GRADIENT: _TensorSlot.ValueType  # 17
-    """ComputeLossResponse.bias_gradient."""
-    TENSOR_SLOT_TEACHER_CLASSIFIER: _TensorSlot.ValueType  # 18
-    """linear_distillation.teacher_classifier."""
-    TENSOR_SLOT_TEACHER_BIAS: _TensorSlot.ValueType  # 19
-    """linear_distillation.teacher_bias."""
-
-class TensorSlot(_TensorSlot, metaclass=_TensorSlotEnumTypeWrapper):
-    """The tensors of a loss call, as named in chunks."""
-
-TENSOR_SLOT_UNSPECIFIED: TensorSlot.ValueType  # 0
-"""Not set. Rejected with INVALID_ARGUMENT (reason CHUNK_SLOT_INVALID)."""
-TENSOR_SLOT_INPUT: TensorSlot.ValueType  # 1
-"""ComputeLossRequest.input."""
-TENSOR_SLOT_TARGET: TensorSlot.ValueType  # 2
-"""ComputeLossRequest.target."""
-TENSOR_SLOT_WEIGHT: TensorSlot.ValueType  # 3
-"""The weight of the loss options (nll_loss.weight or cross_entropy.weight)."""
-TENSOR_SLOT_GRAD_OUTPUT: TensorSlot.ValueType  # 4
-"""ComputeLossRequest.gradients.grad_output."""
-TENSOR_SLOT_INPUT_GRADIENT: TensorSlot.ValueType  # 5
-"""ComputeLossResponse.input_gradient."""
-TENSOR_SLOT_TARGET_GRADIENT: TensorSlot.ValueType  # 6
-"""ComputeLossResponse.target_gradient."""
-TENSOR_SLOT_LOSS: TensorSlot.ValueType  # 7
-"""ComputeLossResponse.loss, when the response header leaves its data empty."""
-TENSOR_SLOT_TEACHER_IDS: TensorSlot.ValueType  # 8
-"""distillation.teacher_ids."""
-TENSOR_SLOT_LABELS: TensorSlot.ValueType  # 9
-"""distillation.labels."""
-TENSOR_SLOT_HARD_LOSS: TensorSlot.ValueType  # 10
-"""ComputeLossResponse.hard_loss, when the response header leaves its data
-empty.
-"""
-TENSOR_SLOT_SOFT_LOSS: TensorSlot.ValueType  # 11
-"""ComputeLossResponse.soft_loss, when the response header leaves its data
-empty.
-"""
-TENSOR_SLOT_RESIDENT: TensorSlot.ValueType  # 12
-"""The tensor of a PutTensor stream."""
-TENSOR_SLOT_LSE: TensorSlot.ValueType  # 13
-"""ComputeLossResponse.lse, when the response header leaves its data empty."""
-TENSOR_SLOT_CLASSIFIER: TensorSlot.ValueType  # 14
-"""linear_cross_entropy.classifier."""
-TENSOR_SLOT_BIAS: TensorSlot.ValueType  # 15
-"""linear_cross_entropy.bias."""
-TENSOR_SLOT_CLASSIFIER_GRADIENT: TensorSlot.ValueType  # 16
-"""ComputeLossResponse.classifier_gradient."""
-TENSOR_SLOT_BIAS_GRADIENT: TensorSlot.ValueType  # 17
-"""ComputeLossResponse.bias_gradient."""
-TENSOR_SLOT_TEACHER_CLASSIFIER: TensorSlot.ValueType  # 18
-"""linear_distillation.teacher_classifier."""
-TENSOR_SLOT_TEACHER_BIAS: TensorSlot.ValueType  # 19
-"""linear_distillation.teacher_bias."""
-Global___TensorSlot: _TypeAlias = TensorSlot  # noqa: Y015
-
 class _Reduction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -306,7 +206,9 @@ class PutTensorRequest(_message.Message):
 
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
-        """A piece of the data (slot RESIDENT), in order, without gaps."""
+        """A piece of the data, in order, without gaps (its `tensor` empty: the
+        stream carries one tensor).
+        """
 
     def __init__(
         self,
@@ -483,7 +385,17 @@ Global___DeleteTensorResponse: _TypeAlias = DeleteTensorResponse  # noqa: Y015
 
 @_typing.final
 class ComputeLossRequest(_message.Message):
-    """One loss computation: F.<loss>(input, target, **options)."""
+    """One loss computation: F.<loss>(input, target, **options).
+
+    Every tensor is addressed by name, the same way everywhere: a request's
+    tensors by their field path (`input`, `target`, `gradients.grad_output`, and
+    the loss's own in its options message, `cross_entropy.weight`), as errors
+    and StreamLoss chunks name them; the gradients asked for by the name of the
+    tensor they belong to (`input`, `target`, `classifier`); the outputs besides
+    the loss by the names the loss gives them (`hard_loss`, `lse`). What each
+    loss takes, differentiates and returns is documented on its options
+    message; nothing else in the contract is specific to a loss.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -497,6 +409,7 @@ class ComputeLossRequest(_message.Message):
     LINEAR_DISTILLATION_FIELD_NUMBER: _builtins.int
     REDUCTION_FIELD_NUMBER: _builtins.int
     GRADIENTS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
     reduction: Global___Reduction.ValueType
     """How the per-element losses are reduced. Unset means REDUCTION_MEAN, as in
     torch (for kl_div too, where torch's default is also 'mean').
@@ -508,6 +421,7 @@ class ComputeLossRequest(_message.Message):
         shape (C), (N, C) or (N, C, d1, ..., dk), with the classes on dimension 1
         (dimension 0 for a 1-D input). kl_div: log-probabilities of any shape,
         including 0-d. distillation: the student's logits (..., V), at least 1-D.
+        The linear losses: hidden states (..., H).
         A floating dtype (float32, float64, float16, bfloat16).
         """
 
@@ -528,6 +442,8 @@ class ComputeLossRequest(_message.Message):
         Sparse top-k (teacher_ids set): the log-probabilities under the teacher's
         full vocabulary of the ids in teacher_ids, (..., k), -inf marking padding.
         A floating dtype. The teacher is never differentiated.
+        linear_cross_entropy: class indices (...); linear_distillation: the
+        teacher's hidden states (..., H_t).
         """
 
     @_builtins.property
@@ -566,6 +482,15 @@ class ComputeLossRequest(_message.Message):
     def gradients(self) -> Global___GradientOptions:
         """Which gradients to return. Unset: none, only the loss."""
 
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The loss's outputs to return besides the loss, by name, each in
+        ComputeLossResponse.outputs: those its options message lists
+        (distillation's hard_loss and soft_loss, linear_cross_entropy's lse). A
+        name the loss does not have is INVALID_ARGUMENT (OUTPUT_UNKNOWN). Unset:
+        the loss alone.
+        """
+
     def __init__(
         self,
         *,
@@ -579,10 +504,11 @@ class ComputeLossRequest(_message.Message):
         linear_distillation: Global___LinearDistillationLossOptions | None = ...,
         reduction: Global___Reduction.ValueType = ...,
         gradients: Global___GradientOptions | None = ...,
+        outputs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "distillation", b"distillation", "gradients", b"gradients", "input", b"input", "kl_div", b"kl_div", "linear_cross_entropy", b"linear_cross_entropy", "linear_distillation", b"linear_distillation", "loss", b"loss", "nll_loss", b"nll_loss", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "distillation", b"distillation", "gradients", b"gradients", "input", b"input", "kl_div", b"kl_div", "linear_cross_entropy", b"linear_cross_entropy", "linear_distillation", b"linear_distillation", "loss", b"loss", "nll_loss", b"nll_loss", "reduction", b"reduction", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "distillation", b"distillation", "gradients", b"gradients", "input", b"input", "kl_div", b"kl_div", "linear_cross_entropy", b"linear_cross_entropy", "linear_distillation", b"linear_distillation", "loss", b"loss", "nll_loss", b"nll_loss", "outputs", b"outputs", "reduction", b"reduction", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_loss: _TypeAlias = _typing.Literal["nll_loss", "cross_entropy", "kl_div", "distillation", "linear_cross_entropy", "linear_distillation"]  # noqa: Y015
     _WhichOneofArgType_loss: _TypeAlias = _typing.Literal["loss", b"loss"]  # noqa: Y015
@@ -596,82 +522,83 @@ class ComputeLossResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class OutputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _tensor_pb2.Tensor: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _tensor_pb2.Tensor | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class GradientsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _tensor_pb2.Tensor: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _tensor_pb2.Tensor | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     LOSS_FIELD_NUMBER: _builtins.int
-    INPUT_GRADIENT_FIELD_NUMBER: _builtins.int
-    TARGET_GRADIENT_FIELD_NUMBER: _builtins.int
-    HARD_LOSS_FIELD_NUMBER: _builtins.int
-    SOFT_LOSS_FIELD_NUMBER: _builtins.int
-    LSE_FIELD_NUMBER: _builtins.int
-    CLASSIFIER_GRADIENT_FIELD_NUMBER: _builtins.int
-    BIAS_GRADIENT_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    GRADIENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def loss(self) -> _tensor_pb2.Tensor:
         """The loss: a 0-d tensor, or for REDUCTION_NONE one value per element (per
         row and spatial position for nll_loss and cross_entropy, the broadcast
-        shape of input and target for kl_div). Its dtype is torch's result dtype
-        (the input's, or the promoted type of input and target).
+        shape of input and target for kl_div, per token for the token losses).
+        Its dtype is torch's result dtype (the input's, or the promoted type of
+        input and target; float32 for the token losses' 16-bit inputs).
         """
 
     @_builtins.property
-    def input_gradient(self) -> _tensor_pb2.Tensor:
-        """d(loss)/d(input), same shape as input; set only if gradients.input was
-        requested.
+    def outputs(self) -> _containers.MessageMap[_builtins.str, _tensor_pb2.Tensor]:
+        """The outputs asked for (ComputeLossRequest.outputs), by name: each shaped
+        and reduced as its loss's options message says.
         """
 
     @_builtins.property
-    def target_gradient(self) -> _tensor_pb2.Tensor:
-        """d(loss)/d(target), same shape as target; set only if gradients.target was
-        requested.
-        """
-
-    @_builtins.property
-    def hard_loss(self) -> _tensor_pb2.Tensor:
-        """distillation only: the hard (cross-entropy) part of the loss, weight_hard
-        times the per-token cross-entropy, reduced as the loss is; shaped like
-        loss. loss = hard_loss + soft_loss for each token.
-        """
-
-    @_builtins.property
-    def soft_loss(self) -> _tensor_pb2.Tensor:
-        """distillation only: the soft part of the loss, weight_soft (times T^2 with
-        temperature_squared) times the per-token divergence, reduced as the loss
-        is; shaped like loss.
-        """
-
-    @_builtins.property
-    def lse(self) -> _tensor_pb2.Tensor:
-        """linear_cross_entropy with return_lse only: the log-sum-exp of each
-        token's (soft-capped) logits, float32 (float64 for float64 input), shaped
-        like input without its last dimension, whatever the reduction.
-        """
-
-    @_builtins.property
-    def classifier_gradient(self) -> _tensor_pb2.Tensor:
-        """d(loss)/d(classifier), shaped like the classifier (V, H); set only if
-        gradients.classifier was requested.
-        """
-
-    @_builtins.property
-    def bias_gradient(self) -> _tensor_pb2.Tensor:
-        """d(loss)/d(bias), shaped like the bias (V); set only if gradients.bias was
-        requested.
+    def gradients(self) -> _containers.MessageMap[_builtins.str, _tensor_pb2.Tensor]:
+        """The gradients asked for (GradientOptions.with_respect_to), by the name of
+        the tensor each belongs to ("input": d(loss)/d(input), shaped like input;
+        "classifier": shaped like the classifier).
         """
 
     def __init__(
         self,
         *,
         loss: _tensor_pb2.Tensor | None = ...,
-        input_gradient: _tensor_pb2.Tensor | None = ...,
-        target_gradient: _tensor_pb2.Tensor | None = ...,
-        hard_loss: _tensor_pb2.Tensor | None = ...,
-        soft_loss: _tensor_pb2.Tensor | None = ...,
-        lse: _tensor_pb2.Tensor | None = ...,
-        classifier_gradient: _tensor_pb2.Tensor | None = ...,
-        bias_gradient: _tensor_pb2.Tensor | None = ...,
+        outputs: _abc.Mapping[_builtins.str, _tensor_pb2.Tensor] | None = ...,
+        gradients: _abc.Mapping[_builtins.str, _tensor_pb2.Tensor] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bias_gradient", b"bias_gradient", "classifier_gradient", b"classifier_gradient", "hard_loss", b"hard_loss", "input_gradient", b"input_gradient", "loss", b"loss", "lse", b"lse", "soft_loss", b"soft_loss", "target_gradient", b"target_gradient"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bias_gradient", b"bias_gradient", "classifier_gradient", b"classifier_gradient", "hard_loss", b"hard_loss", "input_gradient", b"input_gradient", "loss", b"loss", "lse", b"lse", "soft_loss", b"soft_loss", "target_gradient", b"target_gradient"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gradients", b"gradients", "loss", b"loss", "outputs", b"outputs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -696,11 +623,12 @@ class StreamLossRequest(_message.Message):
 
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
-        """A piece of one tensor's data (slot INPUT, TARGET, WEIGHT, GRAD_OUTPUT,
-        TEACHER_IDS, LABELS, CLASSIFIER, BIAS, TEACHER_CLASSIFIER or
-        TEACHER_BIAS). The chunks of one tensor arrive in order, without gaps or
-        overlap, and together hold exactly its bytes; chunks of different tensors
-        may interleave.
+        """A piece of one tensor's data, the tensor named by its field path in the
+        header (`input`, `target`, `gradients.grad_output`,
+        `cross_entropy.weight`, `linear_cross_entropy.classifier`, ...). The
+        chunks of one tensor arrive in order, without gaps or overlap, and
+        together hold exactly its bytes; chunks of different tensors may
+        interleave.
         """
 
     def __init__(
@@ -731,15 +659,17 @@ class StreamLossResponse(_message.Message):
     def header(self) -> Global___ComputeLossResponse:
         """The first message: the ComputeLossResponse with every tensor's dtype and
         shape. A tensor whose data is empty (and that holds any elements) follows
-        in chunks: the gradients always, the loss when the server computes the
-        request in pieces as it arrives (it then knows the loss last).
+        in chunks: the gradients always, the loss and the outputs when the
+        server computes the request in pieces as it arrives (it then knows them
+        last) or when they are large.
         """
 
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
-        """A piece of the loss's, a loss part's or a gradient's data (slot LOSS,
-        HARD_LOSS, SOFT_LOSS, INPUT_GRADIENT or TARGET_GRADIENT); one tensor's chunks come in order, without gaps or
-        overlap, and may interleave with another's.
+        """A piece of one response tensor's data, the tensor named by its field
+        path in the header: `loss`, `outputs.<name>` (`outputs.hard_loss`) or
+        `gradients.<name>` (`gradients.input`). One tensor's chunks come in
+        order, without gaps or overlap, and may interleave with another's.
         """
 
     def __init__(
@@ -764,11 +694,15 @@ class TensorChunk(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    SLOT_FIELD_NUMBER: _builtins.int
+    TENSOR_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
-    slot: Global___TensorSlot.ValueType
-    """The tensor these bytes belong to."""
+    tensor: _builtins.str
+    """The tensor these bytes belong to, by its field path in the stream's header
+    (see StreamLossRequest.chunk and StreamLossResponse.chunk); empty in a
+    PutTensor stream, which carries one tensor. A name the header does not
+    leave to chunks is INVALID_ARGUMENT (CHUNK_TENSOR_UNKNOWN).
+    """
     offset: _builtins.int
     """Where these bytes start in the tensor's data: the number of its bytes
     sent before this chunk.
@@ -778,13 +712,13 @@ class TensorChunk(_message.Message):
     def __init__(
         self,
         *,
-        slot: Global___TensorSlot.ValueType = ...,
+        tensor: _builtins.str = ...,
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "slot", b"slot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "tensor", b"tensor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -792,7 +726,9 @@ Global___TensorChunk: _TypeAlias = TensorChunk  # noqa: Y015
 
 @_typing.final
 class NllLossOptions(_message.Message):
-    """Options of torch.nn.functional.nll_loss."""
+    """Options of torch.nn.functional.nll_loss. Gradients: input. Outputs: none
+    besides the loss.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -826,7 +762,9 @@ Global___NllLossOptions: _TypeAlias = NllLossOptions  # noqa: Y015
 
 @_typing.final
 class CrossEntropyLossOptions(_message.Message):
-    """Options of torch.nn.functional.cross_entropy."""
+    """Options of torch.nn.functional.cross_entropy. Gradients: input, and target
+    with class-probability targets. Outputs: none besides the loss.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -868,7 +806,9 @@ Global___CrossEntropyLossOptions: _TypeAlias = CrossEntropyLossOptions  # noqa: 
 
 @_typing.final
 class KlDivLossOptions(_message.Message):
-    """Options of torch.nn.functional.kl_div."""
+    """Options of torch.nn.functional.kl_div. Gradients: input and target.
+    Outputs: none besides the loss.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -901,6 +841,10 @@ class DistillationLossOptions(_message.Message):
     Kernel's (LigerFusedLinearJSDLoss); the defaults give TRL's loss.
     float16 and bfloat16 logits are computed in float32 (the loss and its parts
     are float32; the gradient has the input's dtype), as Liger does.
+    Gradients: input (the teacher is never differentiated). Outputs:
+    `hard_loss`, weight_hard times the per-token cross-entropy, and
+    `soft_loss`, the soft term, each reduced as the loss is and shaped like it
+    (loss = hard_loss + soft_loss for each token).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1029,7 +973,11 @@ class LinearCrossEntropyLossOptions(_message.Message):
     float32 within rtol 1e-5 (loss) and 1e-4 (gradient, absolute 1e-6 of its
     largest value); float64 within 1e-10; float16/bfloat16 with the
     composition in float32 on the same inputs, the gradient within one
-    rounding of its dtype. The gradient is with respect to the hidden states.
+    rounding of its dtype. Gradients: input (the hidden states), and the
+    `classifier` and `bias` (a trainable head). Outputs: `lse`, the
+    log-sum-exp of each token's (soft-capped) logits, float32 (float64 for
+    float64 input), shaped like input without its last dimension, whatever the
+    reduction.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1041,7 +989,6 @@ class LinearCrossEntropyLossOptions(_message.Message):
     LABEL_SMOOTHING_FIELD_NUMBER: _builtins.int
     SOFTCAP_FIELD_NUMBER: _builtins.int
     LSE_SQUARE_SCALE_FIELD_NUMBER: _builtins.int
-    RETURN_LSE_FIELD_NUMBER: _builtins.int
     ignore_index: _builtins.int
     """Targets equal to this count nowhere. Unset: -100."""
     label_smoothing: _builtins.float
@@ -1050,8 +997,6 @@ class LinearCrossEntropyLossOptions(_message.Message):
     """Soft-capping of the logits (Gemma 2): > 0 caps, 0 (unset) does not."""
     lse_square_scale: _builtins.float
     """The z-loss weight, >= 0 (PaLM's 1e-4, say). Unset: 0, none."""
-    return_lse: _builtins.bool
-    """Also return each token's log-sum-exp (ComputeLossResponse.lse)."""
     @_builtins.property
     def classifier(self) -> _tensor_pb2.Tensor:
         """The classifier's weight (V, H), a floating dtype. Required; often a
@@ -1076,11 +1021,10 @@ class LinearCrossEntropyLossOptions(_message.Message):
         label_smoothing: _builtins.float = ...,
         softcap: _builtins.float = ...,
         lse_square_scale: _builtins.float = ...,
-        return_lse: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index", "bias", b"bias", "classifier", b"classifier", "ignore_index", b"ignore_index", "weight", b"weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index", "bias", b"bias", "classifier", b"classifier", "ignore_index", b"ignore_index", "label_smoothing", b"label_smoothing", "lse_square_scale", b"lse_square_scale", "return_lse", b"return_lse", "softcap", b"softcap", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index", "bias", b"bias", "classifier", b"classifier", "ignore_index", b"ignore_index", "label_smoothing", b"label_smoothing", "lse_square_scale", b"lse_square_scale", "softcap", b"softcap", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__ignore_index: _TypeAlias = _typing.Literal["ignore_index"]  # noqa: Y015
     _WhichOneofArgType__ignore_index: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index"]  # noqa: Y015
@@ -1100,10 +1044,10 @@ class LinearDistillationLossOptions(_message.Message):
     bfloat16 are computed in float32. Agreement with the unfused reference (the
     distillation loss on the logits torch computes from the same tensors):
     float32 within rtol 1e-5 (loss) and 1e-4 (gradients, absolute 1e-6 of
-    their largest value); float64 within 1e-10. Gradients: with respect to the
-    student's hidden states (gradients.input) and, on request, its classifier
-    and bias (gradients.classifier, gradients.bias); the teacher is never
-    differentiated.
+    their largest value); float64 within 1e-10. Gradients: input (the
+    student's hidden states), and the student's `classifier` and `bias`; the
+    teacher is never differentiated. Outputs: `hard_loss` and `soft_loss`, as
+    DistillationLossOptions has them.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1222,32 +1166,25 @@ class GradientOptions(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    INPUT_FIELD_NUMBER: _builtins.int
-    TARGET_FIELD_NUMBER: _builtins.int
+    WITH_RESPECT_TO_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     GRAD_OUTPUT_FIELD_NUMBER: _builtins.int
-    CLASSIFIER_FIELD_NUMBER: _builtins.int
-    BIAS_FIELD_NUMBER: _builtins.int
-    input: _builtins.bool
-    """Return d(loss)/d(input) in ComputeLossResponse.input_gradient."""
-    target: _builtins.bool
-    """Return d(loss)/d(target) in ComputeLossResponse.target_gradient. Defined
-    only where torch defines it: kl_div, and cross_entropy with probability
-    targets; anything else is INVALID_ARGUMENT.
-    """
     dtype: _tensor_pb2.DataType.ValueType
     """The dtype of the returned gradients: a floating dtype. Unset: each
     gradient has the dtype of the tensor it belongs to, as in torch.
     """
-    classifier: _builtins.bool
-    """Return d(loss)/d(classifier) in ComputeLossResponse.classifier_gradient
-    (linear_cross_entropy and linear_distillation: the student's classifier;
-    a trainable head). Any other loss is INVALID_ARGUMENT.
-    """
-    bias: _builtins.bool
-    """Return d(loss)/d(bias) in ComputeLossResponse.bias_gradient (as
-    classifier; the bias must be given).
-    """
+    @_builtins.property
+    def with_respect_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tensors to differentiate the loss with respect to, by name, each
+        gradient returned in ComputeLossResponse.gradients under that name:
+        "input", "target", or a tensor of the loss's options message ("classifier"
+        and "bias" of the linear losses: a trainable head). Which a loss can
+        differentiate its options message says (a target gradient only where
+        torch defines one: kl_div, and cross_entropy with probability targets);
+        any other, or a name given twice, is INVALID_ARGUMENT
+        (GRADIENT_NOT_SUPPORTED). Unset: no gradient, only the loss.
+        """
+
     @_builtins.property
     def grad_output(self) -> _tensor_pb2.Tensor:
         """The upstream gradient d(objective)/d(loss), shaped like
@@ -1259,16 +1196,13 @@ class GradientOptions(_message.Message):
     def __init__(
         self,
         *,
-        input: _builtins.bool = ...,
-        target: _builtins.bool = ...,
+        with_respect_to: _abc.Iterable[_builtins.str] | None = ...,
         dtype: _tensor_pb2.DataType.ValueType = ...,
         grad_output: _tensor_pb2.Tensor | None = ...,
-        classifier: _builtins.bool = ...,
-        bias: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["grad_output", b"grad_output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bias", b"bias", "classifier", b"classifier", "dtype", b"dtype", "grad_output", b"grad_output", "input", b"input", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "grad_output", b"grad_output", "with_respect_to", b"with_respect_to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -108,7 +108,7 @@ class LossServiceServicer:
     def PutTensor(self, request_iterator, context):
         """Uploads a tensor for the server to hold, so that requests name it by id
         (Tensor.resident_id) instead of sending it again: a header, then the
-        chunks of its data (slot RESIDENT) if the header left it empty. The id is
+        chunks of its data (TensorChunk.tensor empty) if the header left it empty. The id is
         a digest of dtype, shape and bytes ("sha256:" and 64 hex digits: see
         ResidentTensor.id), so the same tensor uploaded twice is held once. Held
         within the server's --max-resident-bytes: when full, the least recently

@@ -58,7 +58,7 @@ class LossServiceStub:
     PutTensor: _grpc.StreamUnaryMultiCallable[_loss_service_pb2.PutTensorRequest, _loss_service_pb2.PutTensorResponse]
     """Uploads a tensor for the server to hold, so that requests name it by id
     (Tensor.resident_id) instead of sending it again: a header, then the
-    chunks of its data (slot RESIDENT) if the header left it empty. The id is
+    chunks of its data (TensorChunk.tensor empty) if the header left it empty. The id is
     a digest of dtype, shape and bytes ("sha256:" and 64 hex digits: see
     ResidentTensor.id), so the same tensor uploaded twice is held once. Held
     within the server's --max-resident-bytes: when full, the least recently
@@ -107,7 +107,7 @@ class LossServiceAsyncStub(LossServiceStub):
     PutTensor: _aio.StreamUnaryMultiCallable[_loss_service_pb2.PutTensorRequest, _loss_service_pb2.PutTensorResponse]  # type: ignore[assignment]
     """Uploads a tensor for the server to hold, so that requests name it by id
     (Tensor.resident_id) instead of sending it again: a header, then the
-    chunks of its data (slot RESIDENT) if the header left it empty. The id is
+    chunks of its data (TensorChunk.tensor empty) if the header left it empty. The id is
     a digest of dtype, shape and bytes ("sha256:" and 64 hex digits: see
     ResidentTensor.id), so the same tensor uploaded twice is held once. Held
     within the server's --max-resident-bytes: when full, the least recently
@@ -171,7 +171,7 @@ class LossServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_loss_service_pb2.PutTensorResponse, _abc.Awaitable[_loss_service_pb2.PutTensorResponse]]:
         """Uploads a tensor for the server to hold, so that requests name it by id
         (Tensor.resident_id) instead of sending it again: a header, then the
-        chunks of its data (slot RESIDENT) if the header left it empty. The id is
+        chunks of its data (TensorChunk.tensor empty) if the header left it empty. The id is
         a digest of dtype, shape and bytes ("sha256:" and 64 hex digits: see
         ResidentTensor.id), so the same tensor uploaded twice is held once. Held
         within the server's --max-resident-bytes: when full, the least recently

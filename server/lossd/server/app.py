@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import torch
@@ -32,6 +33,7 @@ from lossd.server.metrics import ServerMetrics, multiprocess_enabled, serve_metr
 from lossd.server.resident import ResidentStore
 from lossd.server.rpc.auth import HEALTH_METHODS, TokenAuth
 from lossd.server.rpc.guard import HandlerCollector, guarded
+from lossd.server.rpc.lifecycle import Lifecycle
 from lossd.server.rpc.servicer import LossServicer
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.wire.tokens import load_tokens
@@ -104,7 +106,7 @@ class LossServer:
         self.control_budget = MemoryBudget(control, admission_wait_s=config.admission_wait_s)
         self.budget = MemoryBudget(config.admitted_bytes - control, admission_wait_s=config.admission_wait_s)
         engine_ = self.engine
-        self.batcher: Batcher[LossCall, LossOutput] = Batcher(
+        self.batcher: Batcher[LossCall[Any], LossOutput] = Batcher(
             run=lambda calls: engine_.compute_batch(calls, merge=config.batching),
             key=engine_.merge_key,
             cost=engine_.cost,
@@ -164,13 +166,12 @@ class LossServer:
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
             ],
         )
-        self.servicer = LossServicer(
+        self.lifecycle = Lifecycle(
             self.engine,
             self.batcher,
             config.limits,
             self.metrics,
-            config.stream_chunk_bytes,
-            config.stream_block_bytes,
+            chunk_bytes=config.stream_chunk_bytes,
             max_request_s=config.max_request_s,
             idle_timeout_s=config.idle_timeout_s,
             budget=self.budget,
@@ -182,15 +183,16 @@ class LossServer:
                 self.metrics.resident,
                 self.engine.keep_resident,
             ),
-            max_batch_entries=config.max_batch_entries,
         )
-        self.servicer.add_to_server(self._server, LOSS_SERVICE)
+        LossServicer(
+            self.lifecycle, block_bytes=config.stream_block_bytes, max_batch_entries=config.max_batch_entries
+        ).add_to_server(self._server, LOSS_SERVICE)
         self._services = [LOSS_SERVICE]
         if config.open_inference:
             # Imported only when served: its messages share names with other OIP clients' code.
             from lossd.server.rpc.open_inference import INFERENCE_SERVICE, InferenceServicer
 
-            InferenceServicer(self.servicer, lambda: self._serving, self.control_budget).add_to_server(
+            InferenceServicer(self.lifecycle, lambda: self._serving, self.control_budget).add_to_server(
                 self._server
             )
             self._services.append(INFERENCE_SERVICE)
@@ -202,7 +204,7 @@ class LossServer:
             collector,
         )
         self._server.add_generic_rpc_handlers(
-            (guarded(self.servicer, collector.handlers, self.control_budget),)
+            (guarded(self.lifecycle, collector.handlers, self.control_budget),)
         )
         self.port = 0
         self.warm_up_s = 0.0
@@ -253,12 +255,12 @@ class LossServer:
         await self._health.enter_graceful_shutdown()
         stopping = asyncio.ensure_future(self._server.stop(grace))
         deadline = time.monotonic() + grace
-        self.servicer.grace_ends = deadline
-        while self.servicer.active and not stopping.done() and time.monotonic() < deadline:
+        self.lifecycle.grace_ends = deadline
+        while self.lifecycle.active and not stopping.done() and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         await stopping
         # Calls cancelled at the end of the grace period have finished (CANCELLED) by now.
-        unfinished = self.servicer.cut_off + self.servicer.active
+        unfinished = self.lifecycle.cut_off + self.lifecycle.active
         await self.batcher.close()
         for executor in (self._executor, self._large_executor, self._wire):
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
@@ -275,7 +277,7 @@ class LossServer:
         _LOGGER.critical("%s; refusing every call and exiting", error.message, exc_info=error.__cause__)
         self.failure = error
         self._serving = False
-        self.servicer.fail(error)
+        self.lifecycle.fail(error)
         self.batcher.abort(error)
         asyncio.get_running_loop().create_task(self._health.enter_graceful_shutdown())
         self.failed.set()
@@ -416,11 +418,11 @@ async def serve(config: ServerConfig, *, worker: str = "", engine: LossEngine | 
         return DEVICE_FAILED_EXIT
     _LOGGER.info(
         "lossd stopping: health NOT_SERVING, new calls refused, %d in progress get up to %.1f s",
-        server.servicer.active,
+        server.lifecycle.active,
         config.shutdown_grace_s,
     )
     unfinished = await server.stop()
-    answered = server.servicer.answered
+    answered = server.lifecycle.answered
     _LOGGER.info(
         "lossd stopped: %d calls ended (%s); %d of them cut off at the end of the grace period",
         sum(answered.values()),

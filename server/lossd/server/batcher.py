@@ -274,7 +274,6 @@ class Batcher(Generic[T, R]):
         return taken
 
     async def _dispatch(self, lane: _Lane[T, R]) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             group = self._oldest_group(lane)
             if group is None:
@@ -298,23 +297,7 @@ class Batcher(Generic[T, R]):
             if not items:
                 continue
             started = time.monotonic()
-            tiny = sum(item.nbytes for item in items) <= self.limits.inline_bytes
-            values = [item.value for item in items]
-            try:
-                if tiny and self._tiny_seconds < INLINE_SECONDS:
-                    results, computing = self._timed_run(values)
-                else:
-                    results, computing = await loop.run_in_executor(lane.executor, self._timed_run, values)
-            except Exception as error:  # run (or the executor) failed as a whole: fail this batch
-                results = [error] * len(items)
-                if self._on_failure is not None:
-                    self._on_failure(error)
-            else:
-                if tiny:
-                    last = self._tiny_seconds
-                    self._tiny_seconds = (
-                        computing if last == float("inf") else last + 0.2 * (computing - last)
-                    )
+            results = await self._compute(lane, items)
             elapsed = time.monotonic() - started
             self._item_seconds += 0.2 * (elapsed / len(items) - self._item_seconds)
             if self._observer:
@@ -331,6 +314,29 @@ class Batcher(Generic[T, R]):
                     item.future.set_exception(result)
                 else:
                     item.future.set_result(result)
+
+    async def _compute(self, lane: _Lane[T, R], items: list[_Item[T, R]]) -> Sequence[R | Exception]:
+        """One batch's results, or the error that failed it as a whole for each of its items.
+
+        A coroutine of its own, which ends with the batch: an error's traceback then holds no frame
+        of the dispatch loop, which lives on (a caller that clears its error's frames must not end
+        the loop)."""
+        tiny = sum(item.nbytes for item in items) <= self.limits.inline_bytes
+        values = [item.value for item in items]
+        try:
+            if tiny and self._tiny_seconds < INLINE_SECONDS:
+                results, computing = self._timed_run(values)
+            else:
+                loop = asyncio.get_running_loop()
+                results, computing = await loop.run_in_executor(lane.executor, self._timed_run, values)
+        except Exception as error:  # run (or the executor) failed as a whole: fail this batch
+            if self._on_failure is not None:
+                self._on_failure(error)
+            return [error] * len(items)
+        if tiny:
+            last = self._tiny_seconds
+            self._tiny_seconds = computing if last == float("inf") else last + 0.2 * (computing - last)
+        return results
 
     def _timed_run(self, values: list[T]) -> tuple[Sequence[R | Exception], float]:
         """`run(values)` and the seconds it took, without the hand-over to or from its thread."""

@@ -7,6 +7,9 @@ memory, and a sent chunk is one join of a small prefix and a view of the tensor.
 protobuf (`StreamLossRequest` / `StreamLossResponse` with field 1 the header and field 2 a
 `TensorChunk`), so any protobuf implementation reads and writes the same messages.
 
+A chunk names its tensor by the tensor's field path in the stream's header (`input`,
+`cross_entropy.weight`, `gradients.input`), the names errors use: the framing knows no loss.
+
 `Assembly` collects one stream's chunks into tensors allocated once, up front, and checks that they
 arrive in order and add up exactly.
 """
@@ -19,14 +22,11 @@ from typing import Any, NamedTuple
 import numpy as np
 from google.protobuf.message import Message
 
-from lossd.v1 import loss_service_pb2 as pb
 from lossd.wire.errors import InvalidArgumentError
 from lossd.wire.messages import LEN, VARINT, read_varint, skip, varint
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
-    "REQUEST_SLOTS",
-    "RESPONSE_SLOTS",
     "Assembly",
     "Chunk",
     "Part",
@@ -34,41 +34,17 @@ __all__ = [
     "encode_chunk",
     "encode_header",
     "iter_chunks",
-    "slot_name",
 ]
-
-REQUEST_SLOTS = {
-    "input": pb.TENSOR_SLOT_INPUT,
-    "target": pb.TENSOR_SLOT_TARGET,
-    "weight": pb.TENSOR_SLOT_WEIGHT,
-    "grad_output": pb.TENSOR_SLOT_GRAD_OUTPUT,
-    "teacher_ids": pb.TENSOR_SLOT_TEACHER_IDS,
-    "labels": pb.TENSOR_SLOT_LABELS,
-    "classifier": pb.TENSOR_SLOT_CLASSIFIER,
-    "bias": pb.TENSOR_SLOT_BIAS,
-    "teacher_classifier": pb.TENSOR_SLOT_TEACHER_CLASSIFIER,
-    "teacher_bias": pb.TENSOR_SLOT_TEACHER_BIAS,
-}
-"""The slot of a request tensor that travels in chunks, by its field's last name
-(`cross_entropy.weight` -> weight)."""
-
-RESPONSE_SLOTS = {
-    "loss": pb.TENSOR_SLOT_LOSS,
-    "hard_loss": pb.TENSOR_SLOT_HARD_LOSS,
-    "soft_loss": pb.TENSOR_SLOT_SOFT_LOSS,
-    "lse": pb.TENSOR_SLOT_LSE,
-    "input_gradient": pb.TENSOR_SLOT_INPUT_GRADIENT,
-    "target_gradient": pb.TENSOR_SLOT_TARGET_GRADIENT,
-    "classifier_gradient": pb.TENSOR_SLOT_CLASSIFIER_GRADIENT,
-    "bias_gradient": pb.TENSOR_SLOT_BIAS_GRADIENT,
-}
-"""The slot of each response tensor."""
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 """1 MiB: the chunk size that moved fastest through Python gRPC in the project's measurements."""
 
 _HEADER_FIELD, _CHUNK_FIELD = 1, 2
-_LEN, _VARINT = LEN, VARINT
+# TensorChunk's fields.
+_OFFSET, _DATA, _TENSOR = 2, 3, 4
+_OFFSET_TAG = varint(_OFFSET << 3 | VARINT)
+_DATA_TAG = varint(_DATA << 3 | LEN)
+_TENSOR_TAG = varint(_TENSOR << 3 | LEN)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -76,7 +52,7 @@ Buffer = bytes | bytearray | memoryview
 class Chunk(NamedTuple):
     """A received TensorChunk; `data` views the received message."""
 
-    slot: int
+    tensor: str
     offset: int
     data: memoryview
 
@@ -96,6 +72,10 @@ def _skip(data: memoryview, pos: int, wire_type: int) -> int:
     return skip(data, pos, wire_type, _MALFORMED)
 
 
+def _truncated() -> InvalidArgumentError:
+    return InvalidArgumentError("a stream message is truncated", reason=_MALFORMED)
+
+
 def encode_header(message: Message) -> bytes:
     """A serialized stream message whose part is `message` (field 1, the header): a StreamLoss
     request's or response's, or a PutTensor request's."""
@@ -103,10 +83,24 @@ def encode_header(message: Message) -> bytes:
     return b"\x0a" + varint(len(body)) + body
 
 
-def encode_chunk(slot: int, offset: int, data: Buffer) -> bytes:
-    """A serialized stream message carrying one TensorChunk: one copy of `data`, no more."""
+_NAMES: dict[str, bytes] = {}
+"""Each tensor name's encoded field (a stream repeats a few names many times)."""
+
+
+def _name_field(tensor: str) -> bytes:
+    field = _NAMES.get(tensor)
+    if field is None:
+        encoded = tensor.encode()
+        field = _TENSOR_TAG + varint(len(encoded)) + encoded if encoded else b""
+        if len(_NAMES) < 1024:
+            _NAMES[tensor] = field
+    return field
+
+
+def encode_chunk(tensor: str, offset: int, data: Buffer) -> bytes:
+    """A serialized stream message carrying one TensorChunk of `tensor`: one copy of `data`, no more."""
     size = len(data) if not isinstance(data, memoryview) else data.nbytes
-    inner = b"\x08" + varint(slot) + b"\x10" + varint(offset) + b"\x1a" + varint(size)
+    inner = _name_field(tensor) + _OFFSET_TAG + varint(offset) + _DATA_TAG + varint(size)
     return b"".join((b"\x12", varint(len(inner) + size), inner, data))
 
 
@@ -118,11 +112,11 @@ def decode_part(raw: bytes) -> Part:
     while pos < len(data):
         tag, pos = _read_varint(data, pos)
         field, wire_type = tag >> 3, tag & 7
-        if field in (_HEADER_FIELD, _CHUNK_FIELD) and wire_type == _LEN:
+        if field in (_HEADER_FIELD, _CHUNK_FIELD) and wire_type == LEN:
             length, pos = _read_varint(data, pos)
             body = data[pos : pos + length]
             if len(body) != length:
-                raise InvalidArgumentError("a stream message is truncated", reason="STREAM_MESSAGE_MALFORMED")
+                raise _truncated()
             pos += length
             part = body if field == _HEADER_FIELD else _decode_chunk(body)
         else:
@@ -135,76 +129,86 @@ def decode_part(raw: bytes) -> Part:
 
 
 def _decode_chunk(body: memoryview) -> Chunk:
-    slot = offset = 0
+    tensor = ""
+    offset = 0
     chunk = body[0:0]
     pos = 0
     while pos < len(body):
         tag, pos = _read_varint(body, pos)
         field, wire_type = tag >> 3, tag & 7
-        if field == 1 and wire_type == _VARINT:
-            slot, pos = _read_varint(body, pos)
-        elif field == 2 and wire_type == _VARINT:
+        if field == _OFFSET and wire_type == VARINT:
             offset, pos = _read_varint(body, pos)
             if offset >= 1 << 63:  # int64 below zero
                 offset -= 1 << 64
-        elif field == 3 and wire_type == _LEN:
+        elif field in (_DATA, _TENSOR) and wire_type == LEN:
             length, pos = _read_varint(body, pos)
-            chunk = body[pos : pos + length]
+            value = body[pos : pos + length]
+            if len(value) != length:
+                raise _truncated()
             pos += length
+            if field == _DATA:
+                chunk = value
+            else:
+                try:
+                    tensor = str(value, "utf-8")
+                except UnicodeDecodeError:
+                    raise InvalidArgumentError(
+                        "a chunk's tensor name is not UTF-8", reason=_MALFORMED, field="chunk.tensor"
+                    ) from None
         else:
             pos = _skip(body, pos, wire_type)
-    return Chunk(slot, offset, chunk)
+    return Chunk(tensor, offset, chunk)
 
 
-def iter_chunks(slot: int, data: memoryview, chunk_bytes: int) -> Iterator[bytes]:
-    """The chunk messages carrying `data` (a byte view of one tensor)."""
+def iter_chunks(tensor: str, data: memoryview, chunk_bytes: int) -> Iterator[bytes]:
+    """The chunk messages carrying `data` (a byte view of one tensor) as `tensor`'s."""
     for offset in range(0, data.nbytes, chunk_bytes):
-        yield encode_chunk(slot, offset, data[offset : offset + chunk_bytes])
+        yield encode_chunk(tensor, offset, data[offset : offset + chunk_bytes])
 
 
-def slot_name(slot: int) -> str:
-    """'TENSOR_SLOT_INPUT' and so on, or the number."""
-    try:
-        return pb.TensorSlot.Name(slot)  # type: ignore[arg-type]
-    except ValueError:
-        return str(slot)
+def _shown(name: str) -> str:
+    """A tensor's name in an error: a client's string, bounded (a PutTensor's tensor has none)."""
+    if not name:
+        return "header"
+    return name if len(name) <= 64 else name[:64] + f"... ({len(name)} characters)"
 
 
 class Assembly:
     """The tensors of one stream, allocated once and filled chunk by chunk.
 
     **Parameters:**
-    - `sizes`: slot -> the number of bytes that slot's tensor must receive.
+    - `sizes`: tensor name -> the number of bytes that tensor must receive.
     - `allocate`: returns n writable bytes as a 1-D uint8 array, or anything numpy can view as one
       without copying (the server's are torch tensors in pinned memory when it runs on CUDA).
-    - `fields`: slot -> the field name used in error messages (`input`, `cross_entropy.weight`).
     """
 
-    def __init__(
-        self, sizes: Mapping[int, int], allocate: Callable[[int], Any], fields: Mapping[int, str]
-    ) -> None:
-        self._fields = dict(fields)
-        self._buffers = {slot: allocate(size) for slot, size in sizes.items()}
-        self._views: dict[int, np.ndarray] = {slot: np.asarray(b) for slot, b in self._buffers.items()}
+    def __init__(self, sizes: Mapping[str, int], allocate: Callable[[int], Any]) -> None:
+        self._buffers = {name: allocate(size) for name, size in sizes.items()}
+        self._views: dict[str, np.ndarray] = {name: np.asarray(b) for name, b in self._buffers.items()}
         self.received = dict.fromkeys(sizes, 0)
 
-    def expected(self, slot: int) -> int:
-        """The bytes `slot`'s tensor must receive in all."""
-        return int(self._views[slot].size)
+    def expected(self, tensor: str) -> int:
+        """The bytes `tensor` must receive in all."""
+        return int(self._views[tensor].size)
 
-    def add(self, slot: int, offset: int, data: memoryview) -> None:
+    def complete(self, tensor: str) -> bool:
+        """Whether `tensor` has all its bytes (True for one the stream does not send)."""
+        view = self._views.get(tensor)
+        return view is None or self.received[tensor] == view.size
+
+    def add(self, tensor: str, offset: int, data: memoryview) -> None:
         """Copies one chunk's bytes into place, after checking where they go."""
-        buffer = self._views.get(slot)
+        buffer = self._views.get(tensor)
         if buffer is None:
-            expected = sorted(slot_name(s) for s in self._views)
+            expected = sorted(_shown(name) for name in self._views)
             raise InvalidArgumentError(
-                f"a chunk for {slot_name(slot)} arrived, but this stream sends only {expected}",
-                reason="CHUNK_SLOT_INVALID",
-                field="chunk.slot",
-                metadata={"slot": slot_name(slot)},
+                f"a chunk of {_shown(tensor)!r} arrived, but this stream sends only {expected} in chunks",
+                reason="CHUNK_TENSOR_UNKNOWN",
+                field="chunk.tensor",
+                metadata={"tensor": _shown(tensor)},
             )
-        field = self._fields[slot]
-        have = self.received[slot]
+        field = _shown(tensor)
+        have = self.received[tensor]
         if offset != have:
             raise InvalidArgumentError(
                 f"a chunk of {field} starts at byte {offset}, but {have} bytes have arrived: chunks must "
@@ -222,24 +226,24 @@ class Assembly:
                 metadata={"tensor": field, "bytes": str(end), "expectedBytes": str(buffer.size)},
             )
         buffer[offset:end] = np.frombuffer(data, dtype=np.uint8)
-        self.received[slot] = end
+        self.received[tensor] = end
 
     def check_complete(self) -> None:
         """Raises unless every tensor has all its bytes."""
-        for slot, buffer in self._views.items():
-            if self.received[slot] != buffer.size:
-                field = self._fields[slot]
+        for name, buffer in self._views.items():
+            if self.received[name] != buffer.size:
+                field = _shown(name)
                 raise InvalidArgumentError(
-                    f"the stream ended with {self.received[slot]} of the {buffer.size} bytes of {field}",
+                    f"the stream ended with {self.received[name]} of the {buffer.size} bytes of {field}",
                     reason="STREAM_INCOMPLETE",
                     field=field,
                     metadata={
                         "tensor": field,
-                        "received": str(self.received[slot]),
+                        "received": str(self.received[name]),
                         "expectedBytes": str(buffer.size),
                     },
                 )
 
-    def by_field(self) -> dict[str, Any]:
-        """field name -> its assembled bytes, as `allocate` returned them."""
-        return {self._fields[slot]: buffer for slot, buffer in self._buffers.items()}
+    def by_name(self) -> dict[str, Any]:
+        """tensor name -> its assembled bytes, as `allocate` returned them."""
+        return dict(self._buffers)

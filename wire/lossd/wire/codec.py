@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import math
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeGuard, Union
@@ -79,10 +78,6 @@ _BY_NUMPY_KIND: dict[tuple[str, int], int] = {
 }
 _BY_NAME: dict[str, int] = {info.name: code for code, info in _INFO.items()}
 _WIRE_DTYPES: dict[int, np.dtype[Any]] = {code: np.dtype(info.numpy) for code, info in _INFO.items()}
-
-# Decoded request tensors are read-only views of the message's bytes (no copy); lossd never writes
-# to them, so torch's once-per-process notice about non-writable memory is noise here.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,11 @@ __all__ = [
     "FieldTree",
     "TooManyFields",
     "bytes_field",
+    "message_field",
     "read_varint",
     "skip",
     "split",
+    "string_field",
     "tensor_field",
     "varint",
 ]
@@ -159,14 +161,17 @@ def bytes_field(field: int, data: memoryview | bytes) -> Pieces:
     return [varint(field << 3 | LEN), varint(_size(data)), data]
 
 
+def message_field(field: int, pieces: Pieces) -> Pieces:
+    """A sub-message field holding the serialized `pieces` (not copied until the join)."""
+    return [varint(field << 3 | LEN), varint(sum(_size(piece) for piece in pieces)), *pieces]
+
+
+def string_field(field: int, text: str) -> Pieces:
+    """A string field."""
+    return bytes_field(field, text.encode())
+
+
 def tensor_field(field: int, header: bytes, data_field: int, data: memoryview | bytes) -> Pieces:
     """A sub-message field: the sub-message's serialized `header` (its small fields) followed by
     its bytes field `data_field` holding `data`."""
-    inner = bytes_field(data_field, data)
-    size = (
-        len(header)
-        + len(inner[0])
-        + len(inner[1])
-        + (data.nbytes if isinstance(data, memoryview) else len(data))
-    )
-    return [varint(field << 3 | LEN), varint(size), header, *inner]
+    return message_field(field, [header, *bytes_field(data_field, data)])

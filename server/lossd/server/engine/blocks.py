@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from lossd.server.engine.merging import denominators, merge_key
-from lossd.server.engine.staging import as_float64, as_result
+from lossd.server.engine.staging import as_float64, as_result, host_array
 from lossd.server.losses import LossCall, loss_shape
 
 __all__ = ["BlockPlan", "block_plan"]
@@ -30,14 +31,14 @@ __all__ = ["BlockPlan", "block_plan"]
 class BlockPlan:
     """How to compute `call` (its input still filling) in blocks of samples."""
 
-    call: LossCall
+    call: LossCall[Any]
     samples: int
     sample_bytes: int
     denominator: float
     loss_dtype: torch.dtype
     loss_shape: tuple[int, ...]
 
-    def block(self, start: int, stop: int) -> LossCall:
+    def block(self, start: int, stop: int) -> LossCall[Any]:
         """Samples [start, stop) as a call of their own: per-sample losses, the call's upstream."""
         call = self.call
         reduced = call.options.reduction != "none"
@@ -49,14 +50,17 @@ class BlockPlan:
             grad_output: torch.Tensor | None = torch.full(shape, float(scale), dtype=torch.float64)
         else:
             grad_output = None if call.grad_output is None else call.grad_output[start:stop]
-        wanted = call.input_grad or call.target_grad
+        specs = call.loss.all_tensors
         return dataclasses.replace(
             call,
             options=dataclasses.replace(call.options, reduction="none"),
             input=call.input[start:stop],
             target=call.target[start:stop],
-            grad_output=grad_output if wanted else None,
-            tensors={name: tensor[start:stop] for name, tensor in call.tensors.items()},
+            grad_output=grad_output if call.grads else None,
+            tensors={
+                name: tensor[start:stop] if specs[name].per_row else tensor
+                for name, tensor in call.tensors.items()
+            },
         )
 
     def block_loss_shape(self) -> tuple[int, ...]:
@@ -69,35 +73,23 @@ class BlockPlan:
         return as_result(value, torch.float64, self.loss_dtype)
 
 
-def block_plan(call: LossCall) -> BlockPlan | None:
+def block_plan(call: LossCall[Any]) -> BlockPlan | None:
     """The plan for a prepared call whose small tensors are complete, or None if it cannot be split
     (a single sample, a 1-D classification input, a call that only computes alone: see
     `lossd.server.engine.merging.merge_key`)."""
-    loss = call.loss
-    if not loss.splittable(call):
+    loss, rows = call.loss, call.loss.rows
+    if rows is None or not rows.splittable(call):
         return None
     samples = call.input.shape[0]
-    if samples < 2:
+    if samples < 2 or merge_key(call) is None:
         return None
-    if merge_key(call) is None:
-        return None
-    targets = call.target.reshape(-1).numpy() if loss.class_targets(call) else None
-    denominator = float(denominators([call], [loss.rows_of(call)], targets)[0])
-    sample_bytes = math.prod(call.input.shape[1:]) * call.input.element_size()
-    if loss.merged_by_compute:  # computed by its own `compute`: it knows its loss's dtype and shape
-        return BlockPlan(call, samples, sample_bytes, denominator, loss.loss_dtype(call), loss_shape(call))
-    meta = loss.function(call.options, call.reduction)(
-        torch.empty(call.input.shape, dtype=call.input.dtype, device="meta"),
-        torch.empty(call.target.shape, dtype=call.target.dtype, device="meta"),
-        None
-        if call.weight is None
-        else torch.empty(call.weight.shape, dtype=call.weight.dtype, device="meta"),
-    )
+    targets = rows.target_rows(host_array(call.target), call)
+    denominator = float(denominators([call], [rows.count(call)], rows, targets)[0])
     return BlockPlan(
         call=call,
         samples=samples,
-        sample_bytes=sample_bytes,
+        sample_bytes=math.prod(call.input.shape[1:]) * call.input.element_size(),
         denominator=denominator,
-        loss_dtype=meta.dtype,
-        loss_shape=tuple(meta.shape),
+        loss_dtype=loss.loss_dtype(call),
+        loss_shape=loss_shape(call),
     )

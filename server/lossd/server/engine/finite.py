@@ -10,6 +10,7 @@ all-ones exponent is infinity or NaN.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,25 +39,27 @@ def _has_nonfinite(tensor: torch.Tensor, log_probabilities: bool = False) -> boo
     return not bool(np.isfinite(tensor.numpy()).all())
 
 
-def _tensors(call: LossCall) -> tuple[tuple[str, torch.Tensor | None], ...]:
-    """A call's request tensors by field, in request order."""
-    name = call.loss.name
+def _tensors(call: LossCall[Any]) -> tuple[tuple[str, torch.Tensor | None, bool], ...]:
+    """A call's request tensors in request order: field, tensor, and whether -inf is a value there
+    (log-probabilities)."""
+    loss = call.loss
+    specs = loss.all_tensors
+    logs = [specs[name].holds == "log_probabilities" for name in ("input", "target")]
     return (
-        ("input", call.input),
-        ("target", call.target),
-        (f"{name}.weight", call.weight),
-        *((f"{name}.{field}", tensor) for field, tensor in call.tensors.items()),
-        ("gradients.grad_output", call.grad_output),
+        ("input", call.input, logs[0]),
+        ("target", call.target, logs[1]),
+        *(
+            (f"{loss.name}.{name}", tensor, specs[name].holds == "log_probabilities")
+            for name, tensor in call.tensors.items()
+        ),
+        ("gradients.grad_output", call.grad_output, False),
     )
 
 
-def nonfinite_fields(call: LossCall) -> tuple[str, ...]:
+def nonfinite_fields(call: LossCall[Any]) -> tuple[str, ...]:
     """The request fields of `call` that hold a NaN or an infinity, in request order."""
-    logs = call.loss.log_probabilities
     return tuple(
-        field
-        for field, tensor in _tensors(call)
-        if tensor is not None and _has_nonfinite(tensor, field in logs)
+        field for field, tensor, log in _tensors(call) if tensor is not None and _has_nonfinite(tensor, log)
     )
 
 
@@ -69,11 +72,7 @@ def _array_nonfinite(array: np.ndarray, dtype: torch.dtype, log_probabilities: b
     return not bool(np.isfinite(array).all())
 
 
-_ANY = ""
-"""A field name that is no loss's log-probabilities (for calls whose loss has none)."""
-
-
-def nonfinite_many(calls: Sequence[LossCall]) -> list[tuple[str, ...]]:
+def nonfinite_many(calls: Sequence[LossCall[Any]]) -> list[tuple[str, ...]]:
     """`nonfinite_fields` of each call. Small host tensors of several calls are checked together
     first, one numpy pass per dtype: when that finds nothing (nearly always), no call holds a NaN
     or an infinity; otherwise each call is checked on its own to say which fields do."""
@@ -81,16 +80,9 @@ def nonfinite_many(calls: Sequence[LossCall]) -> list[tuple[str, ...]]:
         return [nonfinite_fields(call) for call in calls]
     groups: dict[tuple[torch.dtype, bool], list[np.ndarray]] = {}
     for call in calls:
-        logs = call.loss.log_probabilities
-        tensors: tuple[tuple[str, torch.Tensor | None], ...] = (
-            _tensors(call) if logs else ((_ANY, call.input), (_ANY, call.target))
-        )
-        if not logs and (call.weight is not None or call.tensors or call.grad_output is not None):
-            tensors = _tensors(call)
-        for field, tensor in tensors:
+        for _, tensor, log in _tensors(call):
             if tensor is None or tensor.dtype not in FLOATING or tensor.numel() == 0:
                 continue
-            log = field in logs
             if (
                 tensor.numel() >= _SMALL
                 or tensor.device.type != "cpu"

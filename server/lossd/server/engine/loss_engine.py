@@ -1,9 +1,9 @@
-"""The loss engine: validated `LossCall`s computed with torch.nn.functional and torch autograd.
+"""The loss engine: validated `LossCall`s computed by their losses with torch, on one device.
 
-Pure torch; nothing of gRPC or metrics. The numbers are torch's: alone, a call is the very
-torch call of its loss (`lossd.server.losses`) and `torch.autograd.grad` of it, on the engine's
-device; merged with others (see `lossd.server.engine.merging`), it is the same per-row computation
-with its own reduction taken in float64.
+Pure torch; nothing of gRPC or metrics. The numbers are the losses' own: alone, a call is its loss's
+computation (for torch's losses, the very torch call and `torch.autograd.grad` of it) on the
+engine's device; merged with others (see `lossd.server.engine.merging`), it is the same per-row
+computation with its own reduction taken in float64.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import math
 import traceback
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -94,62 +94,66 @@ class LossEngine:
         """The implementation of each loss that has several, chosen by `warm_up` on the device;
         until then (and for an engine that is never warmed up) the loss's own."""
 
-    def _use_threads(self, calls: Sequence[LossCall]) -> None:
+    def _use_threads(self, calls: Sequence[LossCall[Any]]) -> None:
         if self.threads is None:
             return
         wanted = 1 if sum(call.input.numel() for call in calls) < SMALL_ELEMENTS else self.threads
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
 
-    def compute(self, call: LossCall) -> LossOutput:
+    def compute(self, call: LossCall[Any]) -> LossOutput:
         """Validates, then computes the loss and the requested gradients alone; results on the CPU."""
         result = self.compute_batch([validate(call)], merge=False)[0]
         if isinstance(result, Exception):
             raise result
         return result
 
-    def prepare(self, call: LossCall, limits: TensorLimits | None = None) -> LossCall:
+    def prepare(self, call: LossCall[Any], limits: TensorLimits | None = None) -> LossCall[Any]:
         """Validates a call (on the host, before anything reaches the device) for `compute_batch`;
         `limits` also bound what its tensors broadcast to."""
         return validate(call, limits)
 
     @staticmethod
-    def merge_key(call: LossCall) -> MergeKey | None:
+    def merge_key(call: LossCall[Any]) -> MergeKey | None:
         """Prepared calls with equal keys can be computed together; None: only alone."""
         return merge_key(call)
 
     @staticmethod
-    def cost(call: LossCall) -> tuple[int, int]:
+    def rows(call: LossCall[Any]) -> int:
+        """The per-row losses a prepared call has unreduced (samples x positions, tokens, elements)."""
+        return math.prod(loss_shape(call, "none"))
+
+    @classmethod
+    def cost(cls, call: LossCall[Any]) -> tuple[int, int]:
         """(rows, bytes) a prepared call adds to a merged computation."""
-        return call.loss.rows_of(call), call.input.nbytes + call.target.nbytes
+        return cls.rows(call), call.input.nbytes + call.target.nbytes
 
     @staticmethod
-    def answer_bytes(call: LossCall) -> int:
-        """Bytes of a prepared call's answer tensors: the loss and the requested gradients."""
-        nbytes = (
-            math.prod(loss_shape(call)) * call.loss.loss_dtype(call).itemsize * (1 + len(call.loss.parts))
-        )
-        for wanted, tensor in ((call.input_grad, call.input), (call.target_grad, call.target)):
-            if wanted:
-                itemsize = call.grad_dtype.itemsize if call.grad_dtype is not None else tensor.element_size()
-                nbytes += tensor.numel() * itemsize
-        for name in call.tensor_grads:
-            tensor = call.tensors[name]
-            nbytes += tensor.numel() * (call.grad_dtype or tensor.dtype).itemsize
+    def answer_bytes(call: LossCall[Any]) -> int:
+        """Bytes of a prepared call's answer tensors: the loss, the outputs and gradients asked for."""
+        loss = call.loss
+        itemsize = loss.loss_dtype(call).itemsize
+        nbytes = math.prod(loss_shape(call)) * itemsize
+        nbytes += sum(math.prod(loss.output_shape(call, name)) * itemsize for name in call.outputs)
+        for name in call.grads:
+            tensor = call.tensor(name)
+            if tensor is not None:
+                nbytes += tensor.numel() * (call.grad_dtype or tensor.dtype).itemsize
         return nbytes
 
-    @staticmethod
-    def footprint(call: LossCall) -> int:
+    @classmethod
+    def footprint(cls, call: LossCall[Any]) -> int:
         """Host memory a prepared call's computation may take besides its request and answer,
-        estimated from the shapes: the loss's own temporaries (cross-entropy's log-probabilities
-        and softmax, a kl_div broadcast's per-element losses and gradients, at 32 bits at least),
-        a merged computation's concatenated rows (a merge is at most `MERGE_COPY_BYTES`), and its
-        per-row float64 sums."""
+        estimated from the shapes: the loss's own temporaries (`Loss.scratch_bytes`), a merged
+        computation's concatenated rows (a merge is at most `MERGE_COPY_BYTES`), and its per-row
+        float64 sums."""
         temporaries = call.loss.scratch_bytes(call)
-        merged = min(call.input.nbytes + call.target.nbytes, MERGE_COPY_BYTES) + 16 * call.loss.rows_of(call)
+        merged = min(call.input.nbytes + call.target.nbytes, MERGE_COPY_BYTES) + 16 * cls.rows(call)
         return temporaries + merged + 4096
 
-    def compute_batch(self, calls: Sequence[LossCall], merge: bool = True) -> list[LossOutput | Exception]:
+    def compute_batch(
+        self, calls: Sequence[LossCall[Any]], merge: bool = True
+    ) -> list[LossOutput | Exception]:
         """Prepared calls that share one merge key, computed together; each result or error in order.
 
         A single call, and every call with `merge=False`, is computed alone, exactly as torch would.
@@ -173,12 +177,12 @@ class LossEngine:
                 results[i] = result
         return [result for result in results if result is not None]
 
-    def _compute(self, calls: Sequence[LossCall], merge: bool) -> list[LossOutput | Exception]:
+    def _compute(self, calls: Sequence[LossCall[Any]], merge: bool) -> list[LossOutput | Exception]:
         key = merge_key(calls[0]) if merge and len(calls) > 1 else None
         if key is None:  # alone: torch's own call, bit for bit
             return [self._alone(call) for call in calls]
         try:
-            return list(self._merged(calls, key))
+            return [*self._merged(calls, key)]
         except Exception as error:
             self._contain(error)
             if is_out_of_memory(error):
@@ -195,7 +199,7 @@ class LossEngine:
             )
             return [self._alone(call) for call in calls]
 
-    def _alone(self, call: LossCall) -> LossOutput | Exception:
+    def _alone(self, call: LossCall[Any]) -> LossOutput | Exception:
         try:
             return self._run(call)
         except Exception as error:
@@ -242,7 +246,7 @@ class LossEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _choice(self, call: LossCall) -> Choice | None:
+    def _choice(self, call: LossCall[Any]) -> Choice | None:
         choice = self.choices.get(call.loss.name)
         if choice is None:
             candidates = call.loss.implementations()
@@ -266,36 +270,30 @@ class LossEngine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _merged(self, calls: Sequence[LossCall], key: MergeKey) -> list[LossOutput]:
+    def _merged(self, calls: Sequence[LossCall[Any]], key: MergeKey) -> list[LossOutput]:
+        """Calls that share `key` as rows of one computation (see `lossd.server.engine.merging`)."""
         return compute_merged(calls, key, self.staging)
 
-    def _run(self, call: LossCall) -> LossOutput:
+    def _run(self, call: LossCall[Any]) -> LossOutput:
         """One call alone: its loss's computation on the device. Its tensors go up through the staging
         (page-locked memory and asynchronous copies on CUDA) and its results come down with one
-        synchronisation; on the CPU nothing moves."""
+        synchronisation; on the CPU nothing moves. Each gradient comes back in the dtype asked for,
+        else its tensor's (a head's, computed in float32, returns to bfloat16)."""
         choice = self._choice(call)
         implementation = None if choice is None else choice.for_call(call)
         compute = call.loss.compute if implementation is None else implementation.compute
         computed = compute(call, self.staging.upload)
-        wanted = call.grad_dtype
-        grads = [
-            grad if wanted is None or grad.dtype == wanted else grad.to(wanted) for grad in computed.grads
-        ]
-        names = list(computed.parts)
-        tensor_names = list(computed.tensor_grads)
-        tensor_grads = [
-            grad.to(wanted or call.tensors[name].dtype) for name, grad in computed.tensor_grads.items()
-        ]
-        results = self.staging.download([computed.loss, *grads, *tensor_grads, *computed.parts.values()])
-        loss = results.pop(0)
-        input_grad = results.pop(0) if call.input_grad else None
-        target_grad = results.pop(0) if call.target_grad else None
-        by_name = {name: results.pop(0) for name in tensor_names}
+        grads = {}
+        for name, grad in computed.grads.items():
+            tensor = call.tensor(name)
+            assert tensor is not None, f"a gradient of {name} was computed, so the call has it"
+            grads[name] = grad.to(call.grad_dtype or tensor.dtype)
+        outputs = computed.outputs
+        results = self.staging.download([computed.loss, *outputs.values(), *grads.values()])
+        loss = results[0]
         return LossOutput(
             loss=loss,
-            input_grad=input_grad,
-            target_grad=target_grad,
-            parts=dict(zip(names, results, strict=True)),
-            tensor_grads=by_name,
+            outputs=dict(zip(outputs, results[1 : 1 + len(outputs)], strict=True)),
+            grads=dict(zip(grads, results[1 + len(outputs) :], strict=True)),
             implementation="" if implementation is None else implementation.name,
         )

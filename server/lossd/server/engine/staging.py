@@ -137,12 +137,13 @@ class Staging:
         if self._spare is None or base.numel() > self._spare.numel():
             self._spare = base
 
-    def to_device(self, parts: Sequence[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
-        """One device tensor of `dtype`: `parts` (host arrays, bfloat16 as int16) concatenated."""
+    def host_rows(self, parts: Sequence[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
+        """One host tensor of `dtype` (page-locked on CUDA, so that `upload` copies it without a
+        stage): `parts` (host arrays, bfloat16 as int16) concatenated."""
         shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
         host = torch.empty(shape, dtype=dtype, pin_memory=self.pinned)
         np.concatenate(parts, axis=0, out=host_array(host))
-        return host if self.device.type == "cpu" else host.to(self.device, non_blocking=self.pinned)
+        return host
 
     def to_host(self, tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
         """Host arrays of device tensors, complete when this returns."""
@@ -162,13 +163,16 @@ class Staging:
         return tensor
 
     def upload(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the device: its mirror if it has one, else through page-locked memory and
-        an asynchronous copy on CUDA (no synchronisation: `download` ends the batch with one)."""
+        """A host tensor on the device: its mirror if it has one, else through page-locked memory
+        (staged there unless it is already) and an asynchronous copy on CUDA (no synchronisation:
+        `download` ends the batch with one)."""
         if tensor.device == self.device:
             return tensor
         mirrored = self._mirrors.get(id(tensor))
         if mirrored is not None:
             return mirrored
+        if self.pinned and tensor.is_pinned():  # already staged (merged rows)
+            return tensor.to(self.device, non_blocking=True)
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.pinned)
         host.copy_(tensor)
         return host.to(self.device, non_blocking=self.pinned)

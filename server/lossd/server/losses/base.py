@@ -1,59 +1,103 @@
-"""What a loss is to lossd: the `Loss` interface every loss module implements, and the plain-Python
-vocabulary of one computation (`LossCall`, `LossOutput`).
+"""What a loss is to lossd: the `Loss` interface every loss module implements, the optional `Rows`
+piece of the losses whose calls merge by rows and stream in blocks, and the plain-Python vocabulary
+of one computation (`LossCall`, `Computed`, `LossOutput`).
 
-Everything specific to one loss lives in its module (`nll`, `cross_entropy`, `kl_div`): its options
-and how they come from its .proto message, its tensors, torch's rules for them, its computation
-alone (torch's own call), by rows for merged calls and blocks of streams, and its Open Inference
-Protocol description. The engine and the transport work through this interface and never ask which
-loss a call is.
+A loss declares, once, in its module: its name, its options (a frozen dataclass whose fields are its
+.proto options message's scalars), its tensors (`TensorSpec`: input, target and its own, what each
+holds, which it can differentiate), its outputs besides the loss (`OutputSpec`), and the four
+things every loss must give: its options from the message's values (`options`, derived), torch's
+rules for a call (`check`), its computation (`compute`) and its cost (`scratch_bytes`). The engine,
+the transports, the Open Inference Protocol and the metadata all work from these declarations and
+never ask which loss a call is.
 
-Pure torch and numpy; nothing of gRPC, protobuf or metrics (a loss reads its .proto options message
-by its fields, without importing protobuf).
+Pure torch and numpy; nothing of gRPC, protobuf or metrics.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
 import math
+import typing
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 import numpy as np
 import torch
 
 if TYPE_CHECKING:  # the codec imports protobuf, which the losses must not need
-    from lossd.server.losses.implementations import Implementation
     from lossd.wire.codec import TensorLimits
 
 __all__ = [
+    "INPUT",
     "REDUCTIONS",
     "Computed",
+    "Implementation",
     "Loss",
     "LossCall",
-    "LossFunction",
     "LossOptions",
     "LossOutput",
-    "OipTensor",
+    "OutputSpec",
+    "Rows",
+    "TensorSpec",
     "Upload",
+    "compute_dtype",
+    "rows_of_tokens",
+    "segment_sums",
 ]
 
 REDUCTIONS = ("none", "mean", "sum", "batchmean")
 """torch's reduction names, across losses."""
 
-LossFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-"""`f(input, target, weight)`: one loss with its options bound."""
-
 Upload = Callable[[torch.Tensor], torch.Tensor]
 """Moves a host tensor to the engine's device."""
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16 and bfloat16 computed (and their loss returned) in float32, as the token losses do."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor a loss takes, declared once: by its name it is addressed everywhere (the .proto
+    field of the loss's options message, StreamLoss chunks, gradients, the Open Inference
+    Protocol's inputs)."""
+
+    name: str
+    holds: Literal["floats", "indices", "log_probabilities"] = "floats"
+    """What it holds; -inf is a value in log-probabilities (probability 0), not a fault."""
+    shape: tuple[int, ...] = (-1,)
+    """Its usual shape, -1 for a dimension of any size (for protocol metadata; every shape the
+    loss's rules take is taken)."""
+    differentiable: bool = False
+    """Whether a call may ask for the loss's gradient with respect to it."""
+    per_row: bool = False
+    """One entry per row of the input (hard labels): merged calls concatenate it, stream blocks
+    slice it; otherwise every row uses all of it (class weights, a classifier)."""
+
+
+INPUT = TensorSpec("input", shape=(-1, -1), differentiable=True)
+"""The input as most losses take it: floats, differentiable."""
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One output a loss returns besides the loss, on request, by its name."""
+
+    name: str
+    reduced: bool = True
+    """True: shaped and reduced like the loss; False: one value per row of the unreduced loss,
+    whatever the reduction (a per-token log-sum-exp)."""
 
 
 @dataclass(frozen=True)
 class LossOptions:
     """The non-tensor arguments of one loss call, with torch's defaults; each loss subclasses it
-    with its own options."""
+    with its own options, the scalar fields of its .proto options message."""
 
-    loss: Loss
+    loss: Loss[Any]
     reduction: str = "mean"
 
     def without_reduction(self) -> Hashable:
@@ -68,236 +112,274 @@ class LossOptions:
 
 _SHARED_FIELDS: dict[type[LossOptions], tuple[str, ...]] = {}
 
+OptionsT = TypeVar("OptionsT", bound=LossOptions)
+
 
 @dataclass(frozen=True)
-class LossCall:
-    """One loss computation: `F.<loss>(input, target, weight=..., **options)` and what to return.
+class LossCall(Generic[OptionsT]):
+    """One loss computation: `F.<loss>(input, target, **tensors, **options)` and what to return.
 
     Tensors are on the CPU as decoded from the request; the engine moves them to its device.
-    `grad_output` is the upstream gradient (None: ones); `grad_dtype` the dtype of the returned
-    gradients (None: each tensor's own); `tensor_grads` the names of the loss's own tensors whose
-    gradient is returned too (a trainable head's "classifier").
+    `tensors`: the loss's own (class weights, labels, a classifier), by name; `grads`: the names of
+    the tensors to differentiate with respect to (`input`, `target`, or one of `tensors`);
+    `outputs`: the outputs wanted besides the loss; `grad_output`: the upstream gradient (None:
+    ones); `grad_dtype`: the dtype of the returned gradients (None: each tensor's own).
     """
 
-    options: LossOptions
+    options: OptionsT
     input: torch.Tensor
     target: torch.Tensor
-    weight: torch.Tensor | None = None
-    input_grad: bool = False
-    target_grad: bool = False
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    grads: frozenset[str] = frozenset()
+    outputs: frozenset[str] = frozenset()
     grad_dtype: torch.dtype | None = None
     grad_output: torch.Tensor | None = None
-    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    tensor_grads: frozenset[str] = frozenset()
 
     @property
-    def loss(self) -> Loss:
-        return self.options.loss
+    def loss(self) -> Loss[OptionsT]:
+        loss: Loss[OptionsT] = self.options.loss
+        return loss
 
     @property
     def reduction(self) -> str:
         return self.options.reduction
 
+    @property
+    def input_grad(self) -> bool:
+        return "input" in self.grads
 
-@dataclass(frozen=True)
-class LossOutput:
-    """The loss and the gradients asked for, on the host: torch tensors, or numpy arrays where the
-    merged path produced them (any dtype but bfloat16). `nonfinite` names the request fields that
-    held NaN or infinity (computed with, as torch does, and counted). `parts`: the loss's named
-    parts (`Loss.parts`), each shaped like `loss`; `tensor_grads` the gradients of the loss's own
-    tensors asked for, by name; `implementation` which of the loss's implementations computed it
-    ("" for a loss with one)."""
+    @property
+    def target_grad(self) -> bool:
+        return "target" in self.grads
 
-    loss: torch.Tensor | np.ndarray
-    input_grad: torch.Tensor | np.ndarray | None = None
-    target_grad: torch.Tensor | np.ndarray | None = None
-    nonfinite: tuple[str, ...] = ()
-    parts: Mapping[str, torch.Tensor | np.ndarray] = field(default_factory=dict)
-    tensor_grads: Mapping[str, torch.Tensor | np.ndarray] = field(default_factory=dict)
-    implementation: str = ""
+    def tensor(self, name: str) -> torch.Tensor | None:
+        """Any of the call's tensors by name: input, target, or one of the loss's own."""
+        if name == "input":
+            return self.input
+        if name == "target":
+            return self.target
+        return self.tensors.get(name)
 
 
 @dataclass(frozen=True)
 class Computed:
-    """A call's results on the device, before they come down: the loss, its parts, and the
-    gradients asked for (input's, then target's, then those of the loss's tensors by name)."""
+    """A call's results on the device, before they come down: the loss, the outputs asked for and
+    the gradients asked for, each by name."""
 
     loss: torch.Tensor
-    grads: list[torch.Tensor]
-    parts: dict[str, torch.Tensor] = field(default_factory=dict)
-    tensor_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    grads: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    outputs: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+Result = torch.Tensor | np.ndarray
+"""A result on the host: a torch tensor, or a numpy array where the merged path made it (any dtype
+but bfloat16)."""
 
 
 @dataclass(frozen=True)
-class OipTensor:
-    """A tensor in a model's Open Inference Protocol metadata: name, datatype, shape (-1: any)."""
+class LossOutput:
+    """The loss, the outputs and the gradients asked for, on the host, by name. `nonfinite` names
+    the request fields that held NaN or infinity (computed with, as torch does, and counted);
+    `implementation` which of the loss's implementations computed it ("" for a loss with one)."""
+
+    loss: Result
+    grads: Mapping[str, Result] = field(default_factory=dict)
+    outputs: Mapping[str, Result] = field(default_factory=dict)
+    nonfinite: tuple[str, ...] = ()
+    implementation: str = ""
+
+    @property
+    def input_grad(self) -> Result | None:
+        return self.grads.get("input")
+
+    @property
+    def target_grad(self) -> Result | None:
+        return self.grads.get("target")
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One way to compute a loss: `compute` as `Loss.compute`, for the calls it `supports`, on the
+    devices where `unavailable` says nothing (else why not: "not installed", "CUDA only"). The
+    choice among them is `lossd.server.losses.implementations`'."""
 
     name: str
-    datatype: str
-    shape: tuple[int, ...]
+    compute: Callable[[LossCall[Any], Upload], Computed]
+    supports: Callable[[LossCall[Any]], bool] = lambda call: True
+    unavailable: Callable[[torch.device], str | None] = lambda device: None
 
 
-class Loss(abc.ABC):
+class Loss(abc.ABC, Generic[OptionsT]):
     """One loss. Instances are singletons held by the registry (`lossd.server.losses.LOSSES`).
 
-    A loss is a per-row computation followed by a reduction: rows are what `reduction="none"`
-    returns one value for, and each row's gradient depends on that row alone. That is what lets
-    the engine merge calls (rows concatenated, each call reduced on its own) and compute large
-    streams in blocks of samples; a loss that is not of that form returns None from `merge_params`.
+    Every loss gives its declarations and four things: `options` (derived from `options_type`),
+    `check`, `compute` and `scratch_bytes`. A loss whose calls are rows of one per-row computation
+    also gives `rows` (merged calls, stream blocks); one with several implementations gives
+    `implementations` and `probes`.
     """
 
     name: ClassVar[str]
     """The `torch.nn.functional` name, the .proto `loss` oneof field and the OIP model name."""
+    options_type: type[OptionsT]
+    """Its options: `LossOptions` and the scalar fields of its .proto options message."""
     reductions: ClassVar[tuple[str, ...]] = ("none", "mean", "sum")
-    tensors: ClassVar[tuple[str, ...]] = ()
-    """Optional tensors in the loss's options message ("weight"), in request order."""
-    gradient_tensors: ClassVar[tuple[str, ...]] = ()
-    """Those of `tensors` whose gradient a call may ask for (`LossCall.tensor_grads`); the loss's
-    `compute` returns them."""
-    parts: ClassVar[tuple[str, ...]] = ()
-    """The named parts of the loss a response carries besides it (response fields)."""
-    log_probabilities: ClassVar[tuple[str, ...]] = ()
-    """Request fields that hold log-probabilities, where -inf is a value (probability 0), not a
-    fault: only NaN and +inf count as non-finite there."""
-    oip_tensors: ClassVar[Mapping[str, str]] = {}
-    """The OIP datatype of each of `tensors` that is not FP32."""
-    merged_by_compute: ClassVar[bool] = False
-    """Whether calls merge as one call of their concatenated rows under reduction 'none', through
-    `compute` (a loss with tensors of its own or parts), rather than through `function`."""
-    parameters: ClassVar[Mapping[str, type]] = {}
-    """The scalar fields of the options message and their Python types (also the OIP parameters)."""
-    options_type: ClassVar[type[LossOptions]] = LossOptions
-    target_gradient: ClassVar[bool] = True
-    """Whether the loss can have a gradient with respect to its target (some targets may not)."""
-    oip_target: ClassVar[OipTensor]
+    input: ClassVar[TensorSpec] = INPUT
+    target: ClassVar[TensorSpec]
+    tensors: ClassVar[tuple[TensorSpec, ...]] = ()
+    """Its own tensors (the Tensor fields of its options message), in request order."""
+    outputs: ClassVar[tuple[OutputSpec, ...]] = ()
+    """What it can return besides the loss, on request."""
 
     def __repr__(self) -> str:
         return f"<loss {self.name}>"
 
-    # -- options --------------------------------------------------------------------------------
+    # -- declarations, derived ------------------------------------------------------------------
 
-    def make_options(self, reduction: str = "mean", **options: Any) -> LossOptions:
-        """This loss's options; unset ones take torch's defaults."""
+    @functools.cached_property
+    def parameters(self) -> Mapping[str, type]:
+        """Each option's Python type (bool, int or float): the options message's scalar fields,
+        the Open Inference Protocol's parameters."""
+        hints = typing.get_type_hints(self.options_type)
+        kinds: dict[str, type] = {}
+        for spec in fields(self.options_type):
+            if spec.name in ("loss", "reduction"):
+                continue
+            kind = hints[spec.name]
+            kinds[spec.name] = next(t for t in (bool, int, float) if t in typing.get_args(kind) or t is kind)
+        return kinds
+
+    @functools.cached_property
+    def all_tensors(self) -> Mapping[str, TensorSpec]:
+        """input, target and the loss's own tensors, by name."""
+        return {spec.name: spec for spec in (self.input, self.target, *self.tensors)}
+
+    @functools.cached_property
+    def differentiable(self) -> frozenset[str]:
+        """The tensors a call may ask the gradient of (the loss may refuse some calls: a target
+        of class indices has none)."""
+        return frozenset(name for name, spec in self.all_tensors.items() if spec.differentiable)
+
+    def make_options(self, reduction: str = "mean", **options: Any) -> OptionsT:
+        """This loss's options; unset ones take their defaults (torch's)."""
         return self.options_type(self, reduction, **options)
 
-    def options(self, message: Any, reduction: str) -> LossOptions:
-        """The options from the loss's .proto options message (read by field name)."""
-        return self.make_options(reduction, **{name: getattr(message, name) for name in self.parameters})
+    def options(self, values: Mapping[str, Any], reduction: str) -> OptionsT:
+        """The options from the options message's values, by field name (those the message sets:
+        an unset optional field takes the default)."""
+        return self.make_options(reduction, **values)
+
+    def output_shape(self, call: LossCall[OptionsT], name: str) -> tuple[int, ...]:
+        """The shape of output `name` of a valid call."""
+        spec = next(spec for spec in self.outputs if spec.name == name)
+        return self.loss_shape(call, call.reduction if spec.reduced else "none")
 
     # -- torch's rules ----------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def validate(self, call: LossCall, limits: TensorLimits | None) -> LossCall:
-        """The call ready for torch (e.g. targets widened), or an `InvalidArgumentError` naming the
-        field; the input's dtype, the reduction's name and the gradient options are checked before."""
+    def check(self, call: LossCall[OptionsT], limits: TensorLimits | None) -> LossCall[OptionsT]:
+        """The call ready for torch (targets widened, say), or an `InvalidArgumentError` naming the
+        field. What every loss shares is checked before: the input's dtype, the reduction, the
+        names of the gradients and outputs asked for (`lossd.server.losses.validation`)."""
 
     @abc.abstractmethod
-    def loss_shape(self, call: LossCall, reduction: str) -> tuple[int, ...]:
-        """The shape of the loss torch returns for a valid call under `reduction`."""
+    def loss_shape(self, call: LossCall[OptionsT], reduction: str) -> tuple[int, ...]:
+        """The shape of the loss a valid call returns under `reduction`."""
+
+    def loss_dtype(self, call: LossCall[OptionsT]) -> torch.dtype:
+        """The dtype of the loss (and outputs) a valid call returns."""
+        return call.input.dtype
 
     # -- computation ----------------------------------------------------------------------------
 
-    def function(self, options: LossOptions, reduction: str) -> LossFunction:
-        """torch's own call with the options bound and `reduction` (the call's, or 'none'): what the
-        default `compute`, merging and stream blocks call. A loss that overrides `compute` (and
-        merges through it: `merged_by_compute`) has none."""
-        raise TypeError(f"{self.name} is computed by its own `compute`, not one torch function")
+    @abc.abstractmethod
+    def compute(self, call: LossCall[OptionsT], upload: Upload) -> Computed:
+        """A checked call on the device: the loss, the outputs and gradients it asks for."""
 
     @abc.abstractmethod
-    def temporaries(self, call: LossCall) -> int:
-        """How many input-sized temporaries (at 32 bits at least) torch's computation holds."""
+    def scratch_bytes(self, call: LossCall[OptionsT]) -> int:
+        """Memory the computation of a checked call takes besides its tensors and answer (its
+        temporaries), estimated from the shapes: what the memory budget holds for it."""
 
-    def scratch_bytes(self, call: LossCall) -> int:
-        """Memory the computation of a validated call takes besides its tensors and answer: its
-        input-sized temporaries (`temporaries`), at 32 bits at least."""
-        elements = max(call.input.numel(), math.prod(self.loss_shape(call, "none")))
-        return self.temporaries(call) * elements * max(call.input.element_size(), 4)
+    @abc.abstractmethod
+    def example(self) -> LossCall[OptionsT]:
+        """A small call with an input gradient, computed once at start-up to warm the device."""
+
+    @property
+    def rows(self) -> Rows[OptionsT] | None:
+        """How its calls are rows, for losses that merge and stream in blocks; None: computed alone."""
+        return None
 
     def implementations(self) -> Sequence[Implementation]:
         """Ways to compute this loss besides `compute`, which comes first (the reference): the
-        engine chooses among them on its device (`lossd.server.losses.implementations`). Empty:
-        `compute` alone."""
+        engine chooses among them on its device. Empty: `compute` alone."""
         return ()
 
-    def probes(self, device: torch.device) -> Sequence[LossCall]:
+    def probes(self, device: torch.device) -> Sequence[LossCall[OptionsT]]:
         """Calls the candidate implementations must agree on with the reference at start-up; the
         first (which they must support) is also what they are timed on."""
         return ()
 
-    def example(self) -> LossCall:
-        """A small call with an input gradient, computed once at start-up to warm the device."""
-        logits = torch.randn(4, 3)
-        return LossCall(self.make_options("mean"), logits, torch.tensor([0, 1, 2, 0]), input_grad=True)
 
-    def compute(self, call: LossCall, upload: Upload) -> Computed:
-        """A validated call on the device: torch's own call and `torch.autograd.grad` of it. A loss
-        with its own way of computing (in chunks, say) overrides this."""
-        function = self.function(call.options, call.reduction)
-        input, target = upload(call.input), upload(call.target)
-        weight = None if call.weight is None else upload(call.weight)
-        if not (call.input_grad or call.target_grad):
-            with torch.no_grad():
-                return Computed(function(input, target, weight), [])
-        with torch.enable_grad():
-            # Fresh leaves: the decoded tensors may be shared, read-only views of the request.
-            input = input.detach().requires_grad_(call.input_grad)
-            target = target.detach().requires_grad_(call.target_grad)
-            loss = function(input, target, weight)
-            upstream = torch.ones_like(loss) if call.grad_output is None else upload(call.grad_output)
-            leaves = [leaf for leaf in (input, target) if leaf.requires_grad]
-            grads = list(torch.autograd.grad(loss, leaves, upstream))
-        return Computed(loss.detach(), grads)
+class Rows(abc.ABC, Generic[OptionsT]):
+    """The piece of a loss whose calls are rows: a per-row computation (each row's loss and
+    gradient depend on that row alone) followed by a reduction.
 
-    def loss_dtype(self, call: LossCall) -> torch.dtype:
-        """The dtype of the loss a valid call returns."""
-        return call.input.dtype
-
-    # -- rows: merged calls and stream blocks -----------------------------------------------------
+    That is what lets the engine merge calls (their rows concatenated into one call of the loss
+    under reduction 'none', computed by the loss's own `compute`, each call reduced on its own in
+    float64) and compute large streams in blocks of samples.
+    """
 
     @abc.abstractmethod
-    def merge_params(self, call: LossCall) -> Hashable | None:
-        """What a validated call's rows depend on besides dtypes, weights and gradients: calls with
-        equal params can be computed as rows of one computation. None: only alone (its reduction
-        is not a sum of its rows' losses in torch's arithmetic)."""
+    def params(self, call: LossCall[OptionsT]) -> Hashable | None:
+        """What a checked call's rows depend on besides dtypes, gradients and outputs (its options
+        but the reduction, shared tensors such as class weights): calls with equal params can be
+        computed as rows of one computation. None: only alone (its reduction is not a sum of its
+        rows' losses in torch's arithmetic)."""
 
     @abc.abstractmethod
-    def rows_of(self, call: LossCall) -> int:
-        """How many rows a call contributes."""
+    def count(self, call: LossCall[OptionsT]) -> int:
+        """How many rows a call has."""
 
     @abc.abstractmethod
-    def input_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
+    def input_rows(self, array: np.ndarray, call: LossCall[OptionsT]) -> np.ndarray:
         """A call's input (a host array) as rows, first dimension; a view where it can be."""
 
     @abc.abstractmethod
-    def target_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
+    def target_rows(self, array: np.ndarray, call: LossCall[OptionsT]) -> np.ndarray:
         """A call's target as rows, matching `input_rows`."""
+
+    def tensor_rows(self, name: str, array: np.ndarray, call: LossCall[OptionsT]) -> np.ndarray:
+        """One of a call's per-row tensors (`TensorSpec.per_row`) as rows, matching `input_rows`."""
+        rows = self.count(call)
+        return array.reshape(rows) if array.size == rows else array.reshape(rows, -1)
 
     @abc.abstractmethod
     def from_rows(self, rows: np.ndarray, shape: Sequence[int]) -> np.ndarray:
         """Rows back to a tensor of `shape` (a gradient's: the input's or the target's)."""
 
-    def tensor_rows(self, name: str, array: np.ndarray, call: LossCall) -> np.ndarray:
-        """One of a call's own `tensors` as rows, matching `input_rows`."""
-        return array.reshape(self.rows_of(call), -1)
-
-    def mean_divisor(self, call: LossCall) -> float | None:
-        """What a 'mean' divides by, when the loss decides it from the call alone (None: the rows,
-        or `mean_weights`)."""
-        return None
-
-    def class_targets(self, call: LossCall) -> bool:
-        """Whether the target holds one class index per row (concatenated flat when merged)."""
-        return False
-
-    def mean_weights(self, call: LossCall, targets: np.ndarray) -> np.ndarray | None:
-        """Per-row float64 weights whose sum a 'mean' divides by, given the rows' class-index
-        `targets`; None: 'mean' divides by the number of rows."""
-        return None
+    @abc.abstractmethod
+    def mean_divisors(
+        self, calls: Sequence[LossCall[OptionsT]], counts: Sequence[int], targets: np.ndarray
+    ) -> np.ndarray:
+        """What each call's 'mean' divides by (float64), for calls that share params; `targets`
+        is their target rows concatenated."""
 
     @abc.abstractmethod
-    def splittable(self, call: LossCall) -> bool:
+    def splittable(self, call: LossCall[OptionsT]) -> bool:
         """Whether a call's samples (first dimension) are rows that can be computed in blocks."""
 
-    def samples_divisor(self, call: LossCall) -> float:
-        """What 'batchmean' divides by: the input's first dimension."""
-        return float(call.input.shape[0]) if call.input.dim() else 1.0
+
+def rows_of_tokens(shape: Sequence[int]) -> int:
+    """The tokens of an input whose last dimension is a token's (logits, hidden states)."""
+    return math.prod(shape[:-1]) if len(shape) else 1
+
+
+def segment_sums(values: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+    """Per-segment float64 sums of consecutive segments; each depends on its own values only."""
+    sums = np.zeros(len(counts), dtype=np.float64)
+    sizes = np.asarray(counts, dtype=np.int64)
+    nonempty = sizes > 0
+    if nonempty.any():
+        starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        sums[nonempty] = np.add.reduceat(values.astype(np.float64, copy=False), starts[nonempty])
+    return sums

@@ -14,18 +14,16 @@ import dataclasses
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 
-from lossd.server.losses.base import Loss, LossCall, LossOptions, OipTensor
+from lossd.server.losses.base import LossCall, LossOptions, Rows, TensorSpec, segment_sums
 from lossd.server.losses.checks import dtype_name, invalid_argument, out_of_range
+from lossd.server.losses.functional import FunctionalLoss
 
-if TYPE_CHECKING:
-    pass
-
-__all__ = ["DEFAULT_IGNORE_INDEX", "ClassOptions", "ClassificationLoss"]
+__all__ = ["DEFAULT_IGNORE_INDEX", "ClassOptions", "ClassRows", "ClassificationLoss"]
 
 DEFAULT_IGNORE_INDEX = -100
 _INDEX_DTYPES = (torch.int64, torch.uint8, torch.int32)
@@ -33,41 +31,51 @@ _INDEX_DTYPES = (torch.int64, torch.uint8, torch.int32)
 
 @dataclass(frozen=True)
 class ClassOptions(LossOptions):
-    """Options every classification loss has."""
+    """Options every classification loss has (the .proto field is optional: unset is torch's -100)."""
 
     ignore_index: int = DEFAULT_IGNORE_INDEX
 
 
-class ClassificationLoss(Loss):
+OptionsT = TypeVar("OptionsT", bound=ClassOptions)
+
+WEIGHT = TensorSpec("weight")
+"""Class weights, one per class: shared by every row."""
+
+
+class ClassificationLoss(FunctionalLoss[OptionsT]):
     """A loss over class scores with class-index targets (and, where a subclass allows it, class
     probabilities: `probabilities`)."""
 
-    tensors: ClassVar[tuple[str, ...]] = ("weight",)
-    options_type: ClassVar[type[LossOptions]] = ClassOptions
-    oip_target: ClassVar[OipTensor] = OipTensor("target", "INT64", (-1,))
+    tensors: ClassVar[tuple[TensorSpec, ...]] = (WEIGHT,)
+    target: ClassVar[TensorSpec] = TensorSpec("target", "indices")
 
-    def options(self, message: Any, reduction: str) -> LossOptions:
-        values = {name: getattr(message, name) for name in self.parameters if name != "ignore_index"}
-        ignore_index = message.ignore_index if message.HasField("ignore_index") else DEFAULT_IGNORE_INDEX
-        return self.make_options(reduction, ignore_index=ignore_index, **values)
-
-    def probabilities(self, call: LossCall) -> bool:
+    def probabilities(self, call: LossCall[OptionsT]) -> bool:
         """Whether the call's target holds class probabilities rather than indices."""
         return False
 
+    @property
+    def rows(self) -> Rows[OptionsT]:
+        return _ROWS
+
+    def example(self) -> LossCall[OptionsT]:
+        logits = torch.randn(4, 3)
+        return LossCall(
+            self.make_options("mean"), logits, torch.tensor([0, 1, 2, 0]), grads=frozenset({"input"})
+        )
+
     @staticmethod
-    def classes(call: LossCall) -> int:
+    def classes(call: LossCall[OptionsT]) -> int:
         return call.input.shape[1] if call.input.dim() >= 2 else call.input.shape[0]
 
     # -- torch's rules ----------------------------------------------------------------------------
 
-    def loss_shape(self, call: LossCall, reduction: str) -> tuple[int, ...]:
+    def loss_shape(self, call: LossCall[OptionsT], reduction: str) -> tuple[int, ...]:
         if reduction != "none":
             return ()
         shape = tuple(call.input.shape)
         return shape[:1] + shape[2:] if len(shape) >= 2 else ()
 
-    def check_input(self, call: LossCall) -> None:
+    def check_input(self, call: LossCall[OptionsT]) -> None:
         if call.input.dim() == 0:
             raise invalid_argument(
                 f"input.shape is [] (0-d); {self.name} needs (C), (N, C) or (N, C, d1, ..., dk)",
@@ -76,29 +84,39 @@ class ClassificationLoss(Loss):
                 inputShape=[],
             )
 
-    def validate_classes(self, call: LossCall) -> LossCall:
+    def loss_dtype(self, call: LossCall[OptionsT]) -> torch.dtype:
+        """The input's, or with probability targets its promotion with theirs (torch's)."""
+        if self.probabilities(call):
+            return torch.promote_types(call.input.dtype, call.target.dtype)
+        return call.input.dtype
+
+    def check_classes(self, call: LossCall[OptionsT]) -> LossCall[OptionsT]:
         """Class-index targets (range-checked, as int64) and class weights; probability targets
         are the subclass's to check before."""
         options = call.options
-        assert isinstance(options, ClassOptions)
         probabilities = self.probabilities(call)
         target = call.target
         if not probabilities:
             target = self._class_targets(call, options.ignore_index)
             if call.target_grad:
                 raise invalid_argument(
-                    f"gradients.target was requested, but {self.name} with class-index targets "
-                    "has no gradient w.r.t. the target; class-probability targets have one",
-                    "TARGET_GRADIENT_NOT_SUPPORTED",
-                    "gradients.target",
+                    f"gradients.with_respect_to names 'target', but {self.name} with class-index "
+                    "targets has no gradient w.r.t. the target; class-probability targets have one",
+                    "GRADIENT_NOT_SUPPORTED",
+                    "gradients.with_respect_to",
+                    tensor="target",
                     loss=self.name,
                 )
-        weight = self._weight(call, probabilities)
-        if target is call.target and weight is call.weight:  # int64 targets, no weights: as sent
+        given = call.tensors.get("weight")
+        weight = self._weight(call, given, probabilities)
+        if target is call.target and weight is given:  # int64 targets, weights as sent: the call
             return call
-        return dataclasses.replace(call, target=target, weight=weight)
+        tensors = dict(call.tensors)
+        if weight is not None:
+            tensors["weight"] = weight
+        return dataclasses.replace(call, target=target, tensors=tensors)
 
-    def _class_targets(self, call: LossCall, ignore_index: int) -> torch.Tensor:
+    def _class_targets(self, call: LossCall[OptionsT], ignore_index: int) -> torch.Tensor:
         input, target = call.input, call.target
         classes = self.classes(call)
         if target.dtype not in _INDEX_DTYPES:
@@ -163,11 +181,13 @@ class ClassificationLoss(Loss):
             )
         return wide
 
-    def _weight(self, call: LossCall, probabilities: bool) -> torch.Tensor | None:
+    def _weight(
+        self, call: LossCall[OptionsT], weight: torch.Tensor | None, probabilities: bool
+    ) -> torch.Tensor | None:
         """Class weights, returned 1-D. Any shape of C elements is taken (torch's K-dim kernels take
         them too) and flattened. With class-index targets the dtype must be the input's, as torch
         requires; with probability targets torch promotes any dtype, and so does lossd."""
-        weight, field = call.weight, f"{self.name}.weight"
+        field = f"{self.name}.weight"
         if weight is None:
             return None
         classes = self.classes(call)
@@ -189,58 +209,76 @@ class ClassificationLoss(Loss):
                 weightDtype=dtype_name(weight.dtype),
                 inputDtype=dtype_name(call.input.dtype),
             )
-        return weight.reshape(classes)
+        return weight if weight.dim() == 1 else weight.reshape(classes)
 
-    # -- rows -----------------------------------------------------------------------------------
-
-    def float16_partial_sum(self, call: LossCall) -> bool:
+    def float16_partial_sum(self, call: LossCall[OptionsT]) -> bool:
         """Whether torch reduces this float16 call through a float16 sum scaled afterwards, which
         can overflow where the merged float64 reduction would not (such calls compute alone)."""
         return False
 
-    def merge_params(self, call: LossCall) -> Hashable | None:
-        if call.input.dtype == torch.float16 and call.reduction != "none" and self.float16_partial_sum(call):
-            return None
-        options = call.options
-        assert isinstance(options, ClassOptions)
-        return (self.classes(call), self.probabilities(call), options.without_reduction())
 
-    def rows_of(self, call: LossCall) -> int:
+class ClassRows(Rows[OptionsT]):
+    """Rows of class scores: one per sample and spatial position, C classes each."""
+
+    def params(self, call: LossCall[OptionsT]) -> Hashable | None:
+        loss = call.loss
+        assert isinstance(loss, ClassificationLoss)
+        if call.input.dtype == torch.float16 and call.reduction != "none" and loss.float16_partial_sum(call):
+            return None
+        weight = call.tensors.get("weight")
+        weights = None if weight is None else (str(weight.dtype), _host_bytes(weight))
+        return (loss.classes(call), loss.probabilities(call), weights, call.options.without_reduction())
+
+    def count(self, call: LossCall[OptionsT]) -> int:
         shape = call.input.shape
         return 1 if len(shape) == 1 else shape[0] * math.prod(shape[2:])
 
-    def input_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
+    def input_rows(self, array: np.ndarray, call: LossCall[OptionsT]) -> np.ndarray:
         """(C) -> (1, C); (N, C) as is; (N, C, d...) -> (N*d..., C)."""
-        classes = self.classes(call)
+        classes = ClassificationLoss.classes(call)
         if array.ndim == 1:
             return array.reshape(1, classes)
         if array.ndim == 2:
             return array
         return np.moveaxis(array, 1, -1).reshape(-1, classes)
 
-    def target_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
-        return self.input_rows(array, call) if self.probabilities(call) else array.reshape(-1)
+    def target_rows(self, array: np.ndarray, call: LossCall[OptionsT]) -> np.ndarray:
+        loss = call.loss
+        assert isinstance(loss, ClassificationLoss)
+        return self.input_rows(array, call) if loss.probabilities(call) else array.reshape(-1)
 
     def from_rows(self, rows: np.ndarray, shape: Sequence[int]) -> np.ndarray:
         if len(shape) <= 2:
             return rows.reshape(shape)
         return np.moveaxis(rows.reshape(shape[0], *shape[2:], shape[1]), -1, 1)
 
-    def class_targets(self, call: LossCall) -> bool:
-        return not self.probabilities(call)
+    def mean_divisors(
+        self, calls: Sequence[LossCall[OptionsT]], counts: Sequence[int], targets: np.ndarray
+    ) -> np.ndarray:
+        """Class-index targets: the summed weights of the non-ignored targets; probabilities: the
+        rows. Computed over all the calls' targets at once (they share weights and options)."""
+        first = calls[0]
+        loss = first.loss
+        assert isinstance(loss, ClassificationLoss)
+        if loss.probabilities(first):
+            return np.asarray(counts, dtype=np.float64)
+        kept = targets != first.options.ignore_index
+        weight = first.tensors.get("weight")
+        if weight is None:
+            per_row: np.ndarray = kept.astype(np.float64)
+        else:
+            host = (weight.double() if weight.dtype == torch.bfloat16 else weight).numpy()
+            weights = host.astype(np.float64)
+            per_row = np.where(kept, weights[np.where(kept, targets, 0)], 0.0)
+        return segment_sums(per_row, counts)
 
-    def mean_weights(self, call: LossCall, targets: np.ndarray) -> np.ndarray | None:
-        """'mean' with class-index targets divides by the summed weights of the non-ignored targets."""
-        options = call.options
-        assert isinstance(options, ClassOptions)
-        kept = targets != options.ignore_index
-        if call.weight is None:
-            ones: np.ndarray = kept.astype(np.float64)
-            return ones
-        weight = call.weight
-        weights = (weight.double() if weight.dtype == torch.bfloat16 else weight).numpy().astype(np.float64)
-        per_row: np.ndarray = np.where(kept, weights[np.where(kept, targets, 0)], 0.0)
-        return per_row
-
-    def splittable(self, call: LossCall) -> bool:
+    def splittable(self, call: LossCall[OptionsT]) -> bool:
         return call.input.dim() >= 2
+
+
+def _host_bytes(tensor: torch.Tensor) -> bytes:
+    array = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+    return array.numpy().tobytes()
+
+
+_ROWS: ClassRows[Any] = ClassRows()

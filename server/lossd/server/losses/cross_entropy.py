@@ -4,15 +4,15 @@ class-probability targets and label smoothing."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch.nn.functional as F
 
-from lossd.server.losses.base import LossCall, LossFunction, LossOptions
+from lossd.server.losses.base import LossCall, TensorSpec
 from lossd.server.losses.checks import invalid_argument, require_floating
 from lossd.server.losses.classes import ClassificationLoss, ClassOptions
+from lossd.server.losses.functional import LossFunction
 
 if TYPE_CHECKING:
     from lossd.wire.codec import TensorLimits
@@ -25,23 +25,25 @@ class CrossEntropyOptions(ClassOptions):
     label_smoothing: float = 0.0
 
 
-class CrossEntropyLoss(ClassificationLoss):
+Call = LossCall[CrossEntropyOptions]
+
+
+class CrossEntropyLoss(ClassificationLoss[CrossEntropyOptions]):
     """Input: unnormalized logits (C), (N, C) or (N, C, d1..dk); target: class indices, or class
     probabilities when `target.shape == input.shape` (torch's rule), which also have a gradient.
 
     A negative label_smoothing is refused (torch silently treats it as 0)."""
 
-    name: ClassVar[str] = "cross_entropy"
-    parameters: ClassVar[Mapping[str, type]] = {"ignore_index": int, "label_smoothing": float}
-    options_type: ClassVar[type[LossOptions]] = CrossEntropyOptions
+    name = "cross_entropy"
+    options_type = CrossEntropyOptions
+    target: ClassVar[TensorSpec] = TensorSpec("target", "indices", differentiable=True)
 
-    def probabilities(self, call: LossCall) -> bool:
+    def probabilities(self, call: Call) -> bool:
         return call.target.shape == call.input.shape
 
-    def validate(self, call: LossCall, limits: TensorLimits | None) -> LossCall:
+    def check(self, call: Call, limits: TensorLimits | None) -> Call:
         self.check_input(call)
         options = call.options
-        assert isinstance(options, CrossEntropyOptions)
         smoothing, field = options.label_smoothing, f"{self.name}.label_smoothing"
         if not (math.isfinite(smoothing) and 0.0 <= smoothing <= 1.0):
             raise invalid_argument(
@@ -60,26 +62,26 @@ class CrossEntropyLoss(ClassificationLoss):
                     f"{self.name}.ignore_index",
                     ignoreIndex=options.ignore_index,
                 )
-        return self.validate_classes(call)
+        return self.check_classes(call)
 
-    def function(self, options: LossOptions, reduction: str) -> LossFunction:
-        assert isinstance(options, CrossEntropyOptions)
+    def function(self, options: CrossEntropyOptions, reduction: str) -> LossFunction:
         ignore_index, smoothing = options.ignore_index, options.label_smoothing
-        return lambda x, t, w: F.cross_entropy(
-            x, t, weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing
+        return lambda x, t, tensors: F.cross_entropy(
+            x,
+            t,
+            weight=tensors.get("weight"),
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=smoothing,
         )
 
-    def temporaries(self, call: LossCall) -> int:
+    def temporaries(self, call: Call) -> int:
         """Log-probabilities and softmax; one more with label smoothing."""
-        options = call.options
-        assert isinstance(options, CrossEntropyOptions)
-        return 2 + (options.label_smoothing > 0)
+        return 2 + (call.options.label_smoothing > 0)
 
-    def float16_partial_sum(self, call: LossCall) -> bool:
+    def float16_partial_sum(self, call: Call) -> bool:
         """The label-smoothing term and probability-target 'mean' sum in float16 before scaling."""
-        options = call.options
-        assert isinstance(options, CrossEntropyOptions)
-        return options.label_smoothing > 0 or self.probabilities(call)
+        return call.options.label_smoothing > 0 or self.probabilities(call)
 
 
 CROSS_ENTROPY = CrossEntropyLoss()

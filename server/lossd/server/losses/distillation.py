@@ -13,11 +13,11 @@ summed over the vocabulary, never divided by it; tokens whose label is `ignore_i
 neither term. `0 log 0` is 0, so a teacher probability of exactly 0 and `-inf` padding are values,
 not NaN. float16 and bfloat16 logits are computed in float32, as Liger does.
 
-The computation runs in chunks of tokens (`CHUNK_ELEMENTS` student values each), so a call holds its
+The computation runs in chunks of tokens (`lossd.server.losses.chunked`), so a call holds its
 inputs, its gradient and one chunk's temporaries, never several float32 copies of tokens x V. A call
 that fits one chunk is exactly the reference composition of torch operations, reduction and
 autograd included; in several chunks each token's values and gradient are the same, and the
-reduction sums the chunks' sums in float64.
+reduction sums the chunks' sums in float64. The hard and soft terms are outputs on request.
 """
 
 from __future__ import annotations
@@ -26,39 +26,43 @@ import dataclasses
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lossd.server.losses.base import Computed, Loss, LossCall, LossOptions, OipTensor, Upload
+from lossd.server.losses.base import (
+    LossCall,
+    LossOptions,
+    OutputSpec,
+    Rows,
+    TensorSpec,
+    Upload,
+    compute_dtype,
+    rows_of_tokens,
+)
 from lossd.server.losses.checks import dtype_name, invalid_argument, out_of_range, require_floating
-from lossd.server.losses.chunked import TokenLoss, compute_dtype, run_chunks, upstream_gradient
+from lossd.server.losses.chunked import ChunkedLoss, Prepared, as_divisor
 
 if TYPE_CHECKING:
     from lossd.wire.codec import TensorLimits
 
 __all__ = [
-    "CHUNK_ELEMENTS",
     "DISTILLATION",
     "DistillationLoss",
     "DistillationOptions",
     "check_dense",
     "check_labels",
     "check_options",
-    "options_from",
+    "mean_divisor",
     "token_losses",
 ]
-
-CHUNK_ELEMENTS = 1 << 21
-"""Student values per chunk: 8 MiB per float32 temporary, about ten of them live at once."""
 
 TAIL_CLAMP = -1e-7
 """The top-k tail bucket is log(1 - exp(min(logsumexp(values), TAIL_CLAMP))): never log(0)."""
 
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
-_OPTIONAL = frozenset({"temperature", "weight_soft", "ignore_index", "normalizer"})
 
 
 @dataclass(frozen=True)
@@ -170,17 +174,6 @@ def token_losses(
         reduction="none",
     )
     return hard + soft, hard, soft
-
-
-def options_from(loss: Loss, message: Any, reduction: str) -> LossOptions:
-    """A distillation loss's options from its .proto message: unset optional fields take their
-    defaults (temperature 1, weight_soft 1, ...)."""
-    values = {
-        name: getattr(message, name)
-        for name in loss.parameters
-        if name not in _OPTIONAL or message.HasField(name)
-    }
-    return loss.make_options(reduction, **values)
 
 
 def check_options(
@@ -311,56 +304,28 @@ def check_dense(
     )
 
 
-@dataclass(frozen=True)
-class _Rows:
-    """A call's tensors on the device as rows of tokens."""
-
-    student: torch.Tensor
-    teacher: torch.Tensor
-    teacher_ids: torch.Tensor | None
-    labels: torch.Tensor | None
-
-    def chunk(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        ids = None if self.teacher_ids is None else self.teacher_ids[rows]
-        labels = None if self.labels is None else self.labels[rows]
-        return self.teacher[rows], ids, labels
+Call = LossCall[DistillationOptions]
 
 
-class DistillationLoss(TokenLoss):
+class DistillationLoss(ChunkedLoss[DistillationOptions]):
     """Input: the student's logits (..., V). Target: the dense teacher (..., V_t), or the top-k
     teacher's log-probabilities (..., k) with `teacher_ids`. Optional `labels` (...). Tokens are the
     rows: one loss per token for 'none'."""
 
-    name: ClassVar[str] = "distillation"
-    reductions: ClassVar[tuple[str, ...]] = ("none", "mean", "sum")
-    tensors: ClassVar[tuple[str, ...]] = ("teacher_ids", "labels")
-    parts: ClassVar[tuple[str, ...]] = ("hard_loss", "soft_loss")
-    parameters: ClassVar[Mapping[str, type]] = {
-        "beta": float,
-        "temperature": float,
-        "temperature_squared": bool,
-        "weight_hard": float,
-        "weight_soft": float,
-        "ignore_index": int,
-        "label_smoothing": float,
-        "top_k_renormalize": bool,
-        "truncate_teacher": bool,
-        "normalizer": float,
-    }
-    options_type: ClassVar[type[LossOptions]] = DistillationOptions
-    target_gradient: ClassVar[bool] = False
-    log_probabilities: ClassVar[tuple[str, ...]] = ("target",)
-    oip_target: ClassVar[OipTensor] = OipTensor("target", "FP32", (-1, -1))
-    oip_tensors: ClassVar[Mapping[str, str]] = {"teacher_ids": "INT64", "labels": "INT64"}
-
-    def options(self, message: Any, reduction: str) -> LossOptions:
-        return options_from(self, message, reduction)
+    name = "distillation"
+    options_type = DistillationOptions
+    target: ClassVar[TensorSpec] = TensorSpec("target", "log_probabilities", (-1, -1))
+    tensors: ClassVar[tuple[TensorSpec, ...]] = (
+        TensorSpec("teacher_ids", "indices", (-1, -1), per_row=True),
+        TensorSpec("labels", "indices", per_row=True),
+    )
+    outputs: ClassVar[tuple[OutputSpec, ...]] = (OutputSpec("hard_loss"), OutputSpec("soft_loss"))
+    temporaries: ClassVar[int] = 12
 
     # -- rules ----------------------------------------------------------------------------------
 
-    def validate(self, call: LossCall, limits: TensorLimits | None) -> LossCall:
+    def check(self, call: Call, limits: TensorLimits | None) -> Call:
         options = call.options
-        assert isinstance(options, DistillationOptions)
         check_options(
             options,
             self.name,
@@ -447,128 +412,109 @@ class DistillationLoss(TokenLoss):
 
     # -- computation ----------------------------------------------------------------------------
 
-    def scratch_bytes(self, call: LossCall) -> int:
-        """About a dozen float32 (float64) temporaries of one chunk, and the per-token vectors."""
-        itemsize = compute_dtype(call.input.dtype).itemsize
-        vocabulary = max(call.input.shape[-1], call.target.shape[-1] + 1) if call.input.dim() else 1
-        chunk = min(self.rows_of(call), max(1, CHUNK_ELEMENTS // max(vocabulary, 1))) * vocabulary
-        return 12 * chunk * itemsize + 8 * itemsize * self.rows_of(call)
+    def width(self, call: Call) -> int:
+        """The student's vocabulary, or the teacher's (a top-k teacher's k + 1 buckets) if wider."""
+        if not call.input.dim():
+            return 1
+        teacher = call.target.shape[-1] + ("teacher_ids" in call.tensors) if call.target.dim() else 1
+        return max(call.input.shape[-1], teacher)
 
-    def example(self) -> LossCall:
+    def prepare(self, call: Call, upload: Upload, dtype: torch.dtype) -> Prepared:
+        tokens = self.tokens(call)
+        rows = {
+            "input": upload(call.input).reshape(tokens, call.input.shape[-1]),
+            "target": upload(call.target).reshape(tokens, call.target.shape[-1]),
+        }
+        ids, labels = call.tensors.get("teacher_ids"), call.tensors.get("labels")
+        if ids is not None:
+            rows["teacher_ids"] = upload(ids).reshape(tokens, ids.shape[-1])
+        if labels is not None:
+            rows["labels"] = upload(labels).reshape(tokens)
+        return Prepared(rows)
+
+    def per_chunk(
+        self,
+        options: DistillationOptions,
+        rows: Mapping[str, torch.Tensor],
+        whole: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+        total, hard, soft = token_losses(
+            rows["input"], rows["target"], rows.get("teacher_ids"), rows.get("labels"), options
+        )
+        return total, {"hard_loss": hard, "soft_loss": soft}
+
+    def mean_divisor(self, call: Call, prepared: Prepared) -> torch.Tensor | float:
+        return mean_divisor(
+            call.options, prepared.rows.get("labels"), self.tokens(call), self.loss_dtype(call)
+        )
+
+    def example(self) -> Call:
         student, teacher = torch.randn(4, 5), torch.randn(4, 5)
         options = self.make_options("mean", beta=0.5, weight_hard=0.5)
         return LossCall(
-            options, student, teacher, input_grad=True, tensors={"labels": torch.tensor([0, 1, 4, 2])}
+            options,
+            student,
+            teacher,
+            tensors={"labels": torch.tensor([0, 1, 4, 2])},
+            grads=frozenset({"input"}),
+            outputs=frozenset({"hard_loss", "soft_loss"}),
         )
 
-    def compute(self, call: LossCall, upload: Upload) -> Computed:
-        options = call.options
-        assert isinstance(options, DistillationOptions)
-        vocabulary = call.input.shape[-1]
-        tokens = self.rows_of(call)
-        ids, labels = call.tensors.get("teacher_ids"), call.tensors.get("labels")
-        rows = _Rows(
-            student=upload(call.input).reshape(tokens, vocabulary),
-            teacher=upload(call.target).reshape(tokens, call.target.shape[-1]),
-            teacher_ids=None if ids is None else upload(ids).reshape(tokens, ids.shape[-1]),
-            labels=None if labels is None else upload(labels).reshape(tokens),
-        )
-        dtype = compute_dtype(call.input.dtype)
-        device = rows.student.device
-        reduction = call.reduction
-        divisor: torch.Tensor | float | None = None
-        if reduction == "mean":
-            if options.normalizer is not None:
-                divisor = options.normalizer
-            elif rows.labels is None:
-                divisor = float(max(tokens, 1))
-            else:  # a device tensor: no synchronisation to count
-                divisor = (rows.labels != options.ignore_index).sum().clamp(min=1)
-        upstream = upstream_gradient(call, upload, dtype, device)
-        step = max(1, CHUNK_ELEMENTS // vocabulary)
-        if tokens <= step:
-            return self._whole(call, rows, options, divisor, upstream)
+    @property
+    def rows(self) -> Rows[DistillationOptions]:
+        return _ROWS
 
-        def per_token(
-            chunk: slice, leaf: torch.Tensor, _: Mapping[str, torch.Tensor]
-        ) -> Sequence[torch.Tensor]:
-            return token_losses(leaf, *rows.chunk(chunk), options)
 
-        done = run_chunks(
-            rows.student,
-            per_token,
-            outputs=3,
-            step=step,
-            dtype=dtype,
-            reduction=reduction,
-            input_grad=call.input_grad,
-            upstream=upstream,
-            divisor=divisor,
-        )
-        grads = [] if done.grad is None else [done.grad.reshape(call.input.shape)]
-        shape = call.input.shape[:-1] if reduction == "none" else ()
-        total, hard, soft = (value.reshape(shape) for value in done.values)
-        return Computed(total, grads, {"hard_loss": hard, "soft_loss": soft})
+def mean_divisor(
+    options: DistillationOptions, labels: torch.Tensor | None, tokens: int, dtype: torch.dtype
+) -> torch.Tensor | float:
+    """What a distillation's 'mean' divides by: the normalizer (rounded to the compute dtype, as
+    torch divides by a number), or the tokens that count (at least 1; a device tensor, so nothing
+    waits for the device to count), or every token."""
+    if options.normalizer is not None:
+        return as_divisor(options.normalizer, dtype)
+    if labels is None:
+        return float(max(tokens, 1))
+    return (labels != options.ignore_index).sum().clamp(min=1)
 
-    def _whole(
-        self,
-        call: LossCall,
-        rows: _Rows,
-        options: DistillationOptions,
-        divisor: torch.Tensor | float | None,
-        upstream: torch.Tensor | None,
-    ) -> Computed:
-        """A call that fits one chunk: the reference composition itself, reduction and autograd."""
-        leaf = rows.student.detach().requires_grad_(upstream is not None)
-        with torch.enable_grad() if upstream is not None else torch.no_grad():
-            values = token_losses(leaf, rows.teacher, rows.teacher_ids, rows.labels, options)
-            if call.reduction == "none":
-                total, hard, soft = (value.reshape(call.input.shape[:-1]) for value in values)
-            else:
-                total, hard, soft = (value.sum() for value in values)
-                if divisor is not None:
-                    total, hard, soft = total / divisor, hard / divisor, soft / divisor
-            grads = []
-            if upstream is not None:
-                (grad,) = torch.autograd.grad(total, leaf, upstream.reshape(total.shape))
-                grads.append(grad.reshape(call.input.shape))
-        parts = {"hard_loss": hard.detach(), "soft_loss": soft.detach()}
-        return Computed(total.detach(), grads, parts)
 
-    # -- rows -------------------------------------------------------------------------------------
+class TokenRows(Rows[DistillationOptions]):
+    """Rows of tokens: merged calls are one call of their concatenated tokens."""
 
-    merged_by_compute: ClassVar[bool] = True
-
-    def merge_params(self, call: LossCall) -> Hashable | None:
+    def params(self, call: Call) -> Hashable | None:
         """Calls with the same vocabularies, kind of teacher, labels or not, and options (but their
         reductions and normalizers) are tokens of one computation."""
-        options = call.options
-        assert isinstance(options, DistillationOptions)
         return (
             call.input.shape[-1],
             call.target.shape[-1],
             tuple(sorted(call.tensors)),
-            dataclasses.replace(options, reduction="none", normalizer=None),
+            dataclasses.replace(call.options, reduction="none", normalizer=None),
         )
 
-    def mean_divisor(self, call: LossCall) -> float | None:
-        options = call.options
-        assert isinstance(options, DistillationOptions)
-        if options.normalizer is not None:
-            return options.normalizer
-        labels = call.tensors.get("labels")
-        counted = self.rows_of(call) if labels is None else int((labels != options.ignore_index).sum())
-        return float(max(counted, 1))
+    def count(self, call: Call) -> int:
+        return rows_of_tokens(call.input.shape)
 
-    def tensor_rows(self, name: str, array: np.ndarray, call: LossCall) -> np.ndarray:
-        rows = self.rows_of(call)
-        return array.reshape(rows) if name == "labels" else array.reshape(rows, array.shape[-1])
+    def input_rows(self, array: np.ndarray, call: Call) -> np.ndarray:
+        return array.reshape(-1, call.input.shape[-1])
 
-    def target_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
+    def target_rows(self, array: np.ndarray, call: Call) -> np.ndarray:
         return array.reshape(-1, call.target.shape[-1])
 
-    def splittable(self, call: LossCall) -> bool:
+    def from_rows(self, rows: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        return rows.reshape(shape)
+
+    def mean_divisors(self, calls: Sequence[Call], counts: Sequence[int], targets: np.ndarray) -> np.ndarray:
+        result = np.empty(len(calls))
+        for i, call in enumerate(calls):
+            labels = call.tensors.get("labels")
+            divisor = mean_divisor(call.options, labels, counts[i], compute_dtype(call.input.dtype))
+            result[i] = float(divisor)
+        return result
+
+    def splittable(self, call: Call) -> bool:
         return call.input.dim() >= 2
 
+
+_ROWS = TokenRows()
 
 DISTILLATION = DistillationLoss()

@@ -1,15 +1,23 @@
-"""A linear head, `hidden @ classifier.T + bias`, as the fused linear losses take it: the rules for
-its tensors, and its logits for a chunk of tokens."""
+"""A linear head, `hidden @ classifier.T + bias`, as the fused linear losses take it: its tensors,
+the rules for them, its logits for a chunk of tokens and the memory it holds."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
+from lossd.server.losses.base import LossCall, TensorSpec, compute_dtype
 from lossd.server.losses.checks import invalid_argument, require_floating
 
-__all__ = ["check_head", "head_logits"]
+__all__ = ["HEAD", "check_head", "head_bytes", "head_logits"]
+
+HEAD = (
+    TensorSpec("classifier", shape=(-1, -1), differentiable=True),
+    TensorSpec("bias", differentiable=True),
+)
+"""A trainable head's tensors: its weight (V, H) and optional bias (V)."""
 
 
 def check_head(
@@ -63,3 +71,12 @@ def head_logits(hidden: torch.Tensor, classifier: torch.Tensor, bias: torch.Tens
     """`hidden @ classifier.T + bias` in the classifier's dtype (the compute dtype)."""
     logits = hidden.to(classifier.dtype) @ classifier.T
     return logits if bias is None else logits + bias
+
+
+def head_bytes(call: LossCall[Any], names: Iterable[str]) -> int:
+    """The heads `names` (those the call has) in the compute dtype, and twice each gradient asked
+    for of a tensor every token uses (its sum and the chunk's part)."""
+    itemsize = compute_dtype(call.input.dtype).itemsize
+    held = sum(call.tensors[name].numel() for name in names if name in call.tensors)
+    grads = sum(call.tensors[name].numel() for name in call.grads if name in call.tensors)
+    return (held + 2 * grads) * itemsize

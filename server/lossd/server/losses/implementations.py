@@ -15,31 +15,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from lossd.server.losses.base import Computed, LossCall, Upload
+from lossd.server.losses.base import Computed, Implementation, LossCall, Upload
 
-__all__ = ["Choice", "Implementation", "choose", "disagreement"]
-
-
-def _everywhere(device: torch.device) -> str | None:
-    return None
-
-
-def _every_call(call: LossCall) -> bool:
-    return True
-
-
-@dataclass(frozen=True)
-class Implementation:
-    """One way to compute a loss: `compute` as `Loss.compute`, for the calls it `supports`, on the
-    devices where `unavailable` says nothing (else why not: "not installed", "CUDA only")."""
-
-    name: str
-    compute: Callable[[LossCall, Upload], Computed]
-    supports: Callable[[LossCall], bool] = _every_call
-    unavailable: Callable[[torch.device], str | None] = _everywhere
+__all__ = ["Choice", "choose", "disagreement"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +33,7 @@ class Choice:
     reference: Implementation
     report: Mapping[str, str] = field(default_factory=dict)
 
-    def for_call(self, call: LossCall) -> Implementation:
+    def for_call(self, call: LossCall[Any]) -> Implementation:
         """The chosen implementation if it supports the call, else the reference."""
         return self.chosen if self.chosen.supports(call) else self.reference
 
@@ -90,14 +72,10 @@ def disagreement(actual: Computed, expected: Computed, dtype: torch.dtype) -> st
     pairs: list[tuple[str, torch.Tensor | None, torch.Tensor, bool]] = [
         ("loss", actual.loss, expected.loss, False)
     ]
-    pairs += [(name, actual.parts.get(name), value, False) for name, value in expected.parts.items()]
-    if len(actual.grads) != len(expected.grads):
-        return f"{len(actual.grads)} gradients, not {len(expected.grads)}"
-    pairs += [("gradient", a, e, True) for a, e in zip(actual.grads, expected.grads, strict=True)]
-    pairs += [
-        (f"{name} gradient", actual.tensor_grads.get(name), value, True)
-        for name, value in expected.tensor_grads.items()
-    ]
+    pairs += [(name, actual.outputs.get(name), value, False) for name, value in expected.outputs.items()]
+    if set(actual.grads) != set(expected.grads):
+        return f"gradients of {sorted(actual.grads)}, not {sorted(expected.grads)}"
+    pairs += [(f"{name} gradient", actual.grads[name], value, True) for name, value in expected.grads.items()]
     for what, a, e, gradient in pairs:
         if a is None:
             return f"no {what}"
@@ -109,7 +87,7 @@ def disagreement(actual: Computed, expected: Computed, dtype: torch.dtype) -> st
 
 def choose(
     candidates: Sequence[Implementation],
-    probes: Sequence[LossCall],
+    probes: Sequence[LossCall[Any]],
     device: torch.device,
     upload: Upload,
     synchronize: Callable[[], None],

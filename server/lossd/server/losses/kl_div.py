@@ -4,7 +4,7 @@ log-probabilities, with `log_target` and the 'batchmean' reduction; the operands
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -12,8 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lossd.server.losses.base import Loss, LossCall, LossFunction, LossOptions, OipTensor
+from lossd.server.losses.base import LossCall, LossOptions, Rows, TensorSpec
 from lossd.server.losses.checks import broadcast_shape, invalid_argument, require_floating
+from lossd.server.losses.functional import FunctionalLoss, LossFunction
 from lossd.wire.errors import ResourceExhaustedError
 
 if TYPE_CHECKING:
@@ -27,18 +28,20 @@ class KlDivOptions(LossOptions):
     log_target: bool = False
 
 
-class KlDivLoss(Loss):
+Call = LossCall[KlDivOptions]
+
+
+class KlDivLoss(FunctionalLoss[KlDivOptions]):
     """Input: log-probabilities of any shape; target: probabilities (log-probabilities with
     `log_target`) that broadcast with it. Differentiable with respect to both; every element is a
     row of its own."""
 
-    name: ClassVar[str] = "kl_div"
+    name = "kl_div"
+    options_type = KlDivOptions
     reductions: ClassVar[tuple[str, ...]] = ("none", "mean", "sum", "batchmean")
-    parameters: ClassVar[Mapping[str, type]] = {"log_target": bool}
-    options_type: ClassVar[type[LossOptions]] = KlDivOptions
-    oip_target: ClassVar[OipTensor] = OipTensor("target", "FP32", (-1, -1))
+    target: ClassVar[TensorSpec] = TensorSpec("target", shape=(-1, -1), differentiable=True)
 
-    def validate(self, call: LossCall, limits: TensorLimits | None) -> LossCall:
+    def check(self, call: Call, limits: TensorLimits | None) -> Call:
         require_floating(call.target, "target", "kl_div targets")
         broadcast = broadcast_shape(call.input.shape, call.target.shape)
         if broadcast is None:
@@ -72,55 +75,68 @@ class KlDivLoss(Loss):
             )
         return call
 
-    def loss_shape(self, call: LossCall, reduction: str) -> tuple[int, ...]:
+    def loss_shape(self, call: Call, reduction: str) -> tuple[int, ...]:
         if reduction != "none":
             return ()
         broadcast = broadcast_shape(call.input.shape, call.target.shape)
         assert broadcast is not None, "validate() admits only broadcastable shapes"
         return broadcast
 
-    def function(self, options: LossOptions, reduction: str) -> LossFunction:
-        assert isinstance(options, KlDivOptions)
+    def loss_dtype(self, call: Call) -> torch.dtype:
+        return torch.promote_types(call.input.dtype, call.target.dtype)
+
+    def function(self, options: KlDivOptions, reduction: str) -> LossFunction:
         log_target = options.log_target
         return lambda x, t, _: F.kl_div(x, t, reduction=reduction, log_target=log_target)
 
-    def temporaries(self, call: LossCall) -> int:
+    def temporaries(self, call: Call) -> int:
         """The per-element losses; and their gradients, or a 'none' loss's copy."""
-        return 2 if call.input_grad or call.target_grad or call.reduction == "none" else 1
+        return 2 if call.grads or call.reduction == "none" else 1
 
-    def example(self) -> LossCall:
+    def example(self) -> Call:
         logits = torch.randn(4, 3)
         return LossCall(
             self.make_options("batchmean"),
             torch.log_softmax(logits, 1),
             torch.softmax(logits, 1),
-            input_grad=True,
-            target_grad=True,
+            grads=frozenset({"input", "target"}),
         )
 
-    def merge_params(self, call: LossCall) -> Hashable | None:
+    @property
+    def rows(self) -> Rows[KlDivOptions]:
+        return _ROWS
+
+
+class ElementRows(Rows[KlDivOptions]):
+    """Every element is a row of its own (input and target of one shape; a broadcast computes alone)."""
+
+    def params(self, call: Call) -> Hashable | None:
         if call.target.shape != call.input.shape:
             return None  # a broadcast: only alone
         if call.input.dtype == torch.float16 and call.reduction == "batchmean":
             return None  # torch sums in float16 before it divides: alone, the call gets torch's inf
-        options = call.options
-        assert isinstance(options, KlDivOptions)
-        return (options.log_target,)
+        return (call.options.log_target,)
 
-    def rows_of(self, call: LossCall) -> int:
+    def count(self, call: Call) -> int:
         return call.input.numel()
 
-    def input_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
+    def input_rows(self, array: np.ndarray, call: Call) -> np.ndarray:
         return array.reshape(-1)
 
-    def target_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
+    def target_rows(self, array: np.ndarray, call: Call) -> np.ndarray:
         return array.reshape(-1)
 
     def from_rows(self, rows: np.ndarray, shape: Sequence[int]) -> np.ndarray:
         return rows.reshape(shape)
 
-    def splittable(self, call: LossCall) -> bool:
+    def mean_divisors(self, calls: Sequence[Call], counts: Sequence[int], targets: np.ndarray) -> np.ndarray:
+        """torch's 'mean' divides by every element."""
+        return np.asarray(counts, dtype=np.float64)
+
+    def splittable(self, call: Call) -> bool:
         return call.input.dim() >= 1 and call.target.shape == call.input.shape
 
+
+_ROWS: ElementRows = ElementRows()
 
 KL_DIV = KlDivLoss()

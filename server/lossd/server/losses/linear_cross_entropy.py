@@ -16,20 +16,26 @@ import functools
 import importlib
 import importlib.util
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lossd.server.losses.base import Computed, LossCall, LossOptions, OipTensor, Upload
+from lossd.server.losses.base import (
+    Computed,
+    Implementation,
+    LossCall,
+    LossOptions,
+    OutputSpec,
+    TensorSpec,
+    Upload,
+    compute_dtype,
+)
 from lossd.server.losses.checks import dtype_name, invalid_argument, out_of_range, require_floating
-from lossd.server.losses.chunked import TokenLoss, compute_dtype, run_chunks, upstream_gradient
-from lossd.server.losses.distillation import CHUNK_ELEMENTS
-from lossd.server.losses.heads import check_head, head_logits
-from lossd.server.losses.implementations import Implementation
+from lossd.server.losses.chunked import ChunkedLoss, PerChunk, Prepared
+from lossd.server.losses.heads import HEAD, check_head, head_bytes, head_logits
 
 if TYPE_CHECKING:
     from lossd.wire.codec import TensorLimits
@@ -39,7 +45,6 @@ __all__ = [
     "LINEAR_CROSS_ENTROPY",
     "LinearCrossEntropyLoss",
     "LinearCrossEntropyOptions",
-    "TokenLosses",
     "kernel_call",
     "kernel_supports",
     "token_losses",
@@ -54,21 +59,9 @@ class LinearCrossEntropyOptions(LossOptions):
     label_smoothing: float = 0.0
     softcap: float = 0.0
     lse_square_scale: float = 0.0
-    return_lse: bool = False
 
 
-TokenLosses = Callable[
-    [
-        torch.Tensor,
-        torch.Tensor,
-        torch.Tensor,
-        torch.Tensor | None,
-        torch.Tensor | None,
-        "LinearCrossEntropyOptions",
-    ],
-    tuple[torch.Tensor, torch.Tensor],
-]
-"""`token_losses` or a compiled form of it."""
+Call = LossCall[LinearCrossEntropyOptions]
 
 
 def token_losses(
@@ -98,35 +91,23 @@ def token_losses(
     return loss, lse
 
 
-class LinearCrossEntropyLoss(TokenLoss):
+_INPUT = frozenset({"input"})
+
+
+class LinearCrossEntropyLoss(ChunkedLoss[LinearCrossEntropyOptions]):
     """Input: hidden states (..., H). Target: class indices (...). Tokens are the rows."""
 
-    name: ClassVar[str] = "linear_cross_entropy"
-    tensors: ClassVar[tuple[str, ...]] = ("classifier", "bias", "weight")
-    gradient_tensors: ClassVar[tuple[str, ...]] = ("classifier", "bias")
-    parts: ClassVar[tuple[str, ...]] = ("lse",)
-    parameters: ClassVar[Mapping[str, type]] = {
-        "ignore_index": int,
-        "label_smoothing": float,
-        "softcap": float,
-        "lse_square_scale": float,
-        "return_lse": bool,
-    }
-    options_type: ClassVar[type[LossOptions]] = LinearCrossEntropyOptions
-    target_gradient: ClassVar[bool] = False
-    oip_target: ClassVar[OipTensor] = OipTensor("target", "INT64", (-1,))
-
-    def options(self, message: Any, reduction: str) -> LossOptions:
-        values = {name: getattr(message, name) for name in self.parameters if name != "ignore_index"}
-        if message.HasField("ignore_index"):
-            values["ignore_index"] = message.ignore_index
-        return self.make_options(reduction, **values)
+    name = "linear_cross_entropy"
+    options_type = LinearCrossEntropyOptions
+    target: ClassVar[TensorSpec] = TensorSpec("target", "indices")
+    tensors: ClassVar[tuple[TensorSpec, ...]] = (*HEAD, TensorSpec("weight"))
+    outputs: ClassVar[tuple[OutputSpec, ...]] = (OutputSpec("lse", reduced=False),)
+    temporaries: ClassVar[int] = 6
 
     # -- rules ----------------------------------------------------------------------------------
 
-    def validate(self, call: LossCall, limits: TensorLimits | None) -> LossCall:
+    def check(self, call: Call, limits: TensorLimits | None) -> Call:
         options = call.options
-        assert isinstance(options, LinearCrossEntropyOptions)
         for name, rule in (("softcap", "finite and >= 0"), ("lse_square_scale", "finite and >= 0")):
             value = getattr(options, name)
             if not (math.isfinite(value) and value >= 0.0):
@@ -145,7 +126,7 @@ class LinearCrossEntropyLoss(TokenLoss):
             )
         hidden, targets = call.input, call.target
         classes = check_head(call.tensors, hidden, self.name)
-        weight = call.weight
+        weight = call.tensors.get("weight")
         if weight is not None:
             require_floating(weight, "linear_cross_entropy.weight", "the weight")
             if tuple(weight.shape) != (classes,):
@@ -195,28 +176,60 @@ class LinearCrossEntropyLoss(TokenLoss):
 
     # -- computation ----------------------------------------------------------------------------
 
-    def scratch_bytes(self, call: LossCall) -> int:
-        """About six float32 (float64) temporaries of one chunk's logits, and the per-token vectors."""
+    def width(self, call: Call) -> int:
         classifier = call.tensors.get("classifier")
-        classes = classifier.shape[0] if classifier is not None and classifier.dim() else 1
-        itemsize = compute_dtype(call.input.dtype).itemsize
-        tokens = self.rows_of(call)
-        chunk = min(tokens, max(1, CHUNK_ELEMENTS // classes)) * classes
-        weights = classifier.numel() * itemsize if classifier is not None else 0
-        return 6 * chunk * itemsize + 4 * itemsize * tokens + weights
+        return classifier.shape[0] if classifier is not None and classifier.dim() else 1
 
-    def example(self) -> LossCall:
+    def held_bytes(self, call: Call) -> int:
+        return head_bytes(call, ("classifier",))
+
+    def prepare(self, call: Call, upload: Upload, dtype: torch.dtype) -> Prepared:
+        tokens = self.tokens(call)
+        rows = {
+            "input": upload(call.input).reshape(tokens, call.input.shape[-1]),
+            "target": upload(call.target).reshape(tokens),
+        }
+        whole = {name: upload(tensor).to(dtype) for name, tensor in call.tensors.items()}
+        return Prepared(rows, whole)
+
+    def per_chunk(
+        self,
+        options: LinearCrossEntropyOptions,
+        rows: Mapping[str, torch.Tensor],
+        whole: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+        loss, lse = token_losses(
+            rows["input"],
+            rows["target"],
+            whole["classifier"],
+            whole.get("bias"),
+            whole.get("weight"),
+            options,
+        )
+        return loss, {"lse": lse}
+
+    def mean_divisor(self, call: Call, prepared: Prepared) -> torch.Tensor | float:
+        """torch's: the summed class weights of the counted tokens."""
+        targets, weight = prepared.rows["target"], prepared.whole.get("weight")
+        counted = targets != call.options.ignore_index
+        if weight is None:
+            return counted.sum().to(self.loss_dtype(call))
+        return weight[torch.where(counted, targets, 0)].masked_fill(~counted, 0.0).sum()
+
+    def example(self) -> Call:
         tensors = {"classifier": torch.randn(5, 3), "bias": torch.randn(5)}
-        options = self.make_options("mean", softcap=30.0, lse_square_scale=1e-4, return_lse=True)
+        options = self.make_options("mean", softcap=30.0, lse_square_scale=1e-4)
         targets = torch.tensor([0, 1, 4, 2])
-        return LossCall(options, torch.randn(4, 3), targets, input_grad=True, tensors=tensors)
+        return LossCall(
+            options, torch.randn(4, 3), targets, tensors=tensors, grads=_INPUT, outputs=frozenset({"lse"})
+        )
 
     def implementations(self) -> Sequence[Implementation]:
         """torch in chunks (this module, the reference) first; torch.compile of the same chunks,
         Liger Kernel's and cut-cross-entropy's fused kernels where they run (CUDA, installed)."""
         return (Implementation("torch-chunked", self.compute), *CANDIDATES)
 
-    def probes(self, device: torch.device) -> Sequence[LossCall]:
+    def probes(self, device: torch.device) -> Sequence[Call]:
         """A language-model step (4096 tokens, H 1024, V 32768, bfloat16) to time, then float32 with
         the classifier's gradient, label smoothing with a z-loss and ignored tokens, a soft cap with
         a bias: each candidate must agree on those it supports."""
@@ -231,97 +244,29 @@ class LinearCrossEntropyLoss(TokenLoss):
         half = torch.bfloat16
         plain = {"classifier": classifier.to(half)}
         return (
-            LossCall(self.make_options("mean"), hidden.to(half), targets, input_grad=True, tensors=plain),
+            LossCall(self.make_options("mean"), hidden.to(half), targets, grads=_INPUT, tensors=plain),
             LossCall(
                 self.make_options("mean"),
                 hidden,
                 targets,
-                input_grad=True,
                 tensors={"classifier": classifier},
-                tensor_grads=frozenset({"classifier"}),
+                grads=frozenset({"input", "classifier"}),
             ),
             LossCall(
                 self.make_options("sum", label_smoothing=0.1, lse_square_scale=1e-4),
                 hidden.to(half),
                 ignored,
-                input_grad=True,
                 tensors=plain,
+                grads=_INPUT,
             ),
             LossCall(
                 self.make_options("mean", softcap=30.0),
                 hidden.to(half),
                 targets,
-                input_grad=True,
                 tensors={**plain, "bias": torch.randn(classes, generator=generator).to(half)},
+                grads=_INPUT,
             ),
         )
-
-    def compute(self, call: LossCall, upload: Upload) -> Computed:
-        return self.chunked(call, upload, token_losses)
-
-    def chunked(self, call: LossCall, upload: Upload, token_losses: TokenLosses) -> Computed:
-        """The computation in chunks of tokens, each chunk's by `token_losses`."""
-        options = call.options
-        assert isinstance(options, LinearCrossEntropyOptions)
-        dtype = compute_dtype(call.input.dtype)
-        size = call.input.shape[-1]
-        tokens = self.rows_of(call)
-        hidden = upload(call.input).reshape(tokens, size)
-        targets = upload(call.target).reshape(tokens)
-        head = {
-            name: upload(call.tensors[name]).to(dtype)
-            for name in ("classifier", "bias")
-            if name in call.tensors
-        }
-        weight = call.weight
-        weight = None if weight is None else upload(weight).to(dtype)
-        device = hidden.device
-        divisor: torch.Tensor | None = None
-        if call.reduction == "mean":  # torch's: the summed class weights of the counted tokens
-            counted = targets != options.ignore_index
-            if weight is None:
-                divisor = counted.sum().to(dtype)
-            else:
-                divisor = weight[torch.where(counted, targets, 0)].masked_fill(~counted, 0.0).sum()
-        upstream = upstream_gradient(call, upload, dtype, device)
-
-        def per_token(
-            rows: slice, leaf: torch.Tensor, leaves: Mapping[str, torch.Tensor]
-        ) -> Sequence[torch.Tensor]:
-            classifier = leaves.get("classifier", head["classifier"])
-            bias = leaves.get("bias", head.get("bias"))
-            loss, lse = token_losses(leaf, targets[rows], classifier, bias, weight, options)
-            return (loss, lse) if options.return_lse else (loss,)
-
-        done = run_chunks(
-            hidden,
-            per_token,
-            outputs=1,
-            step=max(1, CHUNK_ELEMENTS // head["classifier"].shape[0]),
-            dtype=dtype,
-            reduction=call.reduction,
-            input_grad=call.input_grad,
-            tensors={name: head[name] for name in call.tensor_grads},
-            upstream=upstream,
-            divisor=divisor,
-            kept=1 if options.return_lse else 0,
-        )
-        lead = call.input.shape[:-1]
-        loss = done.values[0].reshape(lead) if call.reduction == "none" else done.values[0]
-        parts = {"lse": done.kept[0].reshape(lead)} if options.return_lse else {}
-        grads = [] if done.grad is None else [done.grad.reshape(call.input.shape)]
-        return Computed(loss, grads, parts, done.tensor_grads)
-
-    # -- rows: computed alone -------------------------------------------------------------------
-
-    def merge_params(self, call: LossCall) -> Hashable | None:
-        return None  # large calls with a weight of their own: alone
-
-    def target_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
-        return array.reshape(-1)
-
-    def splittable(self, call: LossCall) -> bool:
-        return False
 
 
 LINEAR_CROSS_ENTROPY = LinearCrossEntropyLoss()
@@ -349,28 +294,42 @@ def _needs_cuda(package: str | None, extra: str) -> Callable[[torch.device], str
 
 
 @functools.cache
-def _compiled() -> TokenLosses:
-    compiled: TokenLosses = torch.compile(token_losses, dynamic=True)
-    return compiled
+def _compiled() -> PerChunk:
+    """The per-chunk computation with `token_losses` compiled (once, on first use)."""
+    compiled = torch.compile(token_losses, dynamic=True)
+
+    def per_chunk(
+        options: Any, rows: Mapping[str, torch.Tensor], whole: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+        loss, lse = compiled(
+            rows["input"],
+            rows["target"],
+            whole["classifier"],
+            whole.get("bias"),
+            whole.get("weight"),
+            options,
+        )
+        return loss, {"lse": lse}
+
+    return per_chunk
 
 
-def _compiled_compute(call: LossCall, upload: Upload) -> Computed:
-    return LINEAR_CROSS_ENTROPY.chunked(call, upload, _compiled())
+def _compiled_compute(call: LossCall[Any], upload: Upload) -> Computed:
+    return LINEAR_CROSS_ENTROPY.run(call, upload, _compiled())
 
 
-def kernel_supports(call: LossCall, *, smoothing: bool, z_loss: bool, bias: bool, half_only: bool) -> bool:
+def kernel_supports(call: Call, *, smoothing: bool, z_loss: bool, bias: bool, half_only: bool) -> bool:
     """Whether a fused kernel computes `call` as lossd means it: one value per call (its backward
     scales by a number), no class weights nor per-token log-sum-exp, the classifier in the hidden
     states' dtype, and only the options the kernel has."""
     options = call.options
-    assert isinstance(options, LinearCrossEntropyOptions)
     classifier = call.tensors.get("classifier")
     return (
         classifier is not None
         and call.reduction in ("mean", "sum")
         and (call.grad_output is None or call.grad_output.dim() == 0)
-        and call.weight is None
-        and not options.return_lse
+        and "weight" not in call.tensors
+        and not call.outputs
         and classifier.dtype == call.input.dtype
         and (call.input.dtype in _HALF or not half_only)
         and call.input.dtype != torch.float64
@@ -386,21 +345,20 @@ Kernel = Callable[
 """`kernel(hidden, classifier, targets, bias, options, reduction)`: a differentiable loss."""
 
 
-def kernel_call(call: LossCall, upload: Upload, kernel: Kernel) -> Computed:
+def kernel_call(call: Call, upload: Upload, kernel: Kernel) -> Computed:
     """A call through a fused kernel that is a differentiable torch function: its loss, and the
     gradients asked for by `torch.autograd.grad`."""
     options = call.options
-    assert isinstance(options, LinearCrossEntropyOptions)
     size = call.input.shape[-1]
     hidden = upload(call.input).reshape(-1, size).detach().requires_grad_(call.input_grad)
     targets = upload(call.target).reshape(-1)
     leaves = {
-        name: upload(call.tensors[name]).detach().requires_grad_(name in call.tensor_grads)
+        name: upload(call.tensors[name]).detach().requires_grad_(name in call.grads)
         for name in ("classifier", "bias")
         if name in call.tensors
     }
     wanted = [hidden] if call.input_grad else []
-    wanted += [leaves[name] for name in ("classifier", "bias") if name in call.tensor_grads]
+    wanted += [leaves[name] for name in ("classifier", "bias") if name in call.grads]
     with torch.enable_grad() if wanted else torch.no_grad():
         result = kernel(hidden, leaves["classifier"], targets, leaves.get("bias"), options, call.reduction)
         loss = result.loss if hasattr(result, "loss") else result[0] if isinstance(result, tuple) else result
@@ -409,11 +367,11 @@ def kernel_call(call: LossCall, upload: Upload, kernel: Kernel) -> Computed:
             upstream = None if call.grad_output is None else upload(call.grad_output).to(loss.dtype)
             grads = list(torch.autograd.grad(loss, wanted, upstream))
     dtype = compute_dtype(call.input.dtype)
-    input_grads = [grads.pop(0).reshape(call.input.shape)] if call.input_grad else []
-    tensor_grads: dict[str, torch.Tensor] = {
-        name: grads.pop(0) for name in ("classifier", "bias") if name in call.tensor_grads
-    }
-    return Computed(loss.detach().to(dtype), input_grads, {}, tensor_grads)
+    named: dict[str, torch.Tensor] = (
+        {"input": grads.pop(0).reshape(call.input.shape)} if call.input_grad else {}
+    )
+    named.update((name, grads.pop(0)) for name in ("classifier", "bias") if name in call.grads)
+    return Computed(loss.detach().to(dtype), named)
 
 
 def _liger(

@@ -12,28 +12,26 @@ follows. The teacher (often its classifier resident, uploaded once) is never dif
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lossd.server.losses.base import Computed, LossCall, LossOptions, OipTensor, Upload
+from lossd.server.losses.base import LossCall, OutputSpec, TensorSpec, Upload
 from lossd.server.losses.checks import invalid_argument, require_floating
-from lossd.server.losses.chunked import TokenLoss, compute_dtype, run_chunks, upstream_gradient
+from lossd.server.losses.chunked import ChunkedLoss, Prepared
 from lossd.server.losses.distillation import (
-    CHUNK_ELEMENTS,
     DISTILLATION,
     DistillationOptions,
     check_dense,
     check_labels,
     check_options,
-    options_from,
+    mean_divisor,
     token_losses,
 )
-from lossd.server.losses.heads import check_head, head_logits
+from lossd.server.losses.heads import HEAD, check_head, head_bytes, head_logits
 
 if TYPE_CHECKING:
     from lossd.wire.codec import TensorLimits
@@ -58,52 +56,31 @@ def teacher_top_k(
     return values, ids
 
 
-def head_token_losses(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    head: Mapping[str, torch.Tensor],
-    labels: torch.Tensor | None,
-    options: LinearDistillationOptions,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token (total, hard, soft) of a chunk of tokens from both sides' hidden states; `head`
-    holds classifier, bias, teacher_classifier, teacher_bias (the biases optional)."""
-    student = head_logits(student_hidden, head["classifier"], head.get("bias"))
-    with torch.no_grad():
-        teacher = head_logits(teacher_hidden, head["teacher_classifier"], head.get("teacher_bias"))
-        ids = None
-        if options.top_k:
-            teacher, ids = teacher_top_k(teacher, options)
-    return token_losses(student, teacher, ids, labels, options)
+Call = LossCall[LinearDistillationOptions]
+
+_HEADS = ("classifier", "bias", "teacher_classifier", "teacher_bias")
 
 
-class LinearDistillationLoss(TokenLoss):
+class LinearDistillationLoss(ChunkedLoss[LinearDistillationOptions]):
     """Input: the student's hidden states (..., H). Target: the teacher's (..., H_t). Both heads'
     weights, optional biases and labels are the options' tensors. Tokens are the rows."""
 
-    name: ClassVar[str] = "linear_distillation"
-    tensors: ClassVar[tuple[str, ...]] = (
-        "classifier",
-        "bias",
-        "teacher_classifier",
-        "teacher_bias",
-        "labels",
+    name = "linear_distillation"
+    options_type = LinearDistillationOptions
+    target: ClassVar[TensorSpec] = TensorSpec("target", shape=(-1, -1))
+    tensors: ClassVar[tuple[TensorSpec, ...]] = (
+        *HEAD,
+        TensorSpec("teacher_classifier", shape=(-1, -1)),
+        TensorSpec("teacher_bias"),
+        TensorSpec("labels", "indices", per_row=True),
     )
-    gradient_tensors: ClassVar[tuple[str, ...]] = ("classifier", "bias")
-    parts: ClassVar[tuple[str, ...]] = ("hard_loss", "soft_loss")
-    parameters: ClassVar[Mapping[str, type]] = {**DISTILLATION.parameters, "top_k": int}
-    options_type: ClassVar[type[LossOptions]] = LinearDistillationOptions
-    target_gradient: ClassVar[bool] = False
-    oip_target: ClassVar[OipTensor] = OipTensor("target", "FP32", (-1, -1))
-    oip_tensors: ClassVar[Mapping[str, str]] = {"labels": "INT64"}
-
-    def options(self, message: Any, reduction: str) -> LossOptions:
-        return options_from(self, message, reduction)
+    outputs: ClassVar[tuple[OutputSpec, ...]] = DISTILLATION.outputs
+    temporaries: ClassVar[int] = 12
 
     # -- rules ----------------------------------------------------------------------------------
 
-    def validate(self, call: LossCall, limits: TensorLimits | None) -> LossCall:
+    def check(self, call: Call, limits: TensorLimits | None) -> Call:
         options = call.options
-        assert isinstance(options, LinearDistillationOptions)
         name = self.name
         check_options(
             options,
@@ -158,20 +135,51 @@ class LinearDistillationLoss(TokenLoss):
 
     # -- computation ----------------------------------------------------------------------------
 
-    def scratch_bytes(self, call: LossCall) -> int:
-        """A dozen float32 (float64) temporaries of one chunk's logits (both sides), the per-token
-        vectors, the heads in the compute dtype and the gradients of those asked for."""
-        itemsize = compute_dtype(call.input.dtype).itemsize
-        vocabulary = max(
-            (t.shape[0] for n, t in call.tensors.items() if "classifier" in n and t.dim()), default=1
-        )
-        tokens = self.rows_of(call)
-        chunk = min(tokens, max(1, CHUNK_ELEMENTS // vocabulary)) * vocabulary
-        heads = sum(t.numel() for n, t in call.tensors.items() if n != "labels") * itemsize
-        grads = sum(call.tensors[n].numel() for n in call.tensor_grads if n in call.tensors) * itemsize
-        return 12 * chunk * itemsize + 8 * itemsize * tokens + heads + 2 * grads
+    def width(self, call: Call) -> int:
+        """Both sides' logits, a top-k teacher's tail bucket included."""
+        sizes = [
+            call.tensors[name].shape[0]
+            for name in ("classifier", "teacher_classifier")
+            if name in call.tensors
+        ]
+        return max(sizes[0], sizes[-1] + (call.options.top_k > 0)) if sizes else 1
 
-    def example(self) -> LossCall:
+    def held_bytes(self, call: Call) -> int:
+        return head_bytes(call, _HEADS)
+
+    def prepare(self, call: Call, upload: Upload, dtype: torch.dtype) -> Prepared:
+        tokens = self.tokens(call)
+        rows = {
+            "input": upload(call.input).reshape(tokens, call.input.shape[-1]),
+            "target": upload(call.target).reshape(tokens, call.target.shape[-1]),
+        }
+        labels = call.tensors.get("labels")
+        if labels is not None:
+            rows["labels"] = upload(labels).reshape(tokens)
+        whole = {name: upload(tensor).to(dtype) for name, tensor in call.tensors.items() if name != "labels"}
+        return Prepared(rows, whole)
+
+    def per_chunk(
+        self,
+        options: LinearDistillationOptions,
+        rows: Mapping[str, torch.Tensor],
+        whole: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+        student = head_logits(rows["input"], whole["classifier"], whole.get("bias"))
+        with torch.no_grad():
+            teacher = head_logits(rows["target"], whole["teacher_classifier"], whole.get("teacher_bias"))
+            ids = None
+            if options.top_k:
+                teacher, ids = teacher_top_k(teacher, options)
+        total, hard, soft = token_losses(student, teacher, ids, rows.get("labels"), options)
+        return total, {"hard_loss": hard, "soft_loss": soft}
+
+    def mean_divisor(self, call: Call, prepared: Prepared) -> torch.Tensor | float:
+        return mean_divisor(
+            call.options, prepared.rows.get("labels"), self.tokens(call), self.loss_dtype(call)
+        )
+
+    def example(self) -> Call:
         tensors = {
             "classifier": torch.randn(5, 3),
             "bias": torch.randn(5),
@@ -179,63 +187,9 @@ class LinearDistillationLoss(TokenLoss):
             "labels": torch.tensor([0, 1, 4, 2]),
         }
         options = self.make_options("mean", beta=0.5, weight_hard=0.5, temperature=2.0)
-        return LossCall(options, torch.randn(4, 3), torch.randn(4, 4), input_grad=True, tensors=tensors)
-
-    def compute(self, call: LossCall, upload: Upload) -> Computed:
-        options = call.options
-        assert isinstance(options, LinearDistillationOptions)
-        dtype = compute_dtype(call.input.dtype)
-        tokens = self.rows_of(call)
-        student = upload(call.input).reshape(tokens, call.input.shape[-1])
-        teacher = upload(call.target).reshape(tokens, call.target.shape[-1])
-        head = {name: upload(tensor).to(dtype) for name, tensor in call.tensors.items() if name != "labels"}
-        labels = call.tensors.get("labels")
-        labels = None if labels is None else upload(labels).reshape(tokens)
-        device = student.device
-        divisor: torch.Tensor | float | None = None
-        if call.reduction == "mean":
-            if options.normalizer is not None:
-                divisor = options.normalizer
-            elif labels is None:
-                divisor = float(max(tokens, 1))
-            else:  # a device tensor: no synchronisation to count
-                divisor = (labels != options.ignore_index).sum().clamp(min=1)
-        upstream = upstream_gradient(call, upload, dtype, device)
-
-        def per_token(
-            rows: slice, leaf: torch.Tensor, leaves: Mapping[str, torch.Tensor]
-        ) -> Sequence[torch.Tensor]:
-            chunk_labels = None if labels is None else labels[rows]
-            return head_token_losses(leaf, teacher[rows], {**head, **leaves}, chunk_labels, options)
-
-        vocabulary = max(head["classifier"].shape[0], head["teacher_classifier"].shape[0] + 1)
-        done = run_chunks(
-            student,
-            per_token,
-            outputs=3,
-            step=max(1, CHUNK_ELEMENTS // vocabulary),
-            dtype=dtype,
-            reduction=call.reduction,
-            input_grad=call.input_grad,
-            tensors={name: head[name] for name in call.tensor_grads},
-            upstream=upstream,
-            divisor=divisor,
+        return LossCall(
+            options, torch.randn(4, 3), torch.randn(4, 4), tensors=tensors, grads=frozenset({"input"})
         )
-        shape = call.input.shape[:-1] if call.reduction == "none" else ()
-        total, hard, soft = (value.reshape(shape) for value in done.values)
-        grads = [] if done.grad is None else [done.grad.reshape(call.input.shape)]
-        return Computed(total, grads, {"hard_loss": hard, "soft_loss": soft}, done.tensor_grads)
-
-    # -- rows: computed alone -------------------------------------------------------------------
-
-    def merge_params(self, call: LossCall) -> Hashable | None:
-        return None  # large calls with heads of their own: alone
-
-    def target_rows(self, array: np.ndarray, call: LossCall) -> np.ndarray:
-        return array.reshape(-1, call.target.shape[-1])
-
-    def splittable(self, call: LossCall) -> bool:
-        return False
 
 
 LINEAR_DISTILLATION = LinearDistillationLoss()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 
-from lossd.server.losses.base import LossCall, LossFunction, LossOptions
+from lossd.server.losses.base import LossCall
 from lossd.server.losses.classes import ClassificationLoss, ClassOptions
+from lossd.server.losses.functional import LossFunction
 
 if TYPE_CHECKING:
     from lossd.wire.codec import TensorLimits
@@ -16,25 +16,25 @@ if TYPE_CHECKING:
 __all__ = ["NLL_LOSS", "NllLoss"]
 
 
-class NllLoss(ClassificationLoss):
+class NllLoss(ClassificationLoss[ClassOptions]):
     """Input: log-probabilities (C), (N, C) or (N, C, d1..dk); target: class indices; `weight`:
     one per class; `ignore_index`. No gradient with respect to the target."""
 
-    name: ClassVar[str] = "nll_loss"
-    parameters: ClassVar[Mapping[str, type]] = {"ignore_index": int}
-    target_gradient: ClassVar[bool] = False
+    name = "nll_loss"
+    options_type = ClassOptions
 
-    def validate(self, call: LossCall, limits: TensorLimits | None) -> LossCall:
+    def check(self, call: LossCall[ClassOptions], limits: TensorLimits | None) -> LossCall[ClassOptions]:
         self.check_input(call)
-        return self.validate_classes(call)
+        return self.check_classes(call)
 
-    def function(self, options: LossOptions, reduction: str) -> LossFunction:
-        assert isinstance(options, ClassOptions)
+    def function(self, options: ClassOptions, reduction: str) -> LossFunction:
         ignore_index = options.ignore_index
-        return lambda x, t, w: F.nll_loss(x, t, weight=w, ignore_index=ignore_index, reduction=reduction)
+        return lambda x, t, tensors: F.nll_loss(
+            x, t, weight=tensors.get("weight"), ignore_index=ignore_index, reduction=reduction
+        )
 
-    def temporaries(self, call: LossCall) -> int:
-        return 1 if call.input_grad or call.target_grad else 0
+    def temporaries(self, call: LossCall[ClassOptions]) -> int:
+        return 1 if call.grads else 0
 
 
 NLL_LOSS = NllLoss()

@@ -1,4 +1,5 @@
-"""The losses lossd serves, by name: the only list of them. A request's loss is looked up here."""
+"""The losses lossd serves, by name: the only list of them, one line per loss. A request's loss is
+looked up here."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lossd.server.losses.nll import NLL_LOSS
 
 __all__ = ["LOSSES", "make_options"]
 
-LOSSES: Mapping[str, Loss] = MappingProxyType(
+LOSSES: Mapping[str, Loss[Any]] = MappingProxyType(
     {
         loss.name: loss
         for loss in (NLL_LOSS, CROSS_ENTROPY, KL_DIV, DISTILLATION, LINEAR_CROSS_ENTROPY, LINEAR_DISTILLATION)
@@ -27,4 +28,5 @@ LOSSES: Mapping[str, Loss] = MappingProxyType(
 
 def make_options(name: str, reduction: str = "mean", **options: Any) -> LossOptions:
     """The options of the loss `name`, e.g. `make_options("cross_entropy", "sum", label_smoothing=0.1)`."""
-    return LOSSES[name].make_options(reduction, **options)
+    made: LossOptions = LOSSES[name].make_options(reduction, **options)
+    return made

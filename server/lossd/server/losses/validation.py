@@ -1,5 +1,6 @@
 """Checks a `LossCall` against torch's rules before any compute, on the CPU: the rules every loss
-shares here (input dtype, reduction, gradient options), the loss's own in its module.
+shares here (input dtype, reduction, the gradients and outputs asked for, the upstream gradient),
+the loss's own in its module (`Loss.check`).
 
 Everything torch would reject becomes an `InvalidArgumentError` naming the request field and the
 value.
@@ -7,7 +8,7 @@ value.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lossd.server.losses.base import LossCall
 from lossd.server.losses.checks import FLOATING, dtype_name, invalid_argument, require_floating
@@ -19,12 +20,12 @@ if TYPE_CHECKING:
 __all__ = ["loss_shape", "validate"]
 
 
-def loss_shape(call: LossCall, reduction: str | None = None) -> tuple[int, ...]:
+def loss_shape(call: LossCall[Any], reduction: str | None = None) -> tuple[int, ...]:
     """The shape of the loss torch returns for a valid call (under `reduction`, if given)."""
     return call.loss.loss_shape(call, call.reduction if reduction is None else reduction)
 
 
-def _check_reduction(call: LossCall) -> None:
+def _check_reduction(call: LossCall[Any]) -> None:
     loss, reduction = call.loss, call.reduction
     if reduction not in loss.reductions:
         owners = [name for name, other in LOSSES.items() if reduction in other.reductions]
@@ -38,7 +39,47 @@ def _check_reduction(call: LossCall) -> None:
         )
 
 
-def _check_gradients(call: LossCall) -> None:
+def _check_names(call: LossCall[Any]) -> None:
+    """The gradients and outputs asked for are ones the loss has (shown bounded: they are a
+    client's strings)."""
+    loss = call.loss
+    for name in sorted(call.grads):
+        if name not in loss.differentiable:
+            can = ", ".join(sorted(loss.differentiable))
+            raise invalid_argument(
+                f"gradients.with_respect_to names {_shown(name)!r}; {loss.name} can be differentiated "
+                f"with respect to {can}",
+                "GRADIENT_NOT_SUPPORTED",
+                "gradients.with_respect_to",
+                tensor=_shown(name),
+                loss=loss.name,
+            )
+        if call.tensor(name) is None:
+            raise invalid_argument(
+                f"gradients.with_respect_to names {name!r}, but {loss.name}.{name} is unset",
+                "GRADIENT_NOT_SUPPORTED",
+                "gradients.with_respect_to",
+                tensor=name,
+                loss=loss.name,
+            )
+    known = [spec.name for spec in loss.outputs]
+    for name in sorted(call.outputs):
+        if name not in known:
+            has = f"its outputs are {', '.join(known)}" if known else "it has none besides the loss"
+            raise invalid_argument(
+                f"outputs names {_shown(name)!r}, which {loss.name} does not return; {has}",
+                "OUTPUT_UNKNOWN",
+                "outputs",
+                output=_shown(name),
+                loss=loss.name,
+            )
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= 64 else name[:64] + f"... ({len(name)} characters)"
+
+
+def _check_gradients(call: LossCall[Any]) -> None:
     if call.grad_dtype is not None and call.grad_dtype not in FLOATING:
         raise invalid_argument(
             f"gradients.dtype is {dtype_name(call.grad_dtype)}; gradients must be float32, float64, "
@@ -47,28 +88,6 @@ def _check_gradients(call: LossCall) -> None:
             "gradients.dtype",
             dtype=dtype_name(call.grad_dtype),
         )
-    if call.target_grad and not call.loss.target_gradient:
-        raise invalid_argument(
-            f"gradients.target was requested, but {call.loss.name} has no gradient w.r.t. the target",
-            "TARGET_GRADIENT_NOT_SUPPORTED",
-            "gradients.target",
-            loss=call.loss.name,
-        )
-    for name in sorted(call.tensor_grads):
-        if name not in call.loss.gradient_tensors:
-            raise invalid_argument(
-                f"gradients.{name} was requested, but {call.loss.name} has no {name} to differentiate",
-                "TENSOR_GRADIENT_NOT_SUPPORTED",
-                f"gradients.{name}",
-                loss=call.loss.name,
-            )
-        if name not in call.tensors:
-            raise invalid_argument(
-                f"gradients.{name} was requested, but {call.loss.name}.{name} is unset",
-                "TENSOR_GRADIENT_NOT_SUPPORTED",
-                f"gradients.{name}",
-                loss=call.loss.name,
-            )
     upstream = call.grad_output
     if upstream is None:
         return
@@ -85,11 +104,12 @@ def _check_gradients(call: LossCall) -> None:
         )
 
 
-def validate(call: LossCall, limits: TensorLimits | None = None) -> LossCall:
+def validate(call: LossCall[Any], limits: TensorLimits | None = None) -> LossCall[Any]:
     """Returns the call ready for torch (int32 targets widened), or raises `InvalidArgumentError`
     (or `ResourceExhaustedError` when a broadcast passes `limits`)."""
     require_floating(call.input, "input", "the input")
     _check_reduction(call)
-    call = call.loss.validate(call, limits)
+    _check_names(call)
+    call = call.loss.check(call, limits)
     _check_gradients(call)
     return call

@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 
 from lossd.server.memory import MemoryBudget
+from lossd.server.rpc.lifecycle import Context, Lifecycle
 from lossd.server.rpc.requests import parse_message
-from lossd.server.rpc.servicer import Context, LossServicer
 from lossd.server.rpc.status import abort
 from lossd.wire.errors import LossdError
 
@@ -42,7 +42,7 @@ class HandlerCollector:
 class _Context:
     """The call's context for the wrapped method: its writes are serialized and bounded."""
 
-    def __init__(self, context: Context, losses: LossServicer, serialize: Callable[[Any], bytes]) -> None:
+    def __init__(self, context: Context, losses: Lifecycle, serialize: Callable[[Any], bytes]) -> None:
         self._context = context
         self._losses = losses
         self._serialize = serialize
@@ -56,7 +56,7 @@ class _Context:
 
 class _Guard(grpc.GenericRpcHandler):
     def __init__(
-        self, losses: LossServicer, inner: Sequence[grpc.GenericRpcHandler], budget: MemoryBudget
+        self, losses: Lifecycle, inner: Sequence[grpc.GenericRpcHandler], budget: MemoryBudget
     ) -> None:
         self._losses = losses
         self._inner = inner
@@ -94,7 +94,7 @@ class _Guard(grpc.GenericRpcHandler):
                 if handler.request_streaming:
                     argument: Any = requests(raw)
                 else:
-                    first = await losses.first_message(raw, failing=False)
+                    first = await losses.first_message(losses.messages(raw, failing=False))
                     argument = _parse(parse, first)
                     reservation.receiving = False
                 result = behaviour(argument, proxy)
@@ -126,7 +126,7 @@ def _parse(parse: Callable[[bytes], Any], raw: bytes) -> Any:
 
 
 def guarded(
-    losses: LossServicer, handlers: Sequence[grpc.GenericRpcHandler], budget: MemoryBudget
+    losses: Lifecycle, handlers: Sequence[grpc.GenericRpcHandler], budget: MemoryBudget
 ) -> grpc.GenericRpcHandler:
     """`handlers`, served under `budget` and `losses`' idle timeout and message limit."""
     return _Guard(losses, handlers, budget)

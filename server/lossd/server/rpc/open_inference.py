@@ -2,15 +2,14 @@
 
 Triton's and KServe's clients (C++, Python, Java, Go) speak `inference.GRPCInferenceService`; this
 servicer answers them with lossd's losses, one model per loss (`nll_loss`, `cross_entropy`,
-`kl_div`, `distillation`: every loss in `lossd.server.losses.LOSSES`), version "1". Inputs carry
-torch's argument names (`input`, `target`, the loss's own tensors such as `weight`, `grad_output`),
-options come as request parameters (the loss's `parameters`), and the outputs are `loss`, its parts
-(a distillation's `hard_loss` and `soft_loss`), `input_grad`, `target_grad` and a linear head's
-`classifier_grad` and `bias_grad`; requesting a
-gradient output is what asks for the gradient. A ModelInferRequest is translated into a
-`lossd.v1.ComputeLossRequest` (the tensors' bytes are not decoded, only moved) and answered by
-`LossServicer.answer`, so validation, limits, batching, metrics and failure handling are exactly
-those of `ComputeLoss`; the answer's tensors go back as raw output contents.
+`kl_div`, ...: every loss in `lossd.server.losses.LOSSES`), version "1". Everything comes from the
+loss's declarations: inputs carry its tensors' names (`input`, `target`, its own such as `weight`,
+and `grad_output`), options come as request parameters (the loss's `parameters`), and the outputs
+are `loss`, the loss's outputs by their names, and `<tensor>_grad` for each tensor it can
+differentiate; requesting an output is what asks for it. A ModelInferRequest is translated into a
+`lossd.v1.ComputeLossRequest` (the tensors' bytes are not decoded, only moved) and answered through
+the same call lifecycle and whole-message path as `ComputeLoss`, so validation, limits, batching,
+metrics and failure handling are exactly its; the answer's tensors go back as raw output contents.
 """
 
 from __future__ import annotations
@@ -21,13 +20,14 @@ from typing import Any
 import grpc
 import numpy as np
 
-from lossd.server.losses import LOSSES, Loss, LossOutput
+from lossd.server.losses import LOSSES, Loss, LossOutput, TensorSpec
 from lossd.server.losses.checks import invalid_argument
 from lossd.server.memory import MemoryBudget
 from lossd.server.rpc.guard import HandlerCollector, guarded
+from lossd.server.rpc.lifecycle import Call, Context, Lifecycle
 from lossd.server.rpc.requests import read_split
-from lossd.server.rpc.servicer import Context, LossServicer
 from lossd.server.rpc.status import abort
+from lossd.server.rpc.unary import answer_whole
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
 from lossd.v1.oip import open_inference_pb2 as oip
@@ -78,14 +78,20 @@ _REDUCTIONS = {
 _IGNORED = frozenset({"priority", "timeout", "sequence_id", "sequence_start", "sequence_end"})
 
 
-def _outputs(loss: Loss) -> tuple[str, ...]:
-    """A model's outputs: the loss, its parts, the gradients it has."""
+_GRAD = "_grad"
+"""An output named `<tensor>_grad` is the gradient of the tensor: `input_grad`, `classifier_grad`."""
+
+
+def _differentiable(loss: Loss[Any]) -> list[TensorSpec]:
+    return [spec for spec in loss.all_tensors.values() if spec.differentiable]
+
+
+def _outputs(loss: Loss[Any]) -> tuple[str, ...]:
+    """A model's outputs: the loss, its outputs, the gradients it has."""
     return (
         "loss",
-        *loss.parts,
-        "input_grad",
-        *(("target_grad",) if loss.target_gradient else ()),
-        *(f"{name}_grad" for name in loss.gradient_tensors),
+        *(spec.name for spec in loss.outputs),
+        *(spec.name + _GRAD for spec in _differentiable(loss)),
     )
 
 
@@ -98,7 +104,7 @@ def shown(text: str) -> str:
     return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + f"... ({len(text)} characters)"
 
 
-def _model(name: str, version: str) -> Loss:
+def _model(name: str, version: str) -> Loss[Any]:
     if name not in MODELS:
         raise NotFoundError(
             f"model {shown(name)!r} does not exist; lossd serves {', '.join(MODELS)}",
@@ -182,8 +188,8 @@ def loss_request(
         "target": ("target", message.target),
         "grad_output": ("gradients.grad_output", message.gradients.grad_output),
     }
-    for name in loss.tensors:
-        targets[name] = (f"{model}.{name}", getattr(options, name))
+    for spec in loss.tensors:
+        targets[spec.name] = (f"{model}.{spec.name}", getattr(options, spec.name))
     data: dict[str, memoryview] = {}
     seen = set()
     for i, given in enumerate(request.inputs):
@@ -222,17 +228,15 @@ def loss_request(
                 f"outputs.{shown(name)}",
                 output=shown(name),
             )
-    for name in loss.parts:  # a part that is computed on request (a linear cross-entropy's lse)
-        if name in outputs and f"return_{name}" in loss.parameters:
-            setattr(options, f"return_{name}", True)
-    message.gradients.input = "input_grad" in outputs
-    message.gradients.target = "target_grad" in outputs
-    for name in loss.gradient_tensors:
-        setattr(message.gradients, name, f"{name}_grad" in outputs)
+    for name in outputs:
+        if name.endswith(_GRAD) and name.removesuffix(_GRAD) in loss.differentiable:
+            message.gradients.with_respect_to.append(name.removesuffix(_GRAD))
+        elif name != "loss":
+            message.outputs.append(name)
     return message, data, outputs
 
 
-def _apply(message: pb.ComputeLossRequest, loss: Loss, options: Any, name: str, value: Any) -> None:
+def _apply(message: pb.ComputeLossRequest, loss: Loss[Any], options: Any, name: str, value: Any) -> None:
     """Sets one parameter: reduction and grad_dtype, or one of the loss's options (by its type:
     an int is no bool or float, a float no bool, a bool only a bool)."""
     field = f"parameters.{name}"
@@ -273,10 +277,8 @@ def encode_infer_response(request: oip.ModelInferRequest, output: LossOutput, ou
     answer = oip.ModelInferResponse(model_name=request.model_name, model_version=VERSION, id=request.id)
     tensors = {
         "loss": output.loss,
-        **output.parts,
-        "input_grad": output.input_grad,
-        "target_grad": output.target_grad,
-        **{f"{name}_grad": grad for name, grad in output.tensor_grads.items()},
+        **output.outputs,
+        **{name + _GRAD: grad for name, grad in output.grads.items()},
     }
     contents: list[bytes | memoryview] = []
     for name in outputs:
@@ -288,27 +290,27 @@ def encode_infer_response(request: oip.ModelInferRequest, output: LossOutput, ou
     return b"".join([answer.SerializeToString(), *contents])
 
 
-def _metadata(loss: Loss) -> oip.ModelMetadataResponse:
-    """What a model takes and gives. The protocol has one datatype per tensor: FP32 stands for
-    every float type lossd takes (FP64, FP16 and BF16 work too), INT64 for class indices."""
+_METADATA_TYPES = {"floats": "FP32", "log_probabilities": "FP32", "indices": "INT64"}
+"""The protocol has one datatype per tensor: FP32 stands for every float type lossd takes (FP64,
+FP16 and BF16 work too), INT64 for integers (INT32 and UINT8 work too)."""
+
+
+def _metadata(loss: Loss[Any]) -> oip.ModelMetadataResponse:
+    """What a model takes and gives, from the loss's declarations."""
     tensor = oip.ModelMetadataResponse.TensorMetadata
-    target = loss.oip_target
-    inputs = [
-        tensor(name="input", datatype="FP32", shape=[-1, -1]),
-        tensor(name=target.name, datatype=target.datatype, shape=target.shape),
-    ]
-    inputs += [
-        tensor(name=name, datatype=loss.oip_tensors.get(name, "FP32"), shape=[-1]) for name in loss.tensors
-    ]
+
+    def described(spec: TensorSpec, name: str | None = None) -> oip.ModelMetadataResponse.TensorMetadata:
+        return tensor(name=name or spec.name, datatype=_METADATA_TYPES[spec.holds], shape=spec.shape)
+
+    inputs = [described(spec) for spec in loss.all_tensors.values()]
     inputs.append(tensor(name="grad_output", datatype="FP32", shape=[-1]))
-    outputs = [
-        tensor(name="loss", datatype="FP32", shape=[]),
-        *(tensor(name=name, datatype="FP32", shape=[]) for name in loss.parts),
-        tensor(name="input_grad", datatype="FP32", shape=[-1, -1]),
+    outputs = [tensor(name="loss", datatype="FP32", shape=[])]
+    outputs += [
+        tensor(name=spec.name, datatype="FP32", shape=[] if spec.reduced else [-1]) for spec in loss.outputs
     ]
-    if loss.target_gradient:
-        outputs.append(tensor(name="target_grad", datatype="FP32", shape=[-1, -1]))
-    outputs += [tensor(name=f"{name}_grad", datatype="FP32", shape=[-1]) for name in loss.gradient_tensors]
+    outputs += [
+        tensor(name=spec.name + _GRAD, datatype="FP32", shape=spec.shape) for spec in _differentiable(loss)
+    ]
     return oip.ModelMetadataResponse(
         name=loss.name, versions=[VERSION], platform="pytorch", inputs=inputs, outputs=outputs
     )
@@ -318,7 +320,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     """`inference.GRPCInferenceService` on a `LossServicer`; `ready()` says whether the server
     takes calls (started, not draining, device working); `budget` holds the metadata calls."""
 
-    def __init__(self, losses: LossServicer, ready: Callable[[], bool], budget: MemoryBudget) -> None:
+    def __init__(self, losses: Lifecycle, ready: Callable[[], bool], budget: MemoryBudget) -> None:
         self._losses = losses
         self._ready = ready
         self._budget = budget
@@ -371,4 +373,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         def encode(output: LossOutput) -> bytes:
             return encode_infer_response(state.pop("request"), output, state["outputs"])
 
-        await self._losses.answer(requests, context, build, encode)
+        async def answer(call: Call) -> None:
+            await answer_whole(call, build, encode)
+
+        await self._losses.serve(requests, context, "unset", answer)

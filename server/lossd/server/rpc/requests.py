@@ -1,27 +1,30 @@
 """`lossd.v1` messages to the engine's `LossCall`, and `LossOutput` back.
 
-Which loss a request names and how its options read is the loss's own (`lossd.server.losses`): this
-module only looks the loss up by the request's `loss` oneof and hands it its options message.
+Which loss a request names and what it takes is the loss's own (`lossd.server.losses`): this module
+looks the loss up by the request's `loss` oneof, reads its options message's scalars into plain
+values and its tensors by the names the loss declares, and writes every answer tensor by name
+(`loss`, `outputs.<name>`, `gradients.<name>`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
 from google.protobuf.message import DecodeError
 
-from lossd.server.losses import LOSSES, LossCall, LossOptions, LossOutput
+from lossd.server.losses import LOSSES, Loss, LossCall, LossOptions, LossOutput
 from lossd.server.resident import ResidentStore
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
-from lossd.wire import chunks, codec, messages
+from lossd.wire import codec, messages
 from lossd.wire.errors import InvalidArgumentError
 
 __all__ = [
     "REQUEST_TENSORS",
-    "TENSOR_GRADIENTS",
+    "answer_tensors",
     "call_from_request",
     "encode_response",
     "parse_request",
@@ -52,8 +55,24 @@ def _required(message: tensor_pb2.Tensor, present: bool, field: str, make: Tenso
     return make(message, field)
 
 
-def _options(request: pb.ComputeLossRequest) -> tuple[LossOptions, Any]:
-    """The loss's options, and its options message (which may hold tensors)."""
+@functools.cache
+def _scalars(descriptor: Any) -> tuple[tuple[str, bool], ...]:
+    """An options message type's scalar fields: (name, whether it has presence: `optional`)."""
+    return tuple((f.name, f.has_presence) for f in descriptor.fields if f.message_type is None)
+
+
+def _values(message: Any) -> dict[str, Any]:
+    """The scalar options an options message sets, by field name: an unset `optional` field is left
+    out (the loss's default holds), every other field is its value."""
+    return {
+        name: getattr(message, name)
+        for name, presence in _scalars(message.DESCRIPTOR)
+        if not presence or message.HasField(name)
+    }
+
+
+def _options(request: pb.ComputeLossRequest) -> tuple[Loss[Any], LossOptions, Any]:
+    """The loss, its options, and its options message (which may hold tensors)."""
     name = request.WhichOneof("loss")
     if name is None:
         raise InvalidArgumentError(
@@ -69,8 +88,9 @@ def _options(request: pb.ComputeLossRequest) -> tuple[LossOptions, Any]:
             field="reduction",
             metadata={"reduction": str(request.reduction)},
         )
+    loss = LOSSES[name]
     message = getattr(request, name)
-    return LOSSES[name].options(message, reduction), message
+    return loss, loss.options(_values(message), reduction), message
 
 
 def _grad_dtype(gradients: pb.GradientOptions) -> torch.dtype | None:
@@ -86,13 +106,12 @@ def _grad_dtype(gradients: pb.GradientOptions) -> torch.dtype | None:
     return codec.torch_dtype(gradients.dtype)
 
 
-def _call(request: pb.ComputeLossRequest, make: TensorMaker) -> LossCall:
-    options, message = _options(request)
-    name = options.loss.name
-    extra = {
-        field: make(getattr(message, field), f"{name}.{field}")
-        for field in options.loss.tensors
-        if message.HasField(field)
+def _call(request: pb.ComputeLossRequest, make: TensorMaker) -> LossCall[Any]:
+    loss, options, message = _options(request)
+    tensors = {
+        spec.name: make(getattr(message, spec.name), f"{loss.name}.{spec.name}")
+        for spec in loss.tensors
+        if message.HasField(spec.name)
     }
     gradients = request.gradients
     grad_output = None
@@ -102,21 +121,15 @@ def _call(request: pb.ComputeLossRequest, make: TensorMaker) -> LossCall:
         options=options,
         input=_required(request.input, request.HasField("input"), "input", make),
         target=_required(request.target, request.HasField("target"), "target", make),
-        weight=extra.get("weight"),
-        input_grad=gradients.input,
-        target_grad=gradients.target,
+        tensors=tensors,
+        grads=frozenset(gradients.with_respect_to),
+        outputs=frozenset(request.outputs),
         grad_dtype=_grad_dtype(gradients),
         grad_output=grad_output,
-        tensors={field: tensor for field, tensor in extra.items() if field != "weight"},
-        tensor_grads=frozenset(name for name in TENSOR_GRADIENTS if getattr(gradients, name)),
     )
 
 
 M = TypeVar("M")
-
-TENSOR_GRADIENTS = ("classifier", "bias")
-"""The GradientOptions flags that ask for the gradient of a loss's own tensor, by its name; each is
-returned in ComputeLossResponse.<name>_gradient."""
 
 
 def parse_message(parse: Callable[[bytes], M], raw: bytes, what: str, kind: str = "message") -> M:
@@ -237,7 +250,7 @@ def call_from_request(
     limits: codec.TensorLimits,
     data: Mapping[str, torch.Tensor | memoryview] | None = None,
     resident: ResidentStore | None = None,
-) -> LossCall:
+) -> LossCall[Any]:
     """Decodes a request into a `LossCall`; tensors are zero-copy views of the request's bytes, or of
     `data[field]` for tensors whose bytes came apart from it: a view of the received message
     (`read_request`), or a uint8 host tensor (pinned on CUDA) the StreamLoss chunks filled."""
@@ -257,10 +270,11 @@ def call_from_request(
 
 def stream_plan(
     request: pb.ComputeLossRequest, limits: codec.TensorLimits, resident: ResidentStore | None = None
-) -> tuple[LossCall, dict[int, tuple[str, int]]]:
+) -> tuple[LossCall[Any], dict[str, int]]:
     """For a StreamLoss header: the call with shape-only (meta) tensors, which validation can check
-    before any data arrives, and slot -> (field, bytes) of every tensor still to come in chunks."""
-    plan: dict[int, tuple[str, int]] = {}
+    before any data arrives, and the bytes of every tensor still to come in chunks, by its field
+    path (the name its chunks carry)."""
+    plan: dict[str, int] = {}
 
     def make(message: tensor_pb2.Tensor, field: str) -> torch.Tensor:
         if message.resident_id:
@@ -268,48 +282,65 @@ def stream_plan(
         nbytes = codec.streamed_bytes(message, field, limits)
         if nbytes is None:
             return codec.decode_torch(message, field, limits=limits, copy=False)
-        plan[chunks.REQUEST_SLOTS[field.rsplit(".", 1)[-1]]] = (field, nbytes)
+        plan[field] = nbytes
         return torch.empty(tuple(message.shape), dtype=codec.torch_dtype(message.dtype), device="meta")
 
     return _call(request, make), plan
 
 
-def _answer(output: LossOutput) -> list[tuple[str, Any]]:
-    """The response's tensors by field, in field order: the loss, its parts, the gradients asked for."""
-    tensors: list[tuple[str, Any]] = [("loss", output.loss), *output.parts.items()]
-    tensors += [("input_gradient", output.input_grad), ("target_gradient", output.target_grad)]
-    tensors += [(f"{name}_gradient", output.tensor_grads.get(name)) for name in TENSOR_GRADIENTS]
-    return [(name, value) for name, value in tensors if value is not None]
+def answer_tensors(output: LossOutput) -> list[tuple[str, str, Any]]:
+    """The response's tensors in field order: (field, key, value) with the loss first ("loss", ""),
+    then each output ("outputs", name) and each gradient ("gradients", name)."""
+    tensors: list[tuple[str, str, Any]] = [("loss", "", output.loss)]
+    tensors += [("outputs", name, value) for name, value in output.outputs.items()]
+    tensors += [("gradients", name, value) for name, value in output.grads.items()]
+    return tensors
 
 
-def stream_response(output: LossOutput) -> tuple[pb.ComputeLossResponse, list[tuple[int, memoryview]]]:
-    """The StreamLoss answer: a header with the loss (and its parts) and the gradients' dtypes and
-    shapes, and the bytes (slot, view) of each tensor to send in chunks: the gradients always, a
-    loss that outgrows `INLINE_LOSS_BYTES` (one per element) too."""
+def tensor_name(field: str, key: str) -> str:
+    """The name a response tensor's chunks carry: its field path in the header."""
+    return f"{field}.{key}" if key else field
+
+
+def stream_response(output: LossOutput) -> tuple[pb.ComputeLossResponse, list[tuple[str, memoryview]]]:
+    """The StreamLoss answer: a header with the loss and outputs and the gradients' dtypes and
+    shapes, and the bytes (name, view) of each tensor to send in chunks: the gradients always, a
+    loss or output that outgrows `INLINE_LOSS_BYTES` (one per element) too."""
     response = pb.ComputeLossResponse()
-    pieces: list[tuple[int, memoryview]] = []
-    for name, value in _answer(output):
-        message = getattr(response, name)
+    pieces: list[tuple[str, memoryview]] = []
+    for field, key, value in answer_tensors(output):
+        message = getattr(response, field)[key] if key else getattr(response, field)
+        name = tensor_name(field, key)
         array, dtype = codec.to_wire(value, name)
-        if not name.endswith("_gradient") and array.nbytes <= INLINE_LOSS_BYTES:  # a reduced loss: inline
+        if field != "gradients" and array.nbytes <= INLINE_LOSS_BYTES:  # a reduced loss: inline
             codec.encode(value, name, out=message)
             continue
         message.CopyFrom(codec.header(array.shape, dtype))
         if array.size:
-            pieces.append((int(chunks.RESPONSE_SLOTS[name]), codec.wire_view(array)))
+            pieces.append((name, codec.wire_view(array)))
     return response, pieces
 
 
 _RESPONSE_FIELDS = {field.name: field.number for field in pb.ComputeLossResponse.DESCRIPTOR.fields}
+_KEY, _VALUE = 1, 2  # a map entry's fields
 
 
 def encode_response(output: LossOutput) -> bytes:
     """The serialized ComputeLossResponse of the engine's result, each tensor's bytes copied once,
     into the joined message (each dtype and shape's header is serialized once, see
-    `codec.header_bytes`); gradients that were not asked for are not sent."""
+    `codec.header_bytes`)."""
     pieces: list[bytes | memoryview] = []
-    for name, value in _answer(output):
-        array, dtype = codec.to_wire(value, name)
-        header = codec.header_bytes(array.shape, dtype)
-        pieces += messages.tensor_field(_RESPONSE_FIELDS[name], header, _DATA, codec.wire_view(array))
+    for field, key, value in answer_tensors(output):
+        array, dtype = codec.to_wire(value, tensor_name(field, key))
+        tensor = messages.tensor_field(
+            _VALUE if key else _RESPONSE_FIELDS[field],
+            codec.header_bytes(array.shape, dtype),
+            _DATA,
+            codec.wire_view(array),
+        )
+        if key:  # a map entry: its key, then the tensor as its value
+            tensor = messages.message_field(
+                _RESPONSE_FIELDS[field], [*messages.string_field(_KEY, key), *tensor]
+            )
+        pieces += tensor
     return b"".join(pieces)
