@@ -101,13 +101,26 @@ def test_a_restarted_server_gets_it_again(server_factory: Callable[..., RunningS
             torch.as_tensor(other.cross_entropy(held, labels).loss), F.cross_entropy(logits, labels)
         )
 
-    async def run() -> object:
-        async with AsyncLossClient(second.target, timeout=30) as aio:
-            again = await aio.resident(torch.randn(3, 4))
-            await aio.delete_resident(again)
-            return (await aio.cross_entropy(again, labels)).loss
+    other_logits = torch.randn(3, 4)
+    uploads = {"lossd_resident_events_total": {"event": "upload"}}
 
-    assert np.isfinite(float(asyncio.run(run())))  # type: ignore[arg-type]
+    async def run() -> tuple[object, float]:
+        async with AsyncLossClient(second.target, timeout=30) as aio:
+            again = await aio.resident(other_logits)
+            assert await aio.delete_resident(again), "the server held it"
+            before = _count(second, uploads)
+            loss = (await aio.cross_entropy(again, labels, return_grad=True)).loss
+            return loss, _count(second, uploads) - before
+
+    loss, uploaded = asyncio.run(run())
+    # The deleted tensor was uploaded again, by the asyncio client's own re-upload, and used.
+    assert uploaded == 1
+    assert torch.equal(torch.as_tensor(loss), F.cross_entropy(other_logits, labels))
+
+
+def _count(running: RunningServer, metric: dict[str, dict[str, str]]) -> float:
+    ((name, labels),) = metric.items()
+    return running.server.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def test_errors(server_factory: Callable[..., RunningServer]) -> None:

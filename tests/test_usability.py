@@ -25,7 +25,7 @@ from lossd.v1.oip import open_inference_pb2 as oip
 from conftest import RunningServer
 from processes import ServeProcess, free_port
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+PROTOCOL = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
 
 
 def test_a_closed_client_raises_a_lossd_error(server: RunningServer) -> None:
@@ -123,8 +123,8 @@ def test_the_oip_metadata_and_the_readme_agree_on_ranks(channel: grpc.Channel, c
     metadata = call(oip.ModelMetadataRequest(name="cross_entropy"), timeout=30)
     shapes = {tensor.name: list(tensor.shape) for tensor in metadata.inputs}
     assert shapes["input"] == [-1, -1] and shapes["target"] == [-1]
-    assert "every rank torch accepts" in README
-    # a rank the metadata does not show is accepted, as the README says
+    assert "every rank torch accepts" in PROTOCOL
+    # a rank the metadata does not show is accepted, as docs/protocol.md says
     logits = torch.randn(2, 3, 4)
     labels = torch.randint(0, 3, (2, 4))
     assert torch.allclose(client.cross_entropy(logits, labels).loss, F.cross_entropy(logits, labels))

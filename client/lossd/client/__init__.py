@@ -1,8 +1,8 @@
 """The lossd Python client: remote PyTorch losses and gradients over gRPC.
 
-- `LossClient` / `AsyncLossClient`: `nll_loss`, `cross_entropy`, `kl_div` with torch's arguments,
-  and `distillation`;
-  numpy arrays or torch tensors in, the same kind out.
+- `LossClient` / `AsyncLossClient`: one method per loss (`nll_loss`, `cross_entropy`, `kl_div`,
+  `distillation`, `linear_cross_entropy`, `linear_distillation`) with torch's arguments; numpy
+  arrays or torch tensors in, the same kind out.
 - `lossd.client.torch`: the same losses as autograd functions (needs torch).
 - `lossd.client.losses`: the losses, each declared once (what the methods and functions derive from).
 - `lossd.client.errors`: one exception per gRPC status code, with the server's ErrorInfo reason.

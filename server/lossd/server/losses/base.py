@@ -4,11 +4,12 @@ of one computation (`LossCall`, `Computed`, `LossOutput`).
 
 A loss declares, once, in its module: its name, its options (a frozen dataclass whose fields are its
 .proto options message's scalars), its tensors (`TensorSpec`: input, target and its own, what each
-holds, which it can differentiate), its outputs besides the loss (`OutputSpec`), and the four
-things every loss must give: its options from the message's values (`options`, derived), torch's
-rules for a call (`check`), its computation (`compute`) and its cost (`scratch_bytes`). The engine,
-the transports, the Open Inference Protocol and the metadata all work from these declarations and
-never ask which loss a call is.
+holds, which it can differentiate), its outputs besides the loss (`OutputSpec`), and what every
+loss must give: its options from the message's values (`options`, derived), torch's rules for a
+call (`check`, with the loss's shape under each reduction: `loss_shape`), its computation
+(`compute`), its cost (`scratch_bytes`) and a warm-up call (`example`). The engine, the transports,
+the Open Inference Protocol and the clients all work from these declarations and never ask which
+loss a call is.
 
 Pure torch and numpy; nothing of gRPC, protobuf or metrics.
 """
@@ -212,10 +213,10 @@ class Implementation:
 class Loss(abc.ABC, Generic[OptionsT]):
     """One loss. Instances are singletons held by the registry (`lossd.server.losses.LOSSES`).
 
-    Every loss gives its declarations and four things: `options` (derived from `options_type`),
-    `check`, `compute` and `scratch_bytes`. A loss whose calls are rows of one per-row computation
-    also gives `rows` (merged calls, stream blocks); one with several implementations gives
-    `implementations` and `probes`.
+    Every loss gives its declarations, `check` and `loss_shape`, `compute`, `scratch_bytes` and
+    `example` (`options` is derived from `options_type`). A loss whose calls are rows of one
+    per-row computation also gives `rows` (merged calls, stream blocks); one with several
+    implementations gives `implementations` and `probes`.
     """
 
     name: ClassVar[str]

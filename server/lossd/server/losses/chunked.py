@@ -37,7 +37,7 @@ CHUNK_ELEMENTS = 1 << 21
 """Values per token times tokens per chunk: 8 MiB per float32 temporary of a chunk."""
 
 PER_TOKEN_VECTORS = 8
-"""Per-token vectors (losses, parts, masks) a call holds in the compute dtype besides the chunk."""
+"""Per-token vectors (losses, outputs, masks) a call holds in the compute dtype besides the chunk."""
 
 OptionsT = TypeVar("OptionsT", bound=LossOptions)
 

@@ -68,7 +68,7 @@ def _differs(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, g
 
 def disagreement(actual: Computed, expected: Computed, dtype: torch.dtype) -> str | None:
     """How `actual` differs from `expected` beyond the stated tolerances (the first difference), or
-    None: the loss, its parts, every gradient."""
+    None: the loss, its outputs, every gradient."""
     pairs: list[tuple[str, torch.Tensor | None, torch.Tensor, bool]] = [
         ("loss", actual.loss, expected.loss, False)
     ]

@@ -197,15 +197,11 @@ class LinearCrossEntropyLoss(ChunkedLoss[LinearCrossEntropyOptions]):
         options: LinearCrossEntropyOptions,
         rows: Mapping[str, torch.Tensor],
         whole: Mapping[str, torch.Tensor],
+        losses: Callable[..., tuple[torch.Tensor, torch.Tensor]] = token_losses,
     ) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
-        loss, lse = token_losses(
-            rows["input"],
-            rows["target"],
-            whole["classifier"],
-            whole.get("bias"),
-            whole.get("weight"),
-            options,
-        )
+        """A chunk's losses by `losses` (`token_losses`, or a compiled form of it)."""
+        classifier, bias, weight = whole["classifier"], whole.get("bias"), whole.get("weight")
+        loss, lse = losses(rows["input"], rows["target"], classifier, bias, weight, options)
         return loss, {"lse": lse}
 
     def mean_divisor(self, call: Call, prepared: Prepared) -> torch.Tensor | float:
@@ -297,20 +293,7 @@ def _needs_cuda(package: str | None, extra: str) -> Callable[[torch.device], str
 def _compiled() -> PerChunk:
     """The per-chunk computation with `token_losses` compiled (once, on first use)."""
     compiled = torch.compile(token_losses, dynamic=True)
-
-    def per_chunk(
-        options: Any, rows: Mapping[str, torch.Tensor], whole: Mapping[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
-        loss, lse = compiled(
-            rows["input"],
-            rows["target"],
-            whole["classifier"],
-            whole.get("bias"),
-            whole.get("weight"),
-            options,
-        )
-        return loss, {"lse": lse}
-
+    per_chunk: PerChunk = functools.partial(LINEAR_CROSS_ENTROPY.per_chunk, losses=compiled)
     return per_chunk
 
 
