@@ -400,6 +400,56 @@ def test_the_loss_interface_is_small() -> None:
     assert all(isinstance(loss.rows, Rows) for name, loss in LOSSES.items() if not name.startswith("linear"))
 
 
+THIRD_PARTY_PRIVATE = {"_C", "_base"}
+"""torch's own: `torch._C` (the host allocator's cache) and a view's `_base` (its storage owner)."""
+
+
+def test_no_module_uses_another_modules_private_members() -> None:
+    """A `_name` is used only where it is defined (on `self`, `cls`, or an object of a class of the
+    same module): what one room needs of another is public, so that no module reaches into
+    another's state."""
+    wrong = []
+    for _, path, _ in ALL:
+        tree = ast.parse(path.read_text(), str(path))
+        defined = {
+            node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        }
+        defined |= {
+            target.attr
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            if isinstance(target, ast.Attribute)
+        }
+        defined |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute) or not node.attr.startswith("_"):
+                continue
+            if node.attr.startswith("__"):
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                continue
+            if node.attr in defined or node.attr in THIRD_PARTY_PRIVATE:
+                continue
+            wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
+    assert not wrong, "private members used outside their module:\n" + "\n".join(wrong)
+
+
+def test_importing_the_client_changes_nothing_process_wide() -> None:
+    """No warning filter or logging handler changes when the client (or the wire it shares with the
+    server) is imported."""
+    script = (
+        "import logging, warnings\n"
+        "import grpc, numpy, torch  # what they change themselves is theirs\n"
+        "filters, handlers = list(warnings.filters), list(logging.getLogger().handlers)\n"
+        "import lossd.client, lossd.client._client, lossd.client.torch, lossd.wire.codec, lossd.wire.chunks\n"
+        "assert warnings.filters == filters, 'the warning filters changed'\n"
+        "assert logging.getLogger().handlers == handlers, 'the root logger changed'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 def test_the_wire_loads_without_torch() -> None:
     """The client's base install has no torch: the wire imports it only where a torch tensor is
     given."""

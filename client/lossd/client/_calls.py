@@ -258,8 +258,7 @@ def prepare_call(
     common ones here, the loss's own in `options`, with the `return_*` requests (see
     `lossd.client.losses`)."""
     declaration = DECLARATIONS[loss] if isinstance(loss, str) else loss
-    known = {*declaration.options, *declaration.tensors, *declaration.gradients, *declaration.outputs}
-    unknown = [name for name in options if name not in known]
+    unknown = [name for name in options if name not in declaration.keywords]
     if unknown:
         raise TypeError(f"{declaration.name}() got unexpected keyword arguments {sorted(unknown)}")
     if reduction not in _REDUCTIONS:
@@ -284,7 +283,9 @@ def prepare_call(
         value = options.get(name, default)
         if value is not None and value != default:  # unset fields mean the default on the server too
             setattr(message, name, value if default is None else type(default)(value))
-    request.outputs.extend(output for flag, output in declaration.outputs.items() if options.get(flag))
+    outputs = [output for flag, output in declaration.outputs.items() if options.get(flag)]
+    if outputs:
+        request.outputs.extend(outputs)
     wrt = [tensor for flag, tensor in declaration.gradients.items() if options.get(flag)]
     if wrt or grad_output is not None:
         gradients = request.gradients

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Generic, TypeVar
@@ -11,6 +12,7 @@ import grpc
 from lossd.client._calls import LossResult, PreparedCall, Resident, StreamReceiver, prepare_call
 from lossd.client._core import (
     ClientCore,
+    Delete,
     Operation,
     Outcome,
     Plan,
@@ -86,7 +88,7 @@ def _raised(outcome: T | LossdError) -> T:
     return outcome
 
 
-class LossMethods(Generic[R, C]):
+class LossMethods(abc.ABC, Generic[R, C]):
     """What the blocking and the asyncio client share: the channel, the settings, the call plans
     (`lossd.client._core.ClientCore`), and one method per loss, made from its declaration in
     `lossd.client.losses.Losses`. Each client only performs the plans' RPCs, blocking or awaited."""
@@ -153,8 +155,9 @@ class LossMethods(Generic[R, C]):
     def _deadline(self, timeout: float | None) -> float | None:
         return self._timeout if timeout is None else timeout
 
+    @abc.abstractmethod
     def _send(self, build: Callable[[], PreparedCall], like: Any, timeout: float | None) -> R:
-        raise NotImplementedError  # each client runs the plan its own way
+        """Runs a loss call's plan: blocking, or as an awaitable."""
 
     def _loss_plan(
         self, build: Callable[[], PreparedCall], like: Any, timeout: float | None
@@ -257,6 +260,7 @@ class LossClient(LossMethods[LossResult[Any], grpc.Channel], Losses[LossResult[A
                 messages = self._upload_messages(operation.resident)
                 self._put_call(messages, timeout=operation.timeout, metadata=self._metadata)
                 return None
+            assert isinstance(operation, Delete)
             answer = self._stub.DeleteTensor(
                 pb.DeleteTensorRequest(id=operation.id), timeout=operation.timeout, metadata=self._metadata
             )
@@ -351,6 +355,7 @@ class AsyncLossClient(
                 messages = self._upload_messages(operation.resident)
                 await self._put_call(messages, timeout=operation.timeout, metadata=self._metadata)
                 return None
+            assert isinstance(operation, Delete)
             answer = await self._stub.DeleteTensor(
                 pb.DeleteTensorRequest(id=operation.id), timeout=operation.timeout, metadata=self._metadata
             )

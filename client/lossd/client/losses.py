@@ -18,6 +18,7 @@ is one module in `lossd.server.losses`, the wire's one options message in the .p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -270,6 +271,11 @@ class LossDeclaration:
     """Its outputs besides the loss by their `return_*` argument (`return_lse`: "lse")."""
     unreduced: frozenset[str] = frozenset()
     """Those of its outputs that are one value per row whatever the reduction."""
+
+    @functools.cached_property
+    def keywords(self) -> frozenset[str]:
+        """The loss's own keyword arguments: its options and tensors and `return_*` requests."""
+        return frozenset({*self.options, *self.tensors, *self.gradients, *self.outputs})
 
     @property
     def target_gradient(self) -> bool:

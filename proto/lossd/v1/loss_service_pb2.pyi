@@ -1181,8 +1181,8 @@ class GradientOptions(_message.Message):
         and "bias" of the linear losses: a trainable head). Which a loss can
         differentiate its options message says (a target gradient only where
         torch defines one: kl_div, and cross_entropy with probability targets);
-        any other, or a name given twice, is INVALID_ARGUMENT
-        (GRADIENT_NOT_SUPPORTED). Unset: no gradient, only the loss.
+        any other is INVALID_ARGUMENT (GRADIENT_NOT_SUPPORTED). A name given twice
+        is asked for once. Unset: no gradient, only the loss.
         """
 
     @_builtins.property

@@ -9,6 +9,7 @@ all-ones exponent is infinity or NaN.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from lossd.server.engine.staging import host_array
-from lossd.server.losses import LossCall
+from lossd.server.losses import Loss, LossCall
 from lossd.server.losses.checks import FLOATING
 from lossd.wire.errors import InvalidArgumentError
 
@@ -39,21 +40,30 @@ def _has_nonfinite(tensor: torch.Tensor, log_probabilities: bool = False) -> boo
     return not bool(np.isfinite(tensor.numpy()).all())
 
 
-def _tensors(call: LossCall[Any]) -> tuple[tuple[str, torch.Tensor | None, bool], ...]:
+@functools.cache
+def _fields(loss: Loss[Any]) -> tuple[bool, bool, dict[str, tuple[str, bool]]]:
+    """Whether -inf is a value in a loss's input and target (log-probabilities), and each of its own
+    tensors' request field and the same flag: a loss's, computed once."""
+    specs = loss.all_tensors
+    logs = {name: spec.holds == "log_probabilities" for name, spec in specs.items()}
+    own = {spec.name: (f"{loss.name}.{spec.name}", logs[spec.name]) for spec in loss.tensors}
+    return logs["input"], logs["target"], own
+
+
+def _tensors(call: LossCall[Any]) -> list[tuple[str, torch.Tensor, bool]]:
     """A call's request tensors in request order: field, tensor, and whether -inf is a value there
     (log-probabilities)."""
-    loss = call.loss
-    specs = loss.all_tensors
-    logs = [specs[name].holds == "log_probabilities" for name in ("input", "target")]
-    return (
-        ("input", call.input, logs[0]),
-        ("target", call.target, logs[1]),
-        *(
-            (f"{loss.name}.{name}", tensor, specs[name].holds == "log_probabilities")
-            for name, tensor in call.tensors.items()
-        ),
-        ("gradients.grad_output", call.grad_output, False),
-    )
+    input_log, target_log, own = _fields(call.loss)
+    tensors: list[tuple[str, torch.Tensor, bool]] = [
+        ("input", call.input, input_log),
+        ("target", call.target, target_log),
+    ]
+    for name, tensor in call.tensors.items():
+        field, log = own[name]
+        tensors.append((field, tensor, log))
+    if call.grad_output is not None:
+        tensors.append(("gradients.grad_output", call.grad_output, False))
+    return tensors
 
 
 def nonfinite_fields(call: LossCall[Any]) -> tuple[str, ...]:

@@ -111,14 +111,14 @@ def compute_merged(calls: Sequence[LossCall[Any]], key: MergeKey, staging: Stagi
         name: _reductions(calls, values[name], loss_dtype, counts, divisors)
         for name in ["loss", *(spec.name for spec in loss.outputs if spec.reduced and spec.name in values)]
     }
-    bounds = np.cumsum([0, *counts])
+    bounds = np.cumsum([0, *counts]).tolist()  # Python ints: each call slices its rows
     outputs = []
     for i, call in enumerate(calls):
         span = slice(bounds[i], bounds[i + 1])
-        results = {}
+        results: dict[str, torch.Tensor | np.ndarray] = {}
         for name, array in values.items():
             value = reduced[name][i] if name in reduced else None
-            if value is None:
+            if value is None:  # unreduced, or a reduction left to the call (see `_reductions`)
                 value = as_result(array[span].reshape(loss_shape(call, "none")), loss_dtype)
             results[name] = value
         call_grads = {}

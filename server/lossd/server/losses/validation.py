@@ -62,6 +62,8 @@ def _check_names(call: LossCall[Any]) -> None:
                 tensor=name,
                 loss=loss.name,
             )
+    if not call.outputs:
+        return
     known = [spec.name for spec in loss.outputs]
     for name in sorted(call.outputs):
         if name not in known:

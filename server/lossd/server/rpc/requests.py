@@ -321,26 +321,42 @@ def stream_response(output: LossOutput) -> tuple[pb.ComputeLossResponse, list[tu
     return response, pieces
 
 
-_RESPONSE_FIELDS = {field.name: field.number for field in pb.ComputeLossResponse.DESCRIPTOR.fields}
-_KEY, _VALUE = 1, 2  # a map entry's fields
+_RESPONSE_TAGS = {
+    field.name: messages.varint(field.number << 3 | messages.LEN)
+    for field in pb.ComputeLossResponse.DESCRIPTOR.fields
+}
+_DATA_TAG = messages.varint(_DATA << 3 | messages.LEN)
+_VALUE_TAG = messages.varint(2 << 3 | messages.LEN)  # a map entry's value; its key is field 1
+
+
+@functools.lru_cache(maxsize=1024)
+def _map_key(key: str) -> bytes:
+    """A map entry's key field (answers repeat the same few names)."""
+    return b"".join(messages.string_field(1, key))
 
 
 def encode_response(output: LossOutput) -> bytes:
     """The serialized ComputeLossResponse of the engine's result, each tensor's bytes copied once,
     into the joined message (each dtype and shape's header is serialized once, see
-    `codec.header_bytes`)."""
+    `codec.header_bytes`, and each map key once, see `_map_key`)."""
     pieces: list[bytes | memoryview] = []
     for field, key, value in answer_tensors(output):
-        array, dtype = codec.to_wire(value, tensor_name(field, key))
-        tensor = messages.tensor_field(
-            _VALUE if key else _RESPONSE_FIELDS[field],
-            codec.header_bytes(array.shape, dtype),
-            _DATA,
-            codec.wire_view(array),
-        )
+        array, dtype = codec.to_wire(value, tensor_name(field, key) if key else field)
+        data = codec.wire_view(array)
+        head = codec.header_bytes(array.shape, dtype) + _DATA_TAG + messages.varint(data.nbytes)
+        size = len(head) + data.nbytes
         if key:  # a map entry: its key, then the tensor as its value
-            tensor = messages.message_field(
-                _RESPONSE_FIELDS[field], [*messages.string_field(_KEY, key), *tensor]
+            name = _map_key(key)
+            length = messages.varint(size)
+            pieces += (
+                _RESPONSE_TAGS[field],
+                messages.varint(len(name) + len(_VALUE_TAG) + len(length) + size),
+                name,
+                _VALUE_TAG,
+                length,
+                head,
+                data,
             )
-        pieces += tensor
+        else:
+            pieces += (_RESPONSE_TAGS[field], messages.varint(size), head, data)
     return b"".join(pieces)
