@@ -12,6 +12,8 @@ ensure_venv() {
     done
   fi
   if [ ! -x "$VENV/bin/python" ]; then
+    echo "lossd: first run: creating $VENV; installing lossd[$extras] and its packages (torch," \
+      "grpcio, ...) takes about a minute, more where torch must be downloaded" >&2
     "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
       || { echo "lossd needs Python >= 3.11 (found $("$python" --version 2>&1))" >&2; exit 1; }
     "$python" -m venv "$VENV"
@@ -20,8 +22,10 @@ ensure_venv() {
   local stamp="$VENV/.lossd-$extras" digest
   digest="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | "$VENV/bin/python" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
+    echo "lossd: installing lossd[$extras] into $VENV (pinned by constraints.txt)..." >&2
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
       -c "$ROOT/constraints.txt" -e "$ROOT[$extras]"
     echo "$digest" > "$stamp"
+    echo "lossd: installed" >&2
   fi
 }

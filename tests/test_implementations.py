@@ -143,7 +143,8 @@ def test_the_cuda_candidates_say_why_not_here() -> None:
     reasons = {candidate.name: candidate.unavailable(cuda) for candidate in CANDIDATES}
     assert reasons["torch-compile"] is None
     for name, extra in (("liger", "liger"), ("cut-cross-entropy", "cce")):  # not installed here
-        assert reasons[name] == f"not installed (pip install 'lossd[{extra}]')"
+        hint = f"from a checkout: pip install -c constraints.txt '.[{extra}]'"
+        assert reasons[name] == f"not installed ({hint})"
 
 
 def test_what_a_fused_kernel_supports() -> None:

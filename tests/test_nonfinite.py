@@ -157,3 +157,45 @@ def test_calls_checked_together_flag_what_each_alone_would(loss: str, dtype: tor
             for position in range(3):
                 calls = [call(value if i == position else None, where) for i in range(3)]
                 assert nonfinite_many(calls) == [nonfinite_fields(c) for c in calls]
+
+
+def test_a_call_chooses_to_refuse_or_compute_whatever_the_server_default(
+    server_factory: Callable[..., RunningServer],
+) -> None:
+    """The per-call choice: refuse names the tensor and the first bad index; compute overrides a
+    refusing server; unset keeps the server's default."""
+    logits = np.zeros((3, 4), np.float32)
+    logits[1, 2] = np.nan
+    labels = np.array([0, 1, 2])
+    lenient = server_factory()
+    refusing = LossClient(lenient.target, timeout=30, nonfinite="refuse")
+    with refusing, pytest.raises(errors.InvalidArgumentError) as refused:
+        refusing.cross_entropy(logits, labels)
+    assert refused.value.reason == "NONFINITE_VALUE" and refused.value.field == "input"
+    assert refused.value.metadata["index"] == "[1, 2]"
+    assert "input[1, 2] is nan" in str(refused.value)
+    with LossClient(lenient.target, timeout=30) as client:
+        assert np.isnan(client.cross_entropy(logits, labels).loss)
+    strict = server_factory(reject_nonfinite=True)
+    with LossClient(strict.target, timeout=30, nonfinite="compute") as client:
+        assert np.isnan(client.cross_entropy(logits, labels).loss)
+    with LossClient(strict.target, timeout=30) as client, pytest.raises(errors.InvalidArgumentError):
+        client.cross_entropy(logits, labels)
+    with pytest.raises(errors.InvalidArgumentError) as bad:
+        LossClient(lenient.target, nonfinite="maybe").cross_entropy(logits, labels)
+    assert bad.value.field == "nonfinite"
+
+
+def test_an_unknown_policy_in_a_raw_request_is_refused_naming_the_field(server: RunningServer) -> None:
+    import grpc
+
+    from lossd.client._calls import prepare_call
+    from lossd.v1 import loss_service_pb2_grpc as pb_grpc
+    from lossd.wire.status import from_rpc_error
+
+    request = prepare_call("nll_loss", np.zeros((2, 3), np.float32), np.array([0, 1])).unary()
+    request.nonfinite = 7  # type: ignore[assignment]  # what another language's client might send
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.LossServiceStub(channel).ComputeLoss(request, timeout=30)
+    error = from_rpc_error(refused.value)
+    assert error.reason == "NONFINITE_POLICY_INVALID" and error.field == "nonfinite"

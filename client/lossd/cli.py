@@ -71,13 +71,20 @@ def run_server(config: ServerConfig, *, worker: str = "") -> int:
         return 1
 
 
+INSTALL_HINT = (
+    "from a checkout, scripts/serve sets them up and serves (or: pip install -c constraints.txt "
+    "'.[server]'); from a built wheel: pip install 'lossd-<version>-py3-none-any.whl[server]'"
+)
+"""How to get the server's packages: lossd is installed from a checkout or a wheel, not an index."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lossd` console script."""
     try:
         from lossd.server.config import ServerConfig
         from lossd.server.workers import run_workers
     except ImportError as exc:  # the client-only install
-        print(f"lossd: the server needs its extra: pip install 'lossd[server]' ({exc})", file=sys.stderr)
+        print(f"lossd: the server's packages are not installed ({exc}); {INSTALL_HINT}", file=sys.stderr)
         return 2
     args = _parser().parse_args(argv)
     if args.command == "health":
@@ -87,8 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
     if missing:  # the client-only install: `lossd health` works, `lossd serve` needs the extra
         print(
-            f"lossd serve needs the server's packages ({', '.join(missing)} missing): "
-            "pip install 'lossd[server]'",
+            f"lossd serve needs the server's packages ({', '.join(missing)} missing); {INSTALL_HINT}",
             file=sys.stderr,
         )
         return 2

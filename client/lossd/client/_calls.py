@@ -5,7 +5,6 @@ tensors, gradients and outputs are addressed by name, as the contract addresses 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -177,7 +176,8 @@ class PreparedCall:
         itemsize = codec.itemsize(request.input.dtype)
         if declaration.rows == "tokens":
             itemsize = max(itemsize, 4)  # computed, and answered, in float32 at least
-        per_row = math.prod(_unreduced_shape(declaration, input_shape, target_shape))
+        options = getattr(request, declaration.name)
+        per_row = math.prod(declaration.unreduced_shape(input_shape, target_shape, options))
         reduced = per_row if request.reduction == pb.REDUCTION_NONE else 1
         nbytes = reduced * itemsize
         for name in request.outputs:
@@ -231,17 +231,7 @@ class PreparedCall:
             yield from chunks.iter_chunks(name, data, chunk_bytes)
 
 
-def _unreduced_shape(
-    declaration: LossDeclaration, input_shape: tuple[int, ...], target_shape: tuple[int, ...]
-) -> tuple[int, ...]:
-    """The shape of the loss under reduction 'none', by the declaration's rows."""
-    if declaration.rows == "tokens":
-        return input_shape[:-1]
-    if declaration.rows == "classes":
-        return input_shape[:1] + input_shape[2:] if len(input_shape) >= 2 else ()
-    with contextlib.suppress(ValueError):  # a broadcast the server refuses: the input's, then
-        return tuple(np.broadcast_shapes(input_shape, target_shape))
-    return input_shape
+_NONFINITE = {"compute": pb.NON_FINITE_COMPUTE, "refuse": pb.NON_FINITE_REFUSE}
 
 
 def prepare_call(
@@ -252,6 +242,7 @@ def prepare_call(
     reduction: str = "mean",
     grad_dtype: object = None,
     grad_output: codec.TensorLike | None = None,
+    nonfinite: str | None = None,
     **options: Any,
 ) -> PreparedCall:
     """The call `F.<loss>(input, target, ...)`, with torch's argument names and defaults: the
@@ -269,6 +260,15 @@ def prepare_call(
             metadata={"reduction": str(reduction)},
         )
     call = PreparedCall(pb.ComputeLossRequest(reduction=_REDUCTIONS[reduction]), declaration)
+    if nonfinite is not None:
+        if nonfinite not in _NONFINITE:
+            raise InvalidArgumentError(
+                f"nonfinite {nonfinite!r} is not one of {sorted(_NONFINITE)} (None: the server's default)",
+                reason="NONFINITE_POLICY_INVALID",
+                field="nonfinite",
+                metadata={"nonfinite": str(nonfinite)},
+            )
+        call.request.nonfinite = _NONFINITE[nonfinite]
     request = call.request
     call.put("input", request.input, input)
     call.put("target", request.target, target)

@@ -26,6 +26,7 @@ from lossd.client._core import (
 )
 from lossd.client.channels import DEFAULT_RETRY_ATTEMPTS, auth_metadata, make_aio_channel, make_channel
 from lossd.client.coalescing import DEFAULT_IN_FLIGHT, DEFAULT_MAX_ENTRIES, AsyncCoalescer, Coalescer
+from lossd.client.diagnosis import describe_target, explained
 from lossd.client.losses import DECLARATIONS, LossDeclaration, Losses
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
@@ -73,19 +74,15 @@ def _loss_method(declaration: LossDeclaration) -> Callable[..., Any]:
             raise TypeError(f"{name}() missing required arguments {missing}")
         input, target = kwargs.pop("input"), kwargs.pop("target")
         timeout = kwargs.pop("timeout", None)
-        return self._send(lambda: prepare_call(declaration, input, target, **kwargs), input, timeout)
+        nonfinite = self._nonfinite
+        return self._send(
+            lambda: prepare_call(declaration, input, target, nonfinite=nonfinite, **kwargs), input, timeout
+        )
 
     method.__name__ = method.__qualname__ = name
     method.__doc__ = declaration.doc
     method.__signature__ = declaration.signature  # type: ignore[attr-defined]
     return method
-
-
-def _raised(outcome: T | LossdError) -> T:
-    """A plan's result, or its error raised: the one place a call's failure becomes an exception."""
-    if isinstance(outcome, LossdError):
-        raise outcome
-    return outcome
 
 
 class LossMethods(abc.ABC, Generic[R, C]):
@@ -112,8 +109,11 @@ class LossMethods(abc.ABC, Generic[R, C]):
         coalesce: bool = True,
         coalesce_max_entries: int = DEFAULT_MAX_ENTRIES,
         coalesce_in_flight: int = DEFAULT_IN_FLIGHT,
+        nonfinite: str | None = None,
     ) -> None:
         self._timeout = timeout
+        self._nonfinite = nonfinite
+        self._target = describe_target(target)
         self._closed = False
         self._metadata = auth_metadata(token)
         self._chunk_bytes = stream_chunk_bytes
@@ -154,6 +154,13 @@ class LossMethods(abc.ABC, Generic[R, C]):
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self._timeout if timeout is None else timeout
+
+    def _raised(self, outcome: T | LossdError, timeout: float | None) -> T:
+        """A plan's result, or its error raised: the one place a call's failure becomes an
+        exception, said in lossd's words (`lossd.client.diagnosis`)."""
+        if isinstance(outcome, LossdError):
+            raise explained(outcome, self._target, self._deadline(timeout))
+        return outcome
 
     @abc.abstractmethod
     def _send(self, build: Callable[[], PreparedCall], like: Any, timeout: float | None) -> R:
@@ -204,6 +211,9 @@ class LossClient(LossMethods[LossResult[Any], grpc.Channel], Losses[LossResult[A
       `coalesce_in_flight` RPCs go at once (default 4; raise it for many replicas), and calls that
       find them all busy go together when one returns, up to `coalesce_max_entries` (64) per batch.
       Streamed calls (large tensors) are never coalesced.
+    - `nonfinite`: what the server does with NaN or infinity in this client's calls: "refuse"
+      (INVALID_ARGUMENT NONFINITE_VALUE, naming the tensor and its first such index), "compute"
+      (as torch, IEEE arithmetic), or None for the server's default (`--reject-nonfinite`).
     """
 
     _make_channel = staticmethod(make_channel)
@@ -214,7 +224,9 @@ class LossClient(LossMethods[LossResult[Any], grpc.Channel], Losses[LossResult[A
     ) -> pb.ComputeLossResponse:
         """Sends a raw request; for callers that build `lossd.v1` messages themselves."""
         self._check_open()
-        return _raised(run(self._core.unary(request, self._deadline(timeout), False), self._perform))
+        return self._raised(
+            run(self._core.unary(request, self._deadline(timeout), False), self._perform), timeout
+        )
 
     def resident(self, tensor: Any, *, timeout: float | None = None) -> Resident:
         """Uploads `tensor` (numpy or torch) for the server to hold, once: pass the handle wherever a
@@ -224,16 +236,16 @@ class LossClient(LossMethods[LossResult[Any], grpc.Channel], Losses[LossResult[A
         self._check_open()
         resident, known = self._core.known(tensor)
         if not known:
-            _raised(run(self._core.upload(resident, self._deadline(timeout)), self._perform))
+            self._raised(run(self._core.upload(resident, self._deadline(timeout)), self._perform), timeout)
         return resident
 
     def delete_resident(self, resident: Resident, *, timeout: float | None = None) -> bool:
         """Asks the server to let go of a resident tensor; whether it held it."""
         self._check_open()
-        return _raised(run(self._core.delete(resident, self._deadline(timeout)), self._perform))
+        return self._raised(run(self._core.delete(resident, self._deadline(timeout)), self._perform), timeout)
 
     def _send(self, build: Callable[[], PreparedCall], like: Any, timeout: float | None) -> LossResult[Any]:
-        return _raised(run(self._loss_plan(build, like, timeout), self._perform))
+        return self._raised(run(self._loss_plan(build, like, timeout), self._perform), timeout)
 
     def _perform(self, operation: Operation) -> Outcome:
         """One RPC of a plan, blocking; its outcome as a value."""
@@ -305,8 +317,8 @@ class AsyncLossClient(
     ) -> pb.ComputeLossResponse:
         """Sends a raw request; for callers that build `lossd.v1` messages themselves."""
         self._check_open()
-        return _raised(
-            await run_async(self._core.unary(request, self._deadline(timeout), False), self._perform)
+        return self._raised(
+            await run_async(self._core.unary(request, self._deadline(timeout), False), self._perform), timeout
         )
 
     async def resident(self, tensor: Any, *, timeout: float | None = None) -> Resident:
@@ -314,19 +326,25 @@ class AsyncLossClient(
         self._check_open()
         resident, known = self._core.known(tensor)
         if not known:
-            _raised(await run_async(self._core.upload(resident, self._deadline(timeout)), self._perform))
+            self._raised(
+                await run_async(self._core.upload(resident, self._deadline(timeout)), self._perform), timeout
+            )
         return resident
 
     async def delete_resident(self, resident: Resident, *, timeout: float | None = None) -> bool:
         """See `LossClient.delete_resident`."""
         self._check_open()
-        return _raised(await run_async(self._core.delete(resident, self._deadline(timeout)), self._perform))
+        return self._raised(
+            await run_async(self._core.delete(resident, self._deadline(timeout)), self._perform), timeout
+        )
 
     def _send(
         self, build: Callable[[], PreparedCall], like: Any, timeout: float | None
     ) -> Awaitable[LossResult[Any]]:
         async def send() -> LossResult[Any]:
-            return _raised(await run_async(self._loss_plan(build, like, timeout), self._perform))
+            return self._raised(
+                await run_async(self._loss_plan(build, like, timeout), self._perform), timeout
+            )
 
         return send()
 

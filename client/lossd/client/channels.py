@@ -20,6 +20,8 @@ from typing import Any
 
 import grpc
 
+from lossd.wire.errors import InvalidArgumentError
+
 __all__ = [
     "DEFAULT_RETRY_ATTEMPTS",
     "RETRY_BUFFER_BYTES",
@@ -73,15 +75,52 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+_GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
+
+
+def _target_error(target: str, why: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"target {target!r} {why}", reason="TARGET_INVALID", field="target", metadata={"target": target}
+    )
+
+
+def _plain_target(target: str) -> str:
+    """A string target as gRPC takes it (see `resolve_target`)."""
+    scheme, sep, rest = target.partition("://")
+    if not sep or target.startswith(_GRPC_SCHEMES):
+        if not target:
+            raise _target_error(target, "is empty: give host:port, such as localhost:50051")
+        return target
+    scheme = scheme.lower()
+    if scheme == "https":
+        raise _target_error(
+            target,
+            "asks for TLS by its scheme: give host:port and pass credentials= "
+            "(lossd.client.channels.tls_credentials) to the client",
+        )
+    if scheme not in ("http", "grpc"):
+        raise _target_error(
+            target, "has a scheme gRPC does not know: give host:port, or dns:///name:port for a name"
+        )
+    address = rest.rstrip("/")
+    if not address or "/" in address:
+        raise _target_error(target, "holds a path: give host:port only, such as localhost:50051")
+    if not address.rpartition(":")[2].isdigit() or address.endswith("]"):
+        raise _target_error(target, "names no port: give host:port (lossd serves on 50051 unless told)")
+    return address
+
+
 def resolve_target(target: str | Sequence[str]) -> tuple[str, str | None]:
     """A gRPC target and the authority to present for it.
 
-    A string is any gRPC target, used as is. A list of `host:port` addresses becomes one
+    A string is any gRPC target (`host:port`, `dns:///name:port`, `ipv4:`, `unix:`...), used as is;
+    `http://host:port` and `grpc://host:port` (what a URL-minded user writes) mean `host:port`;
+    `https://` is refused with the TLS hint. A list of `host:port` addresses becomes one
     `ipv4:` (or `ipv6:`) target over all of them, host names looked up now; the authority (for TLS
     host-name checks) is then the first address's host.
     """
     if isinstance(target, str):
-        return target, None
+        return _plain_target(target), None
     if not target:
         raise ValueError("target: no address given")
     resolved: list[tuple[int, str, int]] = []

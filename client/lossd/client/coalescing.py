@@ -32,6 +32,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from lossd.client._core import BatchFailed, RpcFailed, connection_lost
+from lossd.client.diagnosis import timed_out
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.wire import messages
 from lossd.wire.errors import DeadlineExceededError, LossdError
@@ -69,18 +70,24 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
 
-def _expired(timeout: float | None) -> DeadlineExceededError:
-    return DeadlineExceededError(
-        f"the call took longer than its timeout ({timeout or 0.0:g} s) while batched with others",
-        reason="DEADLINE_EXCEEDED",
-    )
-
-
 @dataclass(eq=False)
 class _Entry(Generic[F]):
     request: pb.ComputeLossRequest
     deadline: float | None
     future: F
+    sent_with: int = 0
+    """How many calls its RPC carried (itself included); 0 while it waits to be sent."""
+
+
+def _expired(entry: _Entry[Any], timeout: float | None) -> DeadlineExceededError:
+    """The caller's timeout passed: said with what the call was doing meanwhile."""
+    if entry.sent_with > 1:
+        where = f" while batched with {entry.sent_with - 1} other calls in one ComputeLossBatch"
+    elif entry.sent_with == 1:
+        where = ""
+    else:
+        where = " while waiting in the client for earlier calls to be answered (coalesce_in_flight)"
+    return timed_out(timeout, where)
 
 
 def _deliver(
@@ -202,9 +209,11 @@ class Coalescer:
             with self._lock:
                 if entry in self._queue.pending:
                     self._queue.pending.remove(entry)
-            return _expired(timeout)
+            return _expired(entry, timeout)
 
     def _start(self, entries: list[_Entry[concurrent.futures.Future[Coalesced]]]) -> None:
+        for entry in entries:
+            entry.sent_with = len(entries)
         try:
             if len(entries) == 1:
                 call = self._single.future(
@@ -268,7 +277,7 @@ class AsyncCoalescer:
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
-            return _expired(timeout)
+            return _expired(entry, timeout)
         finally:
             if entry in self._queue.pending:  # timed out or cancelled before it was sent
                 self._queue.pending.remove(entry)
@@ -281,6 +290,8 @@ class AsyncCoalescer:
             task.add_done_callback(self._tasks.discard)
 
     async def _run(self, entries: list[_Entry[asyncio.Future[Coalesced]]]) -> None:
+        for entry in entries:
+            entry.sent_with = len(entries)
         outcomes: list[Coalesced]
         try:
             if len(entries) == 1:

@@ -24,8 +24,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, TypeVar
 
+import numpy as np
+
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
     from lossd.wire.codec import TensorLike
@@ -77,6 +78,7 @@ class Losses(Protocol[R_co]):
         *,
         ignore_index: int = -100,
         reduction: ReductionName = "mean",
+        class_dim: int | None = None,
         return_grad: bool = False,
         grad_dtype: object = None,
         grad_output: TensorLike | None = None,
@@ -85,7 +87,9 @@ class Losses(Protocol[R_co]):
         """`torch.nn.functional.nll_loss(input, target, ...)`, computed by the server.
 
         `return_grad` also returns d(loss)/d(input); `grad_dtype` sets its dtype (default: the
-        input's); `grad_output` is the upstream gradient (default: ones).
+        input's); `grad_output` is the upstream gradient (default: ones). `class_dim` names the
+        input's class dimension when it is not torch's 1: `-1` for (batch, seq, vocab) with
+        (batch, seq) targets (torch's function on the tensors viewed as (rows, C)).
         """
 
     @rows("classes")
@@ -98,6 +102,7 @@ class Losses(Protocol[R_co]):
         ignore_index: int = -100,
         reduction: ReductionName = "mean",
         label_smoothing: float = 0.0,
+        class_dim: int | None = None,
         return_grad: bool = False,
         return_target_grad: bool = False,
         grad_dtype: object = None,
@@ -108,6 +113,7 @@ class Losses(Protocol[R_co]):
 
         `target` holds class indices, or class probabilities when it has the input's shape.
         `return_target_grad` (probability targets only) also returns d(loss)/d(target).
+        `class_dim=-1` takes (batch, seq, vocab) logits with (batch, seq) labels (see `nll_loss`).
         """
 
     @rows("elements")
@@ -118,6 +124,7 @@ class Losses(Protocol[R_co]):
         *,
         reduction: ReductionName = "mean",
         log_target: bool = False,
+        class_dim: int | None = None,
         return_grad: bool = False,
         return_target_grad: bool = False,
         grad_dtype: object = None,
@@ -128,7 +135,9 @@ class Losses(Protocol[R_co]):
 
         `input` holds log-probabilities; `target` probabilities (log-probabilities with
         `log_target=True`). As in torch, the default reduction 'mean' divides by every element;
-        'batchmean' is the KL divergence proper.
+        'batchmean' is the KL divergence proper. With `class_dim` (-1: the last), input and
+        target are viewed as rows of distributions, so 'batchmean' divides by the rows (every
+        (batch, seq) position), not by input.shape[0] as torch's does.
         """
 
     @rows("tokens")
@@ -276,6 +285,36 @@ class LossDeclaration:
     def keywords(self) -> frozenset[str]:
         """The loss's own keyword arguments: its options and tensors and `return_*` requests."""
         return frozenset({*self.options, *self.tensors, *self.gradients, *self.outputs})
+
+    def class_dimension(self, input_dims: int, options: Any) -> int | None:
+        """The input's dimension a loss of one value per row leaves out (None: one value per
+        element), by a call's options: its keyword arguments, or its options message."""
+        if self.rows == "tokens":
+            return -1
+        if self.rows != "classes":
+            return None
+        if input_dims < 2:
+            return 0
+        if isinstance(options, Mapping):
+            chosen = options.get("class_dim")
+        else:
+            chosen = options.class_dim if options.HasField("class_dim") else None
+        return 1 if chosen is None else int(chosen) % input_dims
+
+    def unreduced_shape(
+        self, input_shape: tuple[int, ...], target_shape: tuple[int, ...], options: Any
+    ) -> tuple[int, ...]:
+        """The shape of the loss under reduction 'none' (`options` as for `class_dimension`)."""
+        dim = self.class_dimension(len(input_shape), options)
+        if dim is not None:
+            if len(input_shape) < 2 and self.rows == "classes":
+                return ()
+            dim %= len(input_shape)
+            return input_shape[:dim] + input_shape[dim + 1 :]
+        try:  # a broadcast the server refuses: the input's shape, then
+            return tuple(np.broadcast_shapes(input_shape, target_shape))
+        except ValueError:
+            return input_shape
 
     @property
     def target_gradient(self) -> bool:

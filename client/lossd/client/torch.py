@@ -63,15 +63,16 @@ class _Call:
 
 
 def _scale(
-    grad: torch.Tensor | None, upstream: torch.Tensor, loss_shape: torch.Size, class_dim: int | None
+    grad: torch.Tensor | None, upstream: torch.Tensor, loss_shape: torch.Size, left_out: int | None
 ) -> torch.Tensor | None:
-    """grad * upstream, broadcasting upstream over the class dimension; None when it cannot."""
+    """grad * upstream, broadcasting upstream over the dimension the loss leaves out; None when
+    it cannot."""
     if grad is None:
         return None
     if upstream.dim() == 0:
         return grad if bool(upstream == 1) else grad * upstream
-    if class_dim is not None and grad.dim() == len(loss_shape) + 1:
-        return grad * upstream.unsqueeze(class_dim)
+    if left_out is not None and grad.dim() == len(loss_shape) + 1:
+        return grad * upstream.unsqueeze(left_out)
     if grad.shape == loss_shape:
         return grad * upstream
     return None
@@ -97,15 +98,10 @@ class _RemoteLoss(torch.autograd.Function):
         call: _Call = ctx.call
         input, target = ctx.saved_tensors
         # A loss with one value per sample (or position) has one dimension fewer than its input:
-        # the class dimension, 1 (0 for a single sample). One with a value per element has none.
+        # the one it leaves out (the classes). One with a value per element has none.
         per_element = len(ctx.loss_shape) >= input.dim()
-        if per_element:
-            class_dim = None
-        elif call.declaration.rows == "tokens":
-            class_dim = -1
-        else:
-            class_dim = 1 if input.dim() >= 2 else 0
-        grads = [_scale(saved, upstream, ctx.loss_shape, class_dim) for saved in ctx.grads[:2]]
+        left_out = None if per_element else call.declaration.class_dimension(input.dim(), call.options)
+        grads = [_scale(saved, upstream, ctx.loss_shape, left_out) for saved in ctx.grads[:2]]
         # A tensor every token uses (a classifier) sums the tokens' terms: it scales only by a 0-d
         # upstream gradient.
         grads += [

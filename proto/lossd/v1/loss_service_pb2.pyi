@@ -24,6 +24,34 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _NonFinite:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NonFiniteEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NonFinite.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NON_FINITE_UNSPECIFIED: _NonFinite.ValueType  # 0
+    """The server's default (--reject-nonfinite, off unless set)."""
+    NON_FINITE_COMPUTE: _NonFinite.ValueType  # 1
+    """Compute as torch does, with IEEE arithmetic (a NaN loss, say)."""
+    NON_FINITE_REFUSE: _NonFinite.ValueType  # 2
+    """Refuse the call: INVALID_ARGUMENT (NONFINITE_VALUE), naming the tensor and
+    the index of its first such value.
+    """
+
+class NonFinite(_NonFinite, metaclass=_NonFiniteEnumTypeWrapper):
+    """A call's choice for NaN and infinity in its tensors."""
+
+NON_FINITE_UNSPECIFIED: NonFinite.ValueType  # 0
+"""The server's default (--reject-nonfinite, off unless set)."""
+NON_FINITE_COMPUTE: NonFinite.ValueType  # 1
+"""Compute as torch does, with IEEE arithmetic (a NaN loss, say)."""
+NON_FINITE_REFUSE: NonFinite.ValueType  # 2
+"""Refuse the call: INVALID_ARGUMENT (NONFINITE_VALUE), naming the tensor and
+the index of its first such value.
+"""
+Global___NonFinite: _TypeAlias = NonFinite  # noqa: Y015
+
 class _Reduction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -410,9 +438,15 @@ class ComputeLossRequest(_message.Message):
     REDUCTION_FIELD_NUMBER: _builtins.int
     GRADIENTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    NONFINITE_FIELD_NUMBER: _builtins.int
     reduction: Global___Reduction.ValueType
     """How the per-element losses are reduced. Unset means REDUCTION_MEAN, as in
     torch (for kl_div too, where torch's default is also 'mean').
+    """
+    nonfinite: Global___NonFinite.ValueType
+    """What to do with NaN or infinite values in this call's tensors (-inf is a
+    value in log-probabilities). Unset: the server's default (its
+    --reject-nonfinite setting).
     """
     @_builtins.property
     def input(self) -> _tensor_pb2.Tensor:
@@ -505,10 +539,11 @@ class ComputeLossRequest(_message.Message):
         reduction: Global___Reduction.ValueType = ...,
         gradients: Global___GradientOptions | None = ...,
         outputs: _abc.Iterable[_builtins.str] | None = ...,
+        nonfinite: Global___NonFinite.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "distillation", b"distillation", "gradients", b"gradients", "input", b"input", "kl_div", b"kl_div", "linear_cross_entropy", b"linear_cross_entropy", "linear_distillation", b"linear_distillation", "loss", b"loss", "nll_loss", b"nll_loss", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "distillation", b"distillation", "gradients", b"gradients", "input", b"input", "kl_div", b"kl_div", "linear_cross_entropy", b"linear_cross_entropy", "linear_distillation", b"linear_distillation", "loss", b"loss", "nll_loss", b"nll_loss", "outputs", b"outputs", "reduction", b"reduction", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cross_entropy", b"cross_entropy", "distillation", b"distillation", "gradients", b"gradients", "input", b"input", "kl_div", b"kl_div", "linear_cross_entropy", b"linear_cross_entropy", "linear_distillation", b"linear_distillation", "loss", b"loss", "nll_loss", b"nll_loss", "nonfinite", b"nonfinite", "outputs", b"outputs", "reduction", b"reduction", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_loss: _TypeAlias = _typing.Literal["nll_loss", "cross_entropy", "kl_div", "distillation", "linear_cross_entropy", "linear_distillation"]  # noqa: Y015
     _WhichOneofArgType_loss: _TypeAlias = _typing.Literal["loss", b"loss"]  # noqa: Y015
@@ -734,9 +769,19 @@ class NllLossOptions(_message.Message):
 
     WEIGHT_FIELD_NUMBER: _builtins.int
     IGNORE_INDEX_FIELD_NUMBER: _builtins.int
+    CLASS_DIM_FIELD_NUMBER: _builtins.int
     ignore_index: _builtins.int
     """Targets equal to this value contribute neither loss nor gradient and are
     left out of the mean's denominator. Unset: -100, torch's default.
+    """
+    class_dim: _builtins.int
+    """The input's dimension that holds the classes. Unset or 1: torch's
+    layout, (C), (N, C) or (N, C, d1..dk). Another value (negative counts from
+    the end; -1 for language-model logits (batch, seq, vocab) with (batch, seq)
+    targets) computes torch's function on the tensors viewed as (rows, C), the
+    class dimension last (a view, no copy, when it is last already): the same
+    numbers torch gives on those flattened tensors, with reduction 'none'
+    shaped like the input without its class dimension.
     """
     @_builtins.property
     def weight(self) -> _tensor_pb2.Tensor:
@@ -749,13 +794,19 @@ class NllLossOptions(_message.Message):
         *,
         weight: _tensor_pb2.Tensor | None = ...,
         ignore_index: _builtins.int | None = ...,
+        class_dim: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index", "ignore_index", b"ignore_index", "weight", b"weight"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_class_dim", b"_class_dim", "_ignore_index", b"_ignore_index", "class_dim", b"class_dim", "ignore_index", b"ignore_index", "weight", b"weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index", "ignore_index", b"ignore_index", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_class_dim", b"_class_dim", "_ignore_index", b"_ignore_index", "class_dim", b"class_dim", "ignore_index", b"ignore_index", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__class_dim: _TypeAlias = _typing.Literal["class_dim"]  # noqa: Y015
+    _WhichOneofArgType__class_dim: _TypeAlias = _typing.Literal["_class_dim", b"_class_dim"]  # noqa: Y015
     _WhichOneofReturnType__ignore_index: _TypeAlias = _typing.Literal["ignore_index"]  # noqa: Y015
     _WhichOneofArgType__ignore_index: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__class_dim) -> _WhichOneofReturnType__class_dim | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ignore_index) -> _WhichOneofReturnType__ignore_index | None: ...
 
 Global___NllLossOptions: _TypeAlias = NllLossOptions  # noqa: Y015
@@ -771,6 +822,7 @@ class CrossEntropyLossOptions(_message.Message):
     WEIGHT_FIELD_NUMBER: _builtins.int
     IGNORE_INDEX_FIELD_NUMBER: _builtins.int
     LABEL_SMOOTHING_FIELD_NUMBER: _builtins.int
+    CLASS_DIM_FIELD_NUMBER: _builtins.int
     ignore_index: _builtins.int
     """Class-index targets equal to this value contribute neither loss nor
     gradient and are left out of the mean's denominator. Unset: -100, torch's
@@ -779,6 +831,15 @@ class CrossEntropyLossOptions(_message.Message):
     label_smoothing: _builtins.float
     """Label smoothing in [0.0, 1.0]: the target becomes (1 - s) * target + s / C.
     Unset or 0: no smoothing.
+    """
+    class_dim: _builtins.int
+    """The input's dimension that holds the classes. Unset or 1: torch's
+    layout, (C), (N, C) or (N, C, d1..dk). Another value (negative counts from
+    the end; -1 for language-model logits (batch, seq, vocab) with (batch, seq)
+    targets) computes torch's function on the tensors viewed as (rows, C), the
+    class dimension last (a view, no copy, when it is last already): the same
+    numbers torch gives on those flattened tensors, with reduction 'none'
+    shaped like the input without its class dimension.
     """
     @_builtins.property
     def weight(self) -> _tensor_pb2.Tensor:
@@ -793,13 +854,19 @@ class CrossEntropyLossOptions(_message.Message):
         weight: _tensor_pb2.Tensor | None = ...,
         ignore_index: _builtins.int | None = ...,
         label_smoothing: _builtins.float = ...,
+        class_dim: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index", "ignore_index", b"ignore_index", "weight", b"weight"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_class_dim", b"_class_dim", "_ignore_index", b"_ignore_index", "class_dim", b"class_dim", "ignore_index", b"ignore_index", "weight", b"weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index", "ignore_index", b"ignore_index", "label_smoothing", b"label_smoothing", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_class_dim", b"_class_dim", "_ignore_index", b"_ignore_index", "class_dim", b"class_dim", "ignore_index", b"ignore_index", "label_smoothing", b"label_smoothing", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__class_dim: _TypeAlias = _typing.Literal["class_dim"]  # noqa: Y015
+    _WhichOneofArgType__class_dim: _TypeAlias = _typing.Literal["_class_dim", b"_class_dim"]  # noqa: Y015
     _WhichOneofReturnType__ignore_index: _TypeAlias = _typing.Literal["ignore_index"]  # noqa: Y015
     _WhichOneofArgType__ignore_index: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__class_dim) -> _WhichOneofReturnType__class_dim | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ignore_index) -> _WhichOneofReturnType__ignore_index | None: ...
 
 Global___CrossEntropyLossOptions: _TypeAlias = CrossEntropyLossOptions  # noqa: Y015
@@ -813,18 +880,29 @@ class KlDivLossOptions(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LOG_TARGET_FIELD_NUMBER: _builtins.int
+    CLASS_DIM_FIELD_NUMBER: _builtins.int
     log_target: _builtins.bool
     """When true, target holds log-probabilities instead of probabilities."""
+    class_dim: _builtins.int
+    """The dimension that holds each distribution. Unset: torch's kl_div as it
+    is ('batchmean' divides by input.shape[0]). Set (-1 for (batch, seq,
+    vocab)): torch's kl_div on the tensors viewed as (rows, C), the dimension
+    last, so 'batchmean' divides by the number of distributions (rows); input
+    and target must then have one shape.
+    """
     def __init__(
         self,
         *,
         log_target: _builtins.bool = ...,
+        class_dim: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_class_dim", b"_class_dim", "class_dim", b"class_dim"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_target", b"log_target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_class_dim", b"_class_dim", "class_dim", b"class_dim", "log_target", b"log_target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__class_dim: _TypeAlias = _typing.Literal["class_dim"]  # noqa: Y015
+    _WhichOneofArgType__class_dim: _TypeAlias = _typing.Literal["_class_dim", b"_class_dim"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__class_dim) -> _WhichOneofReturnType__class_dim | None: ...
 
 Global___KlDivLossOptions: _TypeAlias = KlDivLossOptions  # noqa: Y015
 
@@ -838,7 +916,9 @@ class DistillationLossOptions(_message.Message):
     the generalized Jensen-Shannon divergence with mixture (1 - beta) * student
     + beta * teacher), and H is cross_entropy(input, labels) at temperature 1.
     These are TRL's conventions (GKDTrainer.generalized_jsd_loss) and Liger
-    Kernel's (LigerFusedLinearJSDLoss); the defaults give TRL's loss.
+    Kernel's (LigerFusedLinearJSDLoss). With labels, the defaults give TRL's
+    'batchmean' loss; without labels TRL divides by the batch size B, lossd by
+    every token: set normalizer = B for TRL's number.
     float16 and bfloat16 logits are computed in float32 (the loss and its parts
     are float32; the gradient has the input's dtype), as Liger does.
     Gradients: input (the teacher is never differentiated). Outputs:

@@ -85,6 +85,7 @@ class _Item(Generic[T, R]):
     deadline: float | None
     future: asyncio.Future[R] = field(repr=False)
     queued: bool = True  # counted in the queue depth
+    waits: bool = True  # its wait is its call's queue wait (a streamed call's later blocks: no)
 
 
 class Batcher(Generic[T, R]):
@@ -159,18 +160,20 @@ class Batcher(Generic[T, R]):
             lane.groups.clear()
             lane.wake.set()
 
-    async def submit(self, value: T, deadline: float | None = None) -> R:
-        """Queues `value` and waits for its result. `deadline` is a `time.monotonic()` instant.
+    async def submit(self, value: T, deadline: float | None = None, *, waits: bool = True) -> R:
+        """Queues `value` and waits for its result. `deadline` is a `time.monotonic()` instant;
+        `waits=False` leaves its time in the queue out of the reported waits (a part of a call
+        whose first part reported the call's).
 
         Raises `ResourceExhaustedError` at once when the queue is full, `UnavailableError` once
         the batcher is closing, and `DeadlineExceededError` if the deadline passes in the queue.
         """
-        return await self.enqueue(value, deadline)
+        return await self.enqueue(value, deadline, waits=waits)
 
-    def enqueue(self, value: T, deadline: float | None = None) -> asyncio.Future[R]:
+    def enqueue(self, value: T, deadline: float | None = None, *, waits: bool = True) -> asyncio.Future[R]:
         """Queues `value`; the future of its result (cancelling it takes the value out of the
         queue). Raises as `submit` does."""
-        future = self._add(value, deadline)
+        future = self._add(value, deadline, waits)
         self._report_depth()
         return future
 
@@ -188,7 +191,7 @@ class Batcher(Generic[T, R]):
         self._report_depth()
         return queued
 
-    def _add(self, value: T, deadline: float | None) -> asyncio.Future[R]:
+    def _add(self, value: T, deadline: float | None, waits: bool = True) -> asyncio.Future[R]:
         if self._refusal is not None:
             raise self._refusal
         if self._closing:
@@ -215,6 +218,7 @@ class Batcher(Generic[T, R]):
             time.monotonic(),
             deadline,
             asyncio.get_running_loop().create_future(),
+            waits=waits,
         )
         lane = self._large if nbytes >= self.limits.large_bytes else self._small
         lane.groups.setdefault(item.key, collections.deque()).append(item)
@@ -305,7 +309,7 @@ class Batcher(Generic[T, R]):
                     len(items),
                     sum(i.rows for i in items),
                     elapsed,
-                    [started - i.arrived for i in items],
+                    [started - i.arrived for i in items if i.waits],
                 )
             for item, result in zip(items, results, strict=True):
                 if item.future.done():

@@ -89,7 +89,8 @@ class ServerMetrics:
         )
         self.queue_wait_seconds = Histogram(
             "lossd_queue_wait_seconds",
-            "Time requests waited in the batching queue.",
+            "Time a loss call (or batch entry) waited in the queue before its computation began; "
+            "once per call: a streamed call's first block.",
             buckets=_LATENCY_BUCKETS,
             **kw,
         )
@@ -181,18 +182,23 @@ class ServerMetrics:
             ["loss", "implementation"],
             **kw,
         )
-        self.memory_allocated = Gauge(
-            "lossd_device_memory_allocated_bytes",
-            "Device memory held by tensors (CUDA only).",
-            multiprocess_mode="livesum",
-            **kw,
-        )
-        self.memory_reserved = Gauge(
-            "lossd_device_memory_reserved_bytes",
-            "Device memory reserved by the caching allocator (CUDA only).",
-            multiprocess_mode="livesum",
-            **kw,
-        )
+        # Only where there is a device memory to read: a CPU server exports no such gauges (a 0
+        # would read as an empty GPU).
+        self.memory_allocated: Gauge | None = None
+        self.memory_reserved: Gauge | None = None
+        if device_memory is not None:
+            self.memory_allocated = Gauge(
+                "lossd_device_memory_allocated_bytes",
+                "Device memory held by tensors (CUDA only).",
+                multiprocess_mode="livesum",
+                **kw,
+            )
+            self.memory_reserved = Gauge(
+                "lossd_device_memory_reserved_bytes",
+                "Device memory reserved by the caching allocator (CUDA only).",
+                multiprocess_mode="livesum",
+                **kw,
+            )
         info = Gauge(
             "lossd_build_info",
             "Always 1; the labels say what runs.",
@@ -259,7 +265,7 @@ class ServerMetrics:
 
     def read_device_memory(self) -> None:
         """Sets the device memory gauges from one read."""
-        if self._device_memory is None:
+        if self._device_memory is None or self.memory_allocated is None or self.memory_reserved is None:
             return
         memory = self._device_memory()
         if memory is not None:

@@ -228,6 +228,10 @@ class Assembly:
         buffer[offset:end] = np.frombuffer(data, dtype=np.uint8)
         self.received[tensor] = end
 
+    def all_complete(self) -> bool:
+        """Whether every tensor has all its bytes."""
+        return all(self.received[name] == buffer.size for name, buffer in self._views.items())
+
     def check_complete(self) -> None:
         """Raises unless every tensor has all its bytes."""
         for name, buffer in self._views.items():

@@ -106,12 +106,37 @@ def nonfinite_many(calls: Sequence[LossCall[Any]]) -> list[tuple[str, ...]]:
     return [()] * len(calls)
 
 
-def nonfinite_error(fields: tuple[str, ...]) -> InvalidArgumentError:
-    """The refusal under `--reject-nonfinite`, naming the first offending field."""
+def first_nonfinite(call: LossCall[Any], field: str) -> tuple[list[int], float] | None:
+    """The index and value of the first NaN or infinity (+inf and NaN in log-probabilities) of a
+    call's request field, in row-major order."""
+    for name, tensor, log in _tensors(call):
+        if name != field or tensor.dtype not in FLOATING:
+            continue
+        values = tensor.detach().to("cpu", torch.float64)
+        bad = (torch.isnan(values) | torch.isposinf(values)) if log else ~torch.isfinite(values)
+        found = torch.nonzero(bad.reshape(-1))
+        if len(found):
+            flat = int(found[0])
+            index = [int(i) for i in np.unravel_index(flat, tuple(tensor.shape))] if tensor.dim() else []
+            return index, float(values.reshape(-1)[flat])
+    return None
+
+
+def nonfinite_error(fields: tuple[str, ...], call: LossCall[Any] | None = None) -> InvalidArgumentError:
+    """The refusal of a call with NaN or infinite values (its own choice or the server's
+    `--reject-nonfinite`), naming the first offending field and, given the call, its first such
+    value's index."""
+    where, metadata = "", {"fields": ",".join(fields)}
+    first = first_nonfinite(call, fields[0]) if call is not None else None
+    if first is not None:
+        index, value = first
+        where = f" (the first: {fields[0]}{index} is {value})"
+        metadata["index"] = str(index)
+    why = "this call asks" if call is not None and call.nonfinite == "refuse" else "this server is set"
     return InvalidArgumentError(
-        f"{fields[0]} holds NaN or infinite values, which this server is set to reject "
-        f"(--reject-nonfinite); fields with them: {', '.join(fields)}",
+        f"{fields[0]} holds NaN or infinite values{where}, which {why} to refuse (nonfinite, "
+        f"--reject-nonfinite); fields with them: {', '.join(fields)}",
         reason="NONFINITE_VALUE",
         field=fields[0],
-        metadata={"fields": ",".join(fields)},
+        metadata=metadata,
     )

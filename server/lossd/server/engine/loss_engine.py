@@ -164,11 +164,11 @@ class LossEngine:
         flags = nonfinite_many(calls)
         results: list[LossOutput | Exception | None] = [None] * len(calls)
         todo = list(range(len(calls)))
-        if self.reject_nonfinite and any(flags):
-            for i in todo:
-                if flags[i]:
-                    results[i] = nonfinite_error(flags[i])
-            todo = [i for i in todo if not flags[i]]
+        if any(flags):
+            refused = [i for i in todo if flags[i] and self._refuses(calls[i])]
+            for i in refused:
+                results[i] = nonfinite_error(flags[i], calls[i])
+            todo = [i for i in todo if i not in refused]
         computed = self._compute([calls[i] for i in todo], merge)
         for i, result in zip(todo, computed, strict=True):
             if flags[i] and isinstance(result, LossOutput):
@@ -176,6 +176,10 @@ class LossEngine:
             else:
                 results[i] = result
         return [result for result in results if result is not None]
+
+    def _refuses(self, call: LossCall[Any]) -> bool:
+        """Whether a call with NaN or infinity is refused: its own choice, else the server's."""
+        return call.nonfinite == "refuse" or (call.nonfinite is None and self.reject_nonfinite)
 
     def _compute(self, calls: Sequence[LossCall[Any]], merge: bool) -> list[LossOutput | Exception]:
         key = merge_key(calls[0]) if merge and len(calls) > 1 else None

@@ -69,7 +69,7 @@ def denominators(
         result[means] = rows.mean_divisors(calls, counts, targets)[means]
     for i, call in enumerate(calls):
         if call.reduction == "batchmean":
-            result[i] = float(call.input.shape[0]) if call.input.dim() else 1.0
+            result[i] = rows.batch_divisor(call)
     return result
 
 
@@ -126,7 +126,7 @@ def compute_merged(calls: Sequence[LossCall[Any]], key: MergeKey, staging: Stagi
             owner = call.tensor(name)
             assert owner is not None, "merged calls differentiate their input or target"
             call_grads[name] = as_result(
-                rows.from_rows(array[span], owner.shape), owner.dtype, call.grad_dtype
+                rows.from_rows(array[span], owner.shape, call), owner.dtype, call.grad_dtype
             )
         main = results.pop("loss")
         outputs.append(LossOutput(loss=main, grads=call_grads, outputs=results))

@@ -135,6 +135,9 @@ class LossCall(Generic[OptionsT]):
     outputs: frozenset[str] = frozenset()
     grad_dtype: torch.dtype | None = None
     grad_output: torch.Tensor | None = None
+    nonfinite: str | None = None
+    """What to do with NaN and infinity in its tensors: "compute", "refuse", or None for the
+    server's default."""
 
     @property
     def loss(self) -> Loss[OptionsT]:
@@ -355,7 +358,7 @@ class Rows(abc.ABC, Generic[OptionsT]):
         return array.reshape(rows) if array.size == rows else array.reshape(rows, -1)
 
     @abc.abstractmethod
-    def from_rows(self, rows: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    def from_rows(self, rows: np.ndarray, shape: Sequence[int], call: LossCall[OptionsT]) -> np.ndarray:
         """Rows back to a tensor of `shape` (a gradient's: the input's or the target's)."""
 
     @abc.abstractmethod
@@ -368,6 +371,10 @@ class Rows(abc.ABC, Generic[OptionsT]):
     @abc.abstractmethod
     def splittable(self, call: LossCall[OptionsT]) -> bool:
         """Whether a call's samples (first dimension) are rows that can be computed in blocks."""
+
+    def batch_divisor(self, call: LossCall[OptionsT]) -> float:
+        """What 'batchmean' divides the summed loss by: torch's input.shape[0]."""
+        return float(call.input.shape[0]) if call.input.dim() else 1.0
 
 
 def rows_of_tokens(shape: Sequence[int]) -> int:

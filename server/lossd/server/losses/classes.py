@@ -10,9 +10,10 @@ CUDA context.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -21,9 +22,16 @@ import torch
 
 from lossd.server.losses.base import LossCall, LossOptions, Rows, TensorSpec, segment_sums
 from lossd.server.losses.checks import dtype_name, invalid_argument, out_of_range
-from lossd.server.losses.functional import FunctionalLoss
+from lossd.server.losses.functional import FunctionalLoss, LossFunction
 
-__all__ = ["DEFAULT_IGNORE_INDEX", "ClassOptions", "ClassRows", "ClassificationLoss"]
+__all__ = [
+    "DEFAULT_IGNORE_INDEX",
+    "ClassOptions",
+    "ClassRows",
+    "ClassificationLoss",
+    "flat_function",
+    "resolve_class_dim",
+]
 
 DEFAULT_IGNORE_INDEX = -100
 _INDEX_DTYPES = (torch.int64, torch.uint8, torch.int32)
@@ -34,6 +42,67 @@ class ClassOptions(LossOptions):
     """Options every classification loss has (the .proto field is optional: unset is torch's -100)."""
 
     ignore_index: int = DEFAULT_IGNORE_INDEX
+    class_dim: int | None = None
+    """None: torch's layout (classes on dim 1). Otherwise, once checked: -1 (classes last) or the
+    non-negative index of a dimension other than 1 (see `resolve_class_dim`)."""
+
+
+def resolve_class_dim(class_dim: int | None, shape: Sequence[int], field: str) -> int | None:
+    """A call's class dimension as the checked options hold it: None for torch's own layout (also
+    what `class_dim` 1 means, and the only layout of a 1-D input), -1 when the classes are last,
+    else its non-negative index; out of range is INVALID_ARGUMENT naming `field`."""
+    if class_dim is None:
+        return None
+    dims = len(shape)
+    if not -max(dims, 1) <= class_dim < max(dims, 1):
+        raise invalid_argument(
+            f"{field} is {class_dim}; the input has {dims} dimension(s), so it must be in "
+            f"[{-max(dims, 1)}, {max(dims, 1) - 1}]",
+            "CLASS_DIM_OUT_OF_RANGE",
+            field,
+            classDim=class_dim,
+            inputDims=dims,
+        )
+    resolved = class_dim % max(dims, 1)
+    if dims and shape[resolved] == 0:
+        raise invalid_argument(
+            f"{field} is {class_dim}, a dimension of size 0: there are no classes to view rows of",
+            "SHAPE_INVALID",
+            "input.shape",
+            inputShape=list(shape),
+            classDim=class_dim,
+        )
+    if dims < 2 or resolved == 1:
+        return None
+    return -1 if resolved == dims - 1 else resolved
+
+
+def flat_function(
+    function: LossFunction, class_dim: int | None, reduction: str, elementwise: bool
+) -> LossFunction:
+    """`function` computed on its tensors viewed as (rows, C) with the classes last: a view when
+    they are last already. A 'none' loss comes back shaped like the input without its class
+    dimension (or, `elementwise`, like the input)."""
+    if class_dim is None:
+        return function
+
+    def flat(x: torch.Tensor, t: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        classes = x.shape[class_dim]
+        moved = x.movedim(class_dim, -1) if class_dim != -1 else x
+        rows = moved.reshape(-1, classes)
+        if t.shape == x.shape:
+            t = (t.movedim(class_dim, -1) if class_dim != -1 else t).reshape(-1, classes)
+        else:
+            t = t.reshape(-1)
+        loss = function(rows, t, tensors)
+        if reduction != "none":
+            return loss
+        if elementwise:
+            back = loss.reshape(moved.shape)
+            return back.movedim(-1, class_dim) if class_dim != -1 else back
+        return loss.reshape(moved.shape[:-1])
+
+    return flat
 
 
 OptionsT = TypeVar("OptionsT", bound=ClassOptions)
@@ -64,18 +133,43 @@ class ClassificationLoss(FunctionalLoss[OptionsT]):
         )
 
     @staticmethod
+    def class_dim(call: LossCall[OptionsT]) -> int:
+        """The input's dimension that holds the classes (of a checked call)."""
+        if call.input.dim() < 2:
+            return 0
+        class_dim = call.options.class_dim
+        return 1 if class_dim is None else class_dim % call.input.dim()
+
+    @staticmethod
     def classes(call: LossCall[OptionsT]) -> int:
-        return call.input.shape[1] if call.input.dim() >= 2 else call.input.shape[0]
+        return call.input.shape[ClassificationLoss.class_dim(call)]
+
+    @staticmethod
+    def per_row_shape(call: LossCall[OptionsT]) -> tuple[int, ...]:
+        """The input's shape without its class dimension: a class-index target's, and the loss's
+        under reduction 'none'."""
+        shape = tuple(call.input.shape)
+        if len(shape) < 2:
+            return ()
+        dim = ClassificationLoss.class_dim(call)
+        return shape[:dim] + shape[dim + 1 :]
+
+    @abc.abstractmethod
+    def torch_function(self, options: OptionsT, reduction: str) -> LossFunction:
+        """torch's own function with the options bound, for torch's layout."""
+
+    def function(self, options: OptionsT, reduction: str) -> LossFunction:
+        return flat_function(self.torch_function(options, reduction), options.class_dim, reduction, False)
 
     # -- torch's rules ----------------------------------------------------------------------------
 
     def loss_shape(self, call: LossCall[OptionsT], reduction: str) -> tuple[int, ...]:
         if reduction != "none":
             return ()
-        shape = tuple(call.input.shape)
-        return shape[:1] + shape[2:] if len(shape) >= 2 else ()
+        return self.per_row_shape(call)
 
-    def check_input(self, call: LossCall[OptionsT]) -> None:
+    def check_input(self, call: LossCall[OptionsT]) -> LossCall[OptionsT]:
+        """The call with its class dimension resolved (see `resolve_class_dim`)."""
         if call.input.dim() == 0:
             raise invalid_argument(
                 f"input.shape is [] (0-d); {self.name} needs (C), (N, C) or (N, C, d1, ..., dk)",
@@ -83,6 +177,11 @@ class ClassificationLoss(FunctionalLoss[OptionsT]):
                 "input.shape",
                 inputShape=[],
             )
+        given = call.options.class_dim
+        resolved = resolve_class_dim(given, tuple(call.input.shape), f"{self.name}.class_dim")
+        if resolved == given:
+            return call
+        return dataclasses.replace(call, options=dataclasses.replace(call.options, class_dim=resolved))
 
     def loss_dtype(self, call: LossCall[OptionsT]) -> torch.dtype:
         """The input's, or with probability targets its promotion with theirs (torch's)."""
@@ -127,7 +226,7 @@ class ClassificationLoss(FunctionalLoss[OptionsT]):
                 "target.dtype",
                 dtype=dtype_name(target.dtype),
             )
-        expected = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+        expected = self.per_row_shape(call)
         if input.dim() == 1 and tuple(target.shape) == (1,):
             if (call.input_grad or call.target_grad) and classes != 1:
                 # torch computes the loss but its backward refuses the shapes (unless C = 1, where
@@ -143,16 +242,28 @@ class ClassificationLoss(FunctionalLoss[OptionsT]):
                 )
             target = target.reshape(())  # torch takes a one-element target for a (C) input too
         if tuple(target.shape) != expected:
+            hint = ""
+            if (
+                call.options.class_dim is None
+                and input.dim() >= 3
+                and tuple(target.shape) == tuple(input.shape[:-1])
+            ):
+                hint = (
+                    f"; for logits with the classes last, (batch, seq, vocab) as language models hold "
+                    f"them, pass class_dim=-1 ({self.name}.class_dim)"
+                )
             raise invalid_argument(
                 f"target.shape is {list(target.shape)}; for input.shape {list(input.shape)} class-index "
-                f"targets must have shape {list(expected)} (or {list(input.shape)} for class probabilities)",
+                f"targets must have shape {list(expected)} (or {list(input.shape)} for class probabilities): "
+                f"the input without its class dimension {self.class_dim(call)}{hint}",
                 "TARGET_SHAPE_MISMATCH",
                 "target.shape",
                 targetShape=list(target.shape),
                 inputShape=list(input.shape),
                 expectedShape=list(expected),
             )
-        if classes == 0 and (input.dim() == 3 or input.dim() >= 5) and math.prod(expected) > 0:
+        native = call.options.class_dim is None
+        if native and classes == 0 and (input.dim() == 3 or input.dim() >= 5) and math.prod(expected) > 0:
             # torch views such inputs as (N, C, 1, -1), which cannot be inferred with no classes.
             raise invalid_argument(
                 f"input.shape {list(input.shape)} has no classes (C = 0): torch computes a loss over 3 or "
@@ -225,21 +336,22 @@ class ClassRows(Rows[OptionsT]):
         assert isinstance(loss, ClassificationLoss)
         if call.input.dtype == torch.float16 and call.reduction != "none" and loss.float16_partial_sum(call):
             return None
+        if call.options.class_dim not in (None, -1):  # classes neither on dim 1 nor last: alone
+            return None
         weight = call.tensors.get("weight")
         weights = None if weight is None else (str(weight.dtype), _host_bytes(weight))
         return (loss.classes(call), loss.probabilities(call), weights, call.options.without_reduction())
 
     def count(self, call: LossCall[OptionsT]) -> int:
-        shape = call.input.shape
-        return 1 if len(shape) == 1 else shape[0] * math.prod(shape[2:])
+        return math.prod(ClassificationLoss.per_row_shape(call))
 
     def input_rows(self, array: np.ndarray, call: LossCall[OptionsT]) -> np.ndarray:
-        """(C) -> (1, C); (N, C) as is; (N, C, d...) -> (N*d..., C)."""
+        """(C) -> (1, C); (N, C) as is; (N, C, d...) -> (N*d..., C); classes last: (..., C) -> (-1, C)."""
         classes = ClassificationLoss.classes(call)
         if array.ndim == 1:
             return array.reshape(1, classes)
-        if array.ndim == 2:
-            return array
+        if array.ndim == 2 or call.options.class_dim == -1:
+            return array.reshape(-1, classes)
         return np.moveaxis(array, 1, -1).reshape(-1, classes)
 
     def target_rows(self, array: np.ndarray, call: LossCall[OptionsT]) -> np.ndarray:
@@ -247,8 +359,8 @@ class ClassRows(Rows[OptionsT]):
         assert isinstance(loss, ClassificationLoss)
         return self.input_rows(array, call) if loss.probabilities(call) else array.reshape(-1)
 
-    def from_rows(self, rows: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-        if len(shape) <= 2:
+    def from_rows(self, rows: np.ndarray, shape: Sequence[int], call: LossCall[OptionsT]) -> np.ndarray:
+        if len(shape) <= 2 or call.options.class_dim == -1:
             return rows.reshape(shape)
         return np.moveaxis(rows.reshape(shape[0], *shape[2:], shape[1]), -1, 1)
 
@@ -273,7 +385,8 @@ class ClassRows(Rows[OptionsT]):
         return segment_sums(per_row, counts)
 
     def splittable(self, call: LossCall[OptionsT]) -> bool:
-        return call.input.dim() >= 2
+        """Blocks of dim 0's samples: not when dim 0 holds the classes."""
+        return call.input.dim() >= 2 and ClassificationLoss.class_dim(call) != 0
 
 
 def _host_bytes(tensor: torch.Tensor) -> bytes:

@@ -42,7 +42,7 @@ class CrossEntropyLoss(ClassificationLoss[CrossEntropyOptions]):
         return call.target.shape == call.input.shape
 
     def check(self, call: Call, limits: TensorLimits | None) -> Call:
-        self.check_input(call)
+        call = self.check_input(call)
         options = call.options
         smoothing, field = options.label_smoothing, f"{self.name}.label_smoothing"
         if not (math.isfinite(smoothing) and 0.0 <= smoothing <= 1.0):
@@ -64,7 +64,7 @@ class CrossEntropyLoss(ClassificationLoss[CrossEntropyOptions]):
                 )
         return self.check_classes(call)
 
-    def function(self, options: CrossEntropyOptions, reduction: str) -> LossFunction:
+    def torch_function(self, options: CrossEntropyOptions, reduction: str) -> LossFunction:
         ignore_index, smoothing = options.ignore_index, options.label_smoothing
         return lambda x, t, tensors: F.cross_entropy(
             x,

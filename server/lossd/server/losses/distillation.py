@@ -500,7 +500,7 @@ class TokenRows(Rows[DistillationOptions]):
     def target_rows(self, array: np.ndarray, call: Call) -> np.ndarray:
         return array.reshape(-1, call.target.shape[-1])
 
-    def from_rows(self, rows: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    def from_rows(self, rows: np.ndarray, shape: Sequence[int], call: Call) -> np.ndarray:
         return rows.reshape(shape)
 
     def mean_divisors(self, calls: Sequence[Call], counts: Sequence[int], targets: np.ndarray) -> np.ndarray:

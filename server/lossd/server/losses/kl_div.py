@@ -3,8 +3,9 @@ log-probabilities, with `log_target` and the 'batchmean' reduction; the operands
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from lossd.server.losses.base import LossCall, LossOptions, Rows, TensorSpec
 from lossd.server.losses.checks import broadcast_shape, invalid_argument, require_floating
+from lossd.server.losses.classes import flat_function, resolve_class_dim
 from lossd.server.losses.functional import FunctionalLoss, LossFunction
 from lossd.wire.errors import ResourceExhaustedError
 
@@ -26,6 +28,9 @@ __all__ = ["KL_DIV", "KlDivLoss", "KlDivOptions"]
 @dataclass(frozen=True)
 class KlDivOptions(LossOptions):
     log_target: bool = False
+    class_dim: int | None = None
+    """None: torch's kl_div as it is. Otherwise, once checked, -1 or a non-negative index (see
+    `lossd.server.losses.classes.resolve_class_dim`): the dimension each distribution lies along."""
 
 
 Call = LossCall[KlDivOptions]
@@ -43,6 +48,25 @@ class KlDivLoss(FunctionalLoss[KlDivOptions]):
 
     def check(self, call: Call, limits: TensorLimits | None) -> Call:
         require_floating(call.target, "target", "kl_div targets")
+        given = call.options.class_dim
+        if given is not None:
+            field = f"{self.name}.class_dim"
+            if call.target.shape != call.input.shape:
+                raise invalid_argument(
+                    f"{field} is {given}, which views input and target as rows of distributions: they "
+                    f"must have one shape (input.shape {list(call.input.shape)}, target.shape "
+                    f"{list(call.target.shape)}); leave it unset to broadcast as torch does",
+                    "TARGET_SHAPE_MISMATCH",
+                    "target.shape",
+                    targetShape=list(call.target.shape),
+                    inputShape=list(call.input.shape),
+                )
+            resolved = resolve_class_dim(given, tuple(call.input.shape), field)
+            if resolved is None:  # classes on dim 1 (or a 1-D input): flattened all the same
+                resolved = 1 if call.input.dim() >= 2 else -1
+            if call.input.dim() == 2 and resolved == 1:
+                resolved = -1
+            call = dataclasses.replace(call, options=dataclasses.replace(call.options, class_dim=resolved))
         broadcast = broadcast_shape(call.input.shape, call.target.shape)
         if broadcast is None:
             raise invalid_argument(
@@ -87,7 +111,11 @@ class KlDivLoss(FunctionalLoss[KlDivOptions]):
 
     def function(self, options: KlDivOptions, reduction: str) -> LossFunction:
         log_target = options.log_target
-        return lambda x, t, _: F.kl_div(x, t, reduction=reduction, log_target=log_target)
+
+        def kl_div(x: torch.Tensor, t: torch.Tensor, _: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            return F.kl_div(x, t, reduction=reduction, log_target=log_target)
+
+        return flat_function(kl_div, options.class_dim, reduction, True)
 
     def temporaries(self, call: Call) -> int:
         """The per-element losses; and their gradients, or a 'none' loss's copy."""
@@ -113,6 +141,8 @@ class ElementRows(Rows[KlDivOptions]):
     def params(self, call: Call) -> Hashable | None:
         if call.target.shape != call.input.shape:
             return None  # a broadcast: only alone
+        if call.options.class_dim not in (None, -1):
+            return None  # a distribution along another dimension than the last: alone
         if call.input.dtype == torch.float16 and call.reduction == "batchmean":
             return None  # torch sums in float16 before it divides: alone, the call gets torch's inf
         return (call.options.log_target,)
@@ -126,7 +156,7 @@ class ElementRows(Rows[KlDivOptions]):
     def target_rows(self, array: np.ndarray, call: Call) -> np.ndarray:
         return array.reshape(-1)
 
-    def from_rows(self, rows: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    def from_rows(self, rows: np.ndarray, shape: Sequence[int], call: Call) -> np.ndarray:
         return rows.reshape(shape)
 
     def mean_divisors(self, calls: Sequence[Call], counts: Sequence[int], targets: np.ndarray) -> np.ndarray:
@@ -134,7 +164,16 @@ class ElementRows(Rows[KlDivOptions]):
         return np.asarray(counts, dtype=np.float64)
 
     def splittable(self, call: Call) -> bool:
-        return call.input.dim() >= 1 and call.target.shape == call.input.shape
+        return call.input.dim() >= 1 and call.target.shape == call.input.shape and call.options.class_dim != 0
+
+    def batch_divisor(self, call: Call) -> float:
+        """With a class dimension: the number of distributions (rows), as torch on the flattened
+        tensors; without, torch's input.shape[0]."""
+        class_dim = call.options.class_dim
+        if class_dim is None:
+            return super().batch_divisor(call)
+        classes = call.input.shape[class_dim] if call.input.dim() else 1
+        return float(call.input.numel() // classes) if classes else 0.0
 
 
 _ROWS: ElementRows = ElementRows()

@@ -283,7 +283,7 @@ def _needs_cuda(package: str | None, extra: str) -> Callable[[torch.device], str
         if device.type != "cuda":
             return "CUDA only"
         if package is not None and importlib.util.find_spec(package) is None:
-            return f"not installed (pip install 'lossd[{extra}]')"
+            return f"not installed (from a checkout: pip install -c constraints.txt '.[{extra}]')"
         return None
 
     return unavailable

@@ -24,10 +24,10 @@ class NllLoss(ClassificationLoss[ClassOptions]):
     options_type = ClassOptions
 
     def check(self, call: LossCall[ClassOptions], limits: TensorLimits | None) -> LossCall[ClassOptions]:
-        self.check_input(call)
+        call = self.check_input(call)
         return self.check_classes(call)
 
-    def function(self, options: ClassOptions, reduction: str) -> LossFunction:
+    def torch_function(self, options: ClassOptions, reduction: str) -> LossFunction:
         ignore_index = options.ignore_index
         return lambda x, t, tensors: F.nll_loss(
             x, t, weight=tensors.get("weight"), ignore_index=ignore_index, reduction=reduction

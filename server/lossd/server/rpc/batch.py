@@ -16,7 +16,7 @@ import functools
 from typing import Any
 
 from lossd.server.losses import LossCall, LossOutput
-from lossd.server.rpc.lifecycle import MESSAGE_OVERHEAD, Call, entry_status
+from lossd.server.rpc.lifecycle import MESSAGE_OVERHEAD, UNKNOWN_LOSS, Call, entry_status
 from lossd.server.rpc.requests import call_from_request, encode_response, parse_message
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.wire import messages
@@ -106,7 +106,7 @@ def _prepare(call: Call, batch: pb.ComputeLossBatchRequest) -> tuple[list[Entry]
     results: list[Entry] = []
     need = answers = 0
     for request in batch.requests:
-        loss = request.WhichOneof("loss") or "unset"
+        loss = request.WhichOneof("loss") or UNKNOWN_LOSS
         try:
             entry = call_from_request(request, lifecycle.limits, None, lifecycle.resident)
             entry = engine.prepare(entry, lifecycle.limits)

@@ -54,6 +54,15 @@ larger ones on the wire thread."""
 MESSAGE_OVERHEAD = 64 * 1024
 """Room for a response's protobuf framing besides its tensors' bytes."""
 
+UNKNOWN_LOSS = "unknown"
+"""The `loss` label of a loss call that ended before its loss was read: cancelled, timed out or
+refused before its message (or stream header) was parsed, or a request that names no loss."""
+
+EARLY_END_S = 0.1
+"""How long a call whose messages ended too soon waits before it is refused as malformed: a
+client's cancel reaches the handler as an early end first and as its cancellation a moment later,
+and a cancelled call is counted CANCELLED, not INVALID_ARGUMENT."""
+
 
 class Call:
     """One RPC in progress: its context, memory reservation, deadline, bytes both ways, and what its
@@ -238,11 +247,17 @@ class Lifecycle:
                 self.check_failure()
             yield message
 
+    async def ended_early(self) -> None:
+        """Waits `EARLY_END_S` before a call whose messages ended too soon is refused: when its
+        client cancelled it, the cancellation arrives meanwhile (and ends the wait)."""
+        await asyncio.sleep(EARLY_END_S)
+
     async def first_message(self, messages: AsyncIterator[bytes]) -> bytes:
         """A whole-message call's request (from `messages`)."""
         try:
             return await messages.__anext__()
         except StopAsyncIteration:
+            await self.ended_early()
             raise InvalidArgumentError(
                 "the call ended without a request message", reason="REQUEST_MALFORMED"
             ) from None

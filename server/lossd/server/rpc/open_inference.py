@@ -24,7 +24,7 @@ from lossd.server.losses import LOSSES, Loss, LossOutput, TensorSpec
 from lossd.server.losses.checks import invalid_argument
 from lossd.server.memory import MemoryBudget
 from lossd.server.rpc.guard import HandlerCollector, guarded
-from lossd.server.rpc.lifecycle import Call, Context, Lifecycle
+from lossd.server.rpc.lifecycle import UNKNOWN_LOSS, Call, Context, Lifecycle
 from lossd.server.rpc.requests import read_split
 from lossd.server.rpc.status import abort
 from lossd.server.rpc.unary import answer_whole
@@ -376,4 +376,4 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         async def answer(call: Call) -> None:
             await answer_whole(call, build, encode)
 
-        await self._losses.serve(requests, context, "unset", answer)
+        await self._losses.serve(requests, context, UNKNOWN_LOSS, answer)

@@ -126,7 +126,26 @@ def _call(request: pb.ComputeLossRequest, make: TensorMaker) -> LossCall[Any]:
         outputs=frozenset(request.outputs),
         grad_dtype=_grad_dtype(gradients),
         grad_output=grad_output,
+        nonfinite=_nonfinite(request.nonfinite),
     )
+
+
+_NONFINITE: dict[int, str | None] = {
+    pb.NON_FINITE_UNSPECIFIED: None,
+    pb.NON_FINITE_COMPUTE: "compute",
+    pb.NON_FINITE_REFUSE: "refuse",
+}
+
+
+def _nonfinite(value: int) -> str | None:
+    if value not in _NONFINITE:
+        raise InvalidArgumentError(
+            f"nonfinite is {value}, not a known NonFinite",
+            reason="NONFINITE_POLICY_INVALID",
+            field="nonfinite",
+            metadata={"nonfinite": str(value)},
+        )
+    return _NONFINITE[value]
 
 
 M = TypeVar("M")

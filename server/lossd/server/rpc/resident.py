@@ -63,6 +63,8 @@ async def put_tensor(call: Call) -> None:
                     field="header",
                 )
             assembly.add(*chunk)
+        if not assembly.all_complete():
+            await lifecycle.ended_early()
         assembly.check_complete()
         data = np.asarray(assembly.by_name()[_TENSOR])
     call.reservation.receiving = False

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from lossd.server.rpc.batch import DEFAULT_MAX_ENTRIES, answer_batch
-from lossd.server.rpc.lifecycle import Call, Context, Lifecycle
+from lossd.server.rpc.lifecycle import UNKNOWN_LOSS, Call, Context, Lifecycle
 from lossd.server.rpc.requests import encode_response, read_request
 from lossd.server.rpc.resident import delete_tensor, list_tensors, put_tensor
 from lossd.server.rpc.streaming import BLOCK_BYTES, StreamedCall
@@ -64,7 +64,7 @@ class LossServicer:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, methods),))
 
     def _serving(self, method: str, handle: Callable[[Call], Awaitable[None]]) -> Handler:
-        label = _LABELS.get(method, "unset")
+        label = _LABELS.get(method, UNKNOWN_LOSS)
 
         async def serve(requests: AsyncIterator[bytes], context: Context) -> None:
             await self.lifecycle.serve(requests, context, label, handle)

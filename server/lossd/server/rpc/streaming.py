@@ -80,6 +80,7 @@ class StreamedCall:
         try:
             first = await messages.__anext__()
         except StopAsyncIteration:
+            await lifecycle.ended_early()
             raise InvalidArgumentError(
                 "the stream ended before its header", reason="STREAM_HEADER_MISSING", field="header"
             ) from None
@@ -145,6 +146,8 @@ class StreamedCall:
                 done = assembly.received["input"] // self._plan.sample_bytes
                 self._start_blocks(done, final=False)
                 await self._finish_blocks(wait=False)
+        if not assembly.all_complete():
+            await lifecycle.ended_early()
         assembly.check_complete()
         call.reservation.receiving = False
         if prepared is None:
@@ -197,7 +200,10 @@ class StreamedCall:
         while available - self._submitted >= (1 if final else size):
             stop = min(self._submitted + size, available)
             block = plan.block(self._submitted, stop)
-            future = asyncio.ensure_future(self._lifecycle.batcher.submit(block, self._call.deadline))
+            batcher = self._lifecycle.batcher
+            # The call's queue wait is its first block's: later blocks queue behind it by design.
+            waits = self._submitted == 0
+            future = asyncio.ensure_future(batcher.submit(block, self._call.deadline, waits=waits))
             self._running.append((self._submitted, stop, future))
             self._submitted = stop
 
