@@ -112,13 +112,12 @@ def first_nonfinite(call: LossCall[Any], field: str) -> tuple[list[int], float] 
     for name, tensor, log in _tensors(call):
         if name != field or tensor.dtype not in FLOATING:
             continue
-        values = tensor.detach().to("cpu", torch.float64)
+        values = tensor.detach().reshape(-1)
         bad = (torch.isnan(values) | torch.isposinf(values)) if log else ~torch.isfinite(values)
-        found = torch.nonzero(bad.reshape(-1))
-        if len(found):
-            flat = int(found[0])
+        if bool(bad.any()):  # the first one: argmax of the mask, no list of every index
+            flat = int(bad.to(torch.uint8).argmax())
             index = [int(i) for i in np.unravel_index(flat, tuple(tensor.shape))] if tensor.dim() else []
-            return index, float(values.reshape(-1)[flat])
+            return index, float(values[flat])
     return None
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "ClassRows",
     "ClassificationLoss",
     "flat_function",
+    "layout_copy_bytes",
     "resolve_class_dim",
 ]
 
@@ -75,6 +76,17 @@ def resolve_class_dim(class_dim: int | None, shape: Sequence[int], field: str) -
     if dims < 2 or resolved == 1:
         return None
     return -1 if resolved == dims - 1 else resolved
+
+
+def layout_copy_bytes(call: LossCall[Any]) -> int:
+    """The copies a class dimension that is neither 1 nor last costs: its input and a target of the
+    input's shape, moved to have the classes last (`flat_function`); a view costs nothing."""
+    if call.options.class_dim in (None, -1):
+        return 0
+    copies = call.input.nbytes
+    if call.target.shape == call.input.shape:
+        copies += call.target.nbytes
+    return int(copies)
 
 
 def flat_function(
@@ -157,6 +169,9 @@ class ClassificationLoss(FunctionalLoss[OptionsT]):
     @abc.abstractmethod
     def torch_function(self, options: OptionsT, reduction: str) -> LossFunction:
         """torch's own function with the options bound, for torch's layout."""
+
+    def scratch_bytes(self, call: LossCall[OptionsT]) -> int:
+        return super().scratch_bytes(call) + layout_copy_bytes(call)
 
     def function(self, options: OptionsT, reduction: str) -> LossFunction:
         return flat_function(self.torch_function(options, reduction), options.class_dim, reduction, False)

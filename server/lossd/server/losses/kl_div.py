@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lossd.server.losses.base import LossCall, LossOptions, Rows, TensorSpec
 from lossd.server.losses.checks import broadcast_shape, invalid_argument, require_floating
-from lossd.server.losses.classes import flat_function, resolve_class_dim
+from lossd.server.losses.classes import flat_function, layout_copy_bytes, resolve_class_dim
 from lossd.server.losses.functional import FunctionalLoss, LossFunction
 from lossd.wire.errors import ResourceExhaustedError
 
@@ -116,6 +116,9 @@ class KlDivLoss(FunctionalLoss[KlDivOptions]):
             return F.kl_div(x, t, reduction=reduction, log_target=log_target)
 
         return flat_function(kl_div, options.class_dim, reduction, True)
+
+    def scratch_bytes(self, call: Call) -> int:
+        return super().scratch_bytes(call) + layout_copy_bytes(call)
 
     def temporaries(self, call: Call) -> int:
         """The per-element losses; and their gradients, or a 'none' loss's copy."""
