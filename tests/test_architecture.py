@@ -231,6 +231,18 @@ COINCIDENCES = {
     ("lossd.server.metrics", "labels"): "prometheus_client's Metric.labels() and help texts",
     ("lossd.server.losses.linear_cross_entropy", "cut_cross_entropy"): "Apple's package, a candidate kernel",
     ("lossd.server.losses.linear_cross_entropy", "_cut_cross_entropy"): "its adapter",
+    **{
+        (module, "weight"): "a tenant's weight in the fair queue (lossd.server.tenants)"
+        for module in (
+            "lossd.server.tenants",
+            "lossd.server.batcher",
+            "lossd.server.app",
+            "lossd.server.config",
+            "lossd.server.resident",
+            "lossd.server.rpc.batch",
+            "lossd.server.rpc.lifecycle",
+        )
+    },
 }
 """Words that are a loss's name for something and also another library's word for another."""
 
@@ -393,7 +405,7 @@ def test_the_loss_interface_is_small() -> None:
     from lossd.server.losses.base import Rows
 
     required = {name for name, member in vars(Loss).items() if getattr(member, "__isabstractmethod__", False)}
-    assert required == {"check", "loss_shape", "compute", "scratch_bytes", "example"}
+    assert required == {"check", "loss_shape", "compute", "scratch_bytes", "flops", "example"}
     for name in ("linear_cross_entropy", "linear_distillation"):
         assert LOSSES[name].rows is None
         source = inspect.getsource(type(LOSSES[name]))

@@ -59,7 +59,8 @@ def test_the_channel_balances_retries_and_keeps_alive() -> None:
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     policy = config["methodConfig"][0]["retryPolicy"]
     assert config["methodConfig"][0]["name"] == [{"service": "lossd.v1.LossService"}]
-    assert policy["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"] and policy["maxAttempts"] == 5
+    assert policy["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED", "RESOURCE_EXHAUSTED"]
+    assert policy["maxAttempts"] == 5
     assert options["grpc.keepalive_time_ms"] == 30_000 and options["grpc.keepalive_permit_without_calls"] == 1
     assert "retryPolicy" not in json.loads(service_config(1))["methodConfig"][0]
     assert dict(channel_options(extra=[("grpc.keepalive_time_ms", 5)]))["grpc.keepalive_time_ms"] == 5

@@ -141,4 +141,5 @@ def test_every_dashboard_query_runs_against_a_live_lossd(
         stop.set()
         worker.join()
     with_data = [key for key, count in answered.items() if count]
-    assert len(with_data) >= len(answered) - 8, answered  # CUDA memory, drops, retries may be empty here
+    # CUDA memory, drops, retries, tenant refusals and resident bytes may be empty here.
+    assert len(with_data) >= len(answered) - 10, answered

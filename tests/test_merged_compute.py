@@ -251,7 +251,8 @@ def test_a_full_queue_answers_resource_exhausted(server_factory: Callable[..., R
     logits, labels = np.zeros((2, 3), np.float32), np.array([0, 1])
 
     async def main() -> list[Any]:
-        async with AsyncLossClient(running.target, timeout=30) as client:
+        # One attempt: lossd's client would retry a QUEUE_FULL after its pushback, and count again.
+        async with AsyncLossClient(running.target, timeout=30, retry_attempts=1) as client:
             holder = asyncio.ensure_future(client.cross_entropy(logits, labels))
             await asyncio.sleep(0.3)
             queued = asyncio.ensure_future(client.cross_entropy(logits, labels))

@@ -66,7 +66,7 @@ def test_request_batch_and_byte_metrics(server_factory: Callable[..., RunningSer
     assert value("lossd_request_duration_seconds_sum", {"loss": "cross_entropy"}) > 0
     assert value("lossd_batch_requests_sum") == 6  # invalid requests never reach the batcher
     assert value("lossd_batch_rows_sum") == 5 * 8 + 6  # rows: 8 per CE request, 6 elements of KL
-    assert value("lossd_queue_wait_seconds_count") == 6
+    assert value("lossd_queue_wait_seconds_count", {"tenant": "default"}) == 6
     assert value("lossd_compute_duration_seconds_count") == value("lossd_batch_requests_count")
     assert value("lossd_received_bytes_total") > 5 * LOGITS.nbytes
     assert value("lossd_sent_bytes_total") > 5 * LOGITS.nbytes  # the gradients

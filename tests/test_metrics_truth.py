@@ -41,7 +41,7 @@ class Reading:
 
     def snapshot(self) -> dict[str, float]:
         names = ("lossd_queue_wait_seconds_count", "lossd_queue_wait_seconds_sum")
-        return {name: self.value(name) or 0.0 for name in names}
+        return {name: self.value(name, {"tenant": "default"}) or 0.0 for name in names}
 
     def waits(self) -> tuple[float, float]:
         """(observations, seconds) of queue wait since the start."""

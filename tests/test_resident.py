@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from lossd.client import AsyncLossClient, LossClient, Resident, errors
 from lossd.server.resident import ResidentInfo, ResidentStore
+from lossd.server.tenants import Tenant
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd.v1 import tensor_pb2
@@ -55,7 +56,7 @@ def test_a_resident_tensor_stands_in_anywhere(server_factory: Callable[..., Runn
             streamed = streaming.cross_entropy(logits, labels, held_weight, return_grad=True)
         assert torch.equal(streamed.loss, expected)
     store = running.server.lifecycle.resident
-    assert {info.id for info in store.list()} == {held_weight.id, held_logits.id, teacher.id}
+    assert {info.id for info in store.list(Tenant("default"))} == {held_weight.id, held_logits.id, teacher.id}
     value = running.server.metrics.registry.get_sample_value
     assert value("lossd_resident_events_total", {"event": "upload"}) == 3
     assert value("lossd_resident_events_total", {"event": "hit"}) >= 4
@@ -146,19 +147,20 @@ def test_errors(server_factory: Callable[..., RunningServer]) -> None:
 
 def test_the_store_evicts_the_least_recently_used() -> None:
     events: list[str] = []
-    store = ResidentStore(100, "lru", lambda event, held, count: events.append(event))
+    store = ResidentStore(100, "lru", lambda tenant, event, mine, held, count: events.append(event))
+    tenant = Tenant("default")
 
     def put(name: str, nbytes: int) -> None:
-        store.put(torch.zeros(nbytes, dtype=torch.uint8), ResidentInfo(name, 7, (nbytes,), nbytes))
+        store.put(tenant, torch.zeros(nbytes, dtype=torch.uint8), ResidentInfo(name, 7, (nbytes,), nbytes))
 
     put("a", 40)
     put("b", 40)
-    store.get("a", "input")  # a is now the most recently used
+    store.get(tenant, "a", "input")  # a is now the most recently used
     put("c", 40)  # b goes
-    assert [info.id for info in store.list()] == ["c", "a"] and store.held == 80
+    assert [info.id for info in store.list(tenant)] == ["c", "a"] and store.held == 80
     assert events == ["upload", "upload", "hit", "eviction", "upload"]
     with pytest.raises(errors.NotFoundError) as caught:
-        store.get("b", "target")
+        store.get(tenant, "b", "target")
     assert caught.value.reason == "RESIDENT_NOT_FOUND" and caught.value.field == "target.resident_id"
     put("a", 40)  # already held: nothing changes
     assert store.held == 80
@@ -177,4 +179,4 @@ def test_uploads_need_the_same_token_as_every_call(server_factory: Callable[...,
         held = client.resident(data)
         assert held.id == Resident.of(data).id
         assert client.delete_resident(held)
-    assert running.server.lifecycle.resident.list() == []
+    assert running.server.lifecycle.resident.list(Tenant("default")) == []

@@ -16,7 +16,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from lossd.client import LossClient, errors
 from lossd.client.channels import tls_credentials
-from lossd.server.rpc.auth import TokenAuth
+from lossd.server.rpc.auth import Authenticator
+from lossd.server.tenants import TenantDirectory
 from lossd.wire.tokens import load_tokens
 
 from certificates import Pki, make_pki
@@ -153,15 +154,18 @@ def test_a_token_file_holds_several_tokens_for_rotation(
 
 
 def test_token_checks(tmp_path: Path) -> None:
-    auth = TokenAuth(["abc", "a-much-longer-token"])
-    assert auth.check([("authorization", "Bearer abc")]) is None
-    assert auth.check([("authorization", "bearer a-much-longer-token")]) is None
+    listed = tmp_path / "tokens"
+    listed.write_text("a-much-longer-token\n")
+    auth = Authenticator(TenantDirectory(token="abc", token_file=str(listed)))
+    for token in ("Bearer abc", "bearer a-much-longer-token"):
+        tenant, error = auth.check([("authorization", token)])
+        assert error is None and tenant is not None and tenant.name == "default"
     for metadata in ([], [("authorization", "abc")], [("authorization", "Basic abc")], [("x", "Bearer abc")]):
-        error = auth.check(metadata)
-        assert error is not None and error.reason == "TOKEN_MISSING"
+        tenant, error = auth.check(metadata)
+        assert tenant is None and error is not None and error.reason == "TOKEN_MISSING"
     for given in ("ab", "abcd", "", "a-much-longer-tokem"):
-        error = auth.check([("authorization", f"Bearer {given}")])
-        assert error is not None and error.reason in ("TOKEN_INVALID", "TOKEN_MISSING")
+        tenant, error = auth.check([("authorization", f"Bearer {given}")])
+        assert tenant is None and error is not None and error.reason in ("TOKEN_INVALID", "TOKEN_MISSING")
     empty = tmp_path / "empty"
     empty.write_text("# nothing\n\n")
     with pytest.raises(ValueError, match="holds no token"):

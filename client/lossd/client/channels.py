@@ -51,8 +51,8 @@ Options = Sequence[tuple[str, Any]]
 
 
 def service_config(retry_attempts: int = DEFAULT_RETRY_ATTEMPTS) -> str:
-    """The gRPC service config: round_robin, and retries of UNAVAILABLE and of a server's CANCELLED
-    (none if attempts < 2)."""
+    """The gRPC service config: round_robin, and retries of UNAVAILABLE, of a server's CANCELLED
+    and of a RESOURCE_EXHAUSTED that names when to come back (none if attempts < 2)."""
     method: dict[str, Any] = {"name": [{"service": SERVICE}]}
     if retry_attempts >= 2:
         method["retryPolicy"] = {
@@ -63,7 +63,10 @@ def service_config(retry_attempts: int = DEFAULT_RETRY_ATTEMPTS) -> str:
             # UNAVAILABLE: a server draining, gone, or whose device failed. CANCELLED from a server
             # (a client's own cancellation is never retried) means it shut down with the call
             # received but not yet started, or past its drain grace: safe to send elsewhere.
-            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+            # RESOURCE_EXHAUSTED: retried only after the delay the server's refusal names in
+            # grpc-retry-pushback-ms (a tenant's limits, a full queue); every other refusal of
+            # that code carries -1, which tells gRPC not to retry.
+            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED", "RESOURCE_EXHAUSTED"],
         }
     return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]})
 

@@ -288,6 +288,7 @@ class ResidentTensor(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     NBYTES_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Its id: "sha256:" and the lowercase hex SHA-256 of the UTF-8 text
     "<dtype>:<d0>,<d1>,...:" (the DataType name without its prefix in lower
@@ -298,6 +299,11 @@ class ResidentTensor(_message.Message):
     """Its element type."""
     nbytes: _builtins.int
     """Its data's size in bytes."""
+    shared: _builtins.bool
+    """True for a tensor the operator loaded at start-up and shares read-only
+    with some tenants: it can be named in calls, but not deleted, and it
+    counts in no tenant's quota.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Its shape."""
@@ -309,10 +315,11 @@ class ResidentTensor(_message.Message):
         dtype: _tensor_pb2.DataType.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         nbytes: _builtins.int = ...,
+        shared: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "id", b"id", "nbytes", b"nbytes", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "id", b"id", "nbytes", b"nbytes", "shape", b"shape", "shared", b"shared"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -320,7 +327,7 @@ Global___ResidentTensor: _TypeAlias = ResidentTensor  # noqa: Y015
 
 @_typing.final
 class ListTensorsRequest(_message.Message):
-    """Asks which tensors the server holds."""
+    """Asks which tensors the server holds for the caller's tenant."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -337,7 +344,9 @@ Global___ListTensorsRequest: _TypeAlias = ListTensorsRequest  # noqa: Y015
 
 @_typing.final
 class ListTensorsResponse(_message.Message):
-    """The tensors the server holds."""
+    """The tensors the server holds for the caller's tenant: its own, then those
+    shared with it. Another tenant's are never listed.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -345,12 +354,14 @@ class ListTensorsResponse(_message.Message):
     RESIDENT_BYTES_FIELD_NUMBER: _builtins.int
     MAX_RESIDENT_BYTES_FIELD_NUMBER: _builtins.int
     resident_bytes: _builtins.int
-    """Their bytes together."""
+    """The bytes its own tensors hold together."""
     max_resident_bytes: _builtins.int
-    """The most the server holds (--max-resident-bytes)."""
+    """The most its own tensors may hold: its quota (its max_resident_bytes,
+    else its weight's share of --max-resident-bytes).
+    """
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResidentTensor]:
-        """Most recently used first."""
+        """Its own most recently used first, then the shared ones."""
 
     def __init__(
         self,
@@ -397,7 +408,9 @@ class DeleteTensorResponse(_message.Message):
 
     DELETED_FIELD_NUMBER: _builtins.int
     deleted: _builtins.bool
-    """Whether the server held it."""
+    """Whether the caller's tenant held it (false for an id it does not hold,
+    another tenant's, and a shared tensor, which is read-only).
+    """
     def __init__(
         self,
         *,

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 from prometheus_client import CollectorRegistry
 
+from lossd.server.admission import Admission
 from lossd.server.batcher import Batcher, BatchLimits
 from lossd.server.config import RECEIVE_WINDOW, ServerConfig
 from lossd.server.engine import LossEngine, resolve_device
@@ -30,16 +31,24 @@ from lossd.server.engine.faults import DeviceFailure
 from lossd.server.losses import LossCall, LossOutput
 from lossd.server.memory import MemoryBudget
 from lossd.server.metrics import ServerMetrics, multiprocess_enabled, serve_metrics
-from lossd.server.resident import ResidentStore
-from lossd.server.rpc.auth import HEALTH_METHODS, TokenAuth
+from lossd.server.resident import ResidentInfo, ResidentStore, finiteness, load_tensor
+from lossd.server.rpc.auth import HEALTH_METHODS, Authenticator
 from lossd.server.rpc.guard import HandlerCollector, guarded
 from lossd.server.rpc.lifecycle import Lifecycle
 from lossd.server.rpc.servicer import LossServicer
+from lossd.server.tenants import Tenant, TenantDirectory
 from lossd.v1 import loss_service_pb2 as pb
-from lossd.wire.tokens import load_tokens
+from lossd.wire import codec
+from lossd.wire.resident import content_id
 from lossd.wire.version import __version__
 
 __all__ = ["LOSS_SERVICE", "LossServer", "serve"]
+
+TENANTS_POLL_S = 0.5
+"""How often the tenants and tokens files are looked at for changes (a reload takes effect within
+this, plus the load)."""
+TENANTS_REPORT_S = 1.0
+"""How often the tenants' gauges and cost counter are brought up to date."""
 
 CONTROL_MESSAGES = 16
 """Messages that health checks, reflection and metadata calls may be receiving at once."""
@@ -116,6 +125,7 @@ class LossServer:
                 max_bytes=config.max_batch_bytes,
                 max_queue_delay_s=config.max_queue_delay_us / 1e6,
                 max_queue_size=config.max_queue_size,
+                slice_s=config.fair_slice_us / 1e6,
                 # On the CPU a tiny call computes in tens of microseconds, less than handing it to
                 # the compute thread and back; on a GPU copies and synchronisation stay off the loop.
                 inline_bytes=INLINE_BYTES if self.engine.device.type == "cpu" else 0,
@@ -124,24 +134,22 @@ class LossServer:
             large_executor=self._large_executor,
             observer=self.metrics,
             on_failure=self._on_batch_failure,
+            work=engine_.work,
+            on_wait=self.metrics.tenant_waited,
         )
         self._stop_metrics: Callable[[], None] | None = None
         self._stop_memory_watch: Callable[[], None] = lambda: None
         self._health = health_aio.HealthServicer()
         self._serving = False
-        interceptors = []
-        tokens = load_tokens(config.auth_token, config.auth_token_file)
-        if tokens:
-            probes = HEALTH_METHODS | (OPEN_INFERENCE_PROBES if config.open_inference else frozenset())
-            interceptors.append(
-                TokenAuth(
-                    tokens,
-                    open_methods=probes if config.health_without_auth else (),
-                    on_refusal=self.metrics.auth_refused,
-                )
-            )
+        self.tenants = TenantDirectory(
+            config.tenants_file, config.auth_token, config.auth_token_file, self.metrics.tenants_reloaded
+        )
+        self.metrics.tenants_reloaded(True)
+        probes = HEALTH_METHODS | (OPEN_INFERENCE_PROBES if config.open_inference else frozenset())
+        open_methods = probes if config.health_without_auth else frozenset()
+        self.auth = Authenticator(self.tenants, on_refusal=self.metrics.auth_refused)
+        self._watching: asyncio.Task[None] | None = None
         self._server = grpc.aio.server(
-            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
@@ -182,7 +190,10 @@ class LossServer:
                 config.resident_policy,
                 self.metrics.resident,
                 self.engine.keep_resident,
+                quota=self._resident_quota,
             ),
+            auth=self.auth,
+            admission=Admission(config.max_call_cost),
         )
         LossServicer(
             self.lifecycle, block_bytes=config.stream_block_bytes, max_batch_entries=config.max_batch_entries
@@ -192,9 +203,9 @@ class LossServer:
             # Imported only when served: its messages share names with other OIP clients' code.
             from lossd.server.rpc.open_inference import INFERENCE_SERVICE, InferenceServicer
 
-            InferenceServicer(self.lifecycle, lambda: self._serving, self.control_budget).add_to_server(
-                self._server
-            )
+            InferenceServicer(
+                self.lifecycle, lambda: self._serving, self.control_budget, open_methods
+            ).add_to_server(self._server)
             self._services.append(INFERENCE_SERVICE)
         # Health and reflection under the same budget and idle timeout as every other call.
         collector = HandlerCollector()
@@ -204,10 +215,64 @@ class LossServer:
             collector,
         )
         self._server.add_generic_rpc_handlers(
-            (guarded(self.lifecycle, collector.handlers, self.control_budget),)
+            (guarded(self.lifecycle, collector.handlers, self.control_budget, open_methods),)
         )
         self.port = 0
         self.warm_up_s = 0.0
+
+    def _resident_quota(self, tenant: Tenant) -> int:
+        """What a tenant's resident tensors may hold: its `max_resident_bytes`, else its weight's
+        share of the server's (all of it for a server of one tenant)."""
+        if tenant.max_resident_bytes is not None:
+            return tenant.max_resident_bytes
+        tenancy = self.tenants.tenancy
+        total = tenancy.total_weight if tenant.name in tenancy.tenants else 0.0
+        if total <= tenant.weight:
+            return self.config.resident_bytes
+        return int(self.config.resident_bytes * tenant.weight / total)
+
+    def reload_tenants(self) -> bool:
+        """Reads the tenants (and tokens) files again (SIGHUP); False keeps the last good ones."""
+        return self.tenants.reload()
+
+    async def _watch_tenants(self) -> None:
+        """Reloads the tenants within `TENANTS_POLL_S` of a change to their files, and reports the
+        tenants' metrics every `TENANTS_REPORT_S`."""
+        ticks = 0
+        while True:
+            await asyncio.sleep(TENANTS_POLL_S)
+            ticks += 1
+            try:
+                if ticks % round(TENANTS_REPORT_S / TENANTS_POLL_S) == 0:
+                    self.lifecycle.report_tenants()
+                if self.tenants.watched and await asyncio.to_thread(self.tenants.changed):
+                    self.tenants.reload()
+            except Exception:  # a watcher that dies would leave keys unrotated: log and go on
+                _LOGGER.exception("watching the tenants file failed")
+
+    def _load_shared(self) -> None:
+        """Loads the operator's shared tensors (start-up: a file that does not load fails it)."""
+        for item in self.tenants.tenancy.shared:
+            tensor = load_tensor(item.path)
+            array, dtype = codec.to_wire(tensor, f"shared.{item.name}")
+            shape = tuple(int(d) for d in tensor.shape)
+            info = ResidentInfo(
+                content_id(dtype, shape, codec.wire_view(array)),
+                dtype,
+                shape,
+                tensor.nbytes,
+                *finiteness(tensor),
+            )
+            shared = self.lifecycle.resident.share(self.engine.keep_resident(tensor), info, item.tenants)
+            _LOGGER.info(
+                "shared tensor %s (%s, %s) from %s for %s: %s",
+                item.name,
+                tensor.dtype,
+                list(shape),
+                item.path,
+                ", ".join(sorted(item.tenants)) or "no tenant",
+                shared.id,
+            )
 
     @property
     def services(self) -> list[str]:
@@ -241,6 +306,8 @@ class LossServer:
             {loss: choice.chosen.name for loss, choice in self.engine.choices.items()}
         )
         self._stop_memory_watch = self.metrics.watch_device_memory()
+        await asyncio.to_thread(self._load_shared)
+        self._watching = asyncio.get_running_loop().create_task(self._watch_tenants())
         self.batcher.start()
         await self._server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -252,6 +319,9 @@ class LossServer:
         computing) finish for `grace` seconds; returns how many were still unfinished then."""
         grace = self.config.shutdown_grace_s if grace is None else grace
         self._serving = False
+        if self._watching is not None:
+            self._watching.cancel()
+            self._watching = None
         await self._health.enter_graceful_shutdown()
         stopping = asyncio.ensure_future(self._server.stop(grace))
         deadline = time.monotonic() + grace
@@ -378,6 +448,7 @@ async def serve(config: ServerConfig, *, worker: str = "", engine: LossEngine | 
     threads = torch_threads(config)
     torch.set_num_threads(1)  # until a large computation asks for more
     server = LossServer(config, engine=engine, reuse_port=bool(worker))
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tenants)
     port = await server.start()
     # Everything allocated so far lives as long as the process: keep the collector from walking
     # torch's and gRPC's hundred thousand objects again and again under load.

@@ -156,6 +156,11 @@ class ServerConfig:
         0, "microseconds the oldest queued request may wait for others to join its batch; 0: none"
     )
     max_queue_size: int = _setting(4096, "most requests waiting for compute; beyond it RESOURCE_EXHAUSTED")
+    fair_slice_us: int = _setting(
+        500,
+        "microseconds of estimated compute one computation takes at most while tenants share the queue: "
+        "what one tenant's small call waits behind another's flood (larger: more throughput for floods)",
+    )
     workers: int = _setting(1, "server processes sharing the port (and the device)")
     device_memory_fraction: float = _setting(
         0.0,
@@ -182,6 +187,16 @@ class ServerConfig:
     )
     auth_token: str = _setting(
         "", "an accepted bearer token (environment only, never a flag: command lines are public)", secret=True
+    )
+    tenants_file: str = _setting(
+        "",
+        "TOML file of tenants: each one's token digests or client-certificate subjects, weight and quotas "
+        "(see docs/tenants.md); reloaded when it changes and on SIGHUP",
+    )
+    max_call_cost: float = _setting(
+        0.0,
+        "most estimated FLOPs one loss call (or batch entry) may cost; above it RESOURCE_EXHAUSTED "
+        "(CALL_TOO_COSTLY) before any compute; 0: no limit",
     )
     health_without_auth: bool = _setting(
         True, "answer health checks without a token, so that load balancers and kubelets can probe"
@@ -254,6 +269,7 @@ class ServerConfig:
             "max_batch_rows",
             "max_batch_bytes",
             "max_queue_size",
+            "fair_slice_us",
             "max_concurrent_streams",
             "workers",
         )
@@ -277,6 +293,7 @@ class ServerConfig:
             "max_tensor_bytes",
             "max_resident_bytes",
             "max_batch_entries",
+            "max_call_cost",
         )
         if self.resident_policy not in ("lru", "refuse"):
             raise ValueError(f"resident_policy must be lru or refuse, got {self.resident_policy!r}")

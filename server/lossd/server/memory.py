@@ -18,13 +18,36 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
+import functools
 import itertools
 import time
 from collections.abc import Callable
 
+from lossd.server.admission import Account
 from lossd.wire.errors import ResourceExhaustedError
 
-__all__ = ["MemoryBudget", "Reservation"]
+__all__ = ["TRIM_AFTER_BYTES", "MemoryBudget", "Reservation", "return_freed_memory"]
+
+TRIM_AFTER_BYTES = 256 << 20
+"""Once calls that held at least this much have all ended, the freed heap goes back to the system."""
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+        return trim
+    except (OSError, AttributeError):  # not glibc: its allocator returns memory its own way
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hands the heap's free pages back to the system (glibc keeps them for reuse otherwise: the
+    process's RSS would stay at its peak). Takes milliseconds: call it off the event loop."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class Reservation:
@@ -40,6 +63,8 @@ class Reservation:
         self.held = 0
         self.receiving = True
         self.evicted: ResourceExhaustedError | None = None
+        self.account: Account | None = None
+        """The tenant whose `max_inflight_bytes` this reservation counts against (None: no tenant)."""
         self._on_evict = on_evict
         self.order = next(self._ids)
 
@@ -84,6 +109,8 @@ class MemoryBudget:
         self.admission_wait_s = admission_wait_s
         self.held = 0
         self.peak = 0
+        self.peak_since_idle = 0
+        """The most held since the budget was last empty (`idle`)."""
         self.evictions = 0
         self._evicting = False
         self._by_peer: collections.Counter[str] = collections.Counter()
@@ -143,6 +170,8 @@ class MemoryBudget:
     async def _take(self, reservation: Reservation, nbytes: int, deadline: float | None, what: str) -> None:
         if reservation.evicted is not None:
             raise reservation.evicted
+        if reservation.account is not None:
+            reservation.account.check_bytes(nbytes)
         if reservation.held + nbytes > self.peer_limit:
             raise self._refusal(reservation, nbytes, what, waited=False)
         if not self._ahead(reservation) and self._fits(reservation, nbytes):
@@ -180,17 +209,30 @@ class MemoryBudget:
 
     def _add(self, reservation: Reservation, nbytes: int) -> None:
         reservation.held += nbytes
+        if reservation.account is not None:
+            reservation.account.inflight_bytes += nbytes
         self._by_peer[reservation.peer] += nbytes
         self.held += nbytes
         self.peak = max(self.peak, self.held)
+        self.peak_since_idle = max(self.peak_since_idle, self.held)
 
     def _give(self, reservation: Reservation, nbytes: int) -> None:
         reservation.held -= nbytes
+        if reservation.account is not None:
+            reservation.account.inflight_bytes -= nbytes
         self._by_peer[reservation.peer] -= nbytes
         if self._by_peer[reservation.peer] <= 0:
             del self._by_peer[reservation.peer]
         self.held -= nbytes
         self._wake()
+
+    def idle(self) -> bool:
+        """True once, when nothing is held after at least `TRIM_AFTER_BYTES` was: the moment to
+        give the freed heap back (`return_freed_memory`)."""
+        if self.held or self.peak_since_idle < TRIM_AFTER_BYTES:
+            return False
+        self.peak_since_idle = 0
+        return True
 
     def _forget(self, reservation: Reservation) -> None:
         self._open.pop(reservation.order, None)

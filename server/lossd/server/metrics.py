@@ -76,6 +76,8 @@ class ServerMetrics:
     ) -> None:
         self.registry = registry
         self._device_memory = device_memory
+        self._waits: dict[str, Any] = {}
+        self._calls: dict[tuple[str, str], Any] = {}
         kw: dict[str, Any] = {"registry": registry}
         self.requests = Counter(
             "lossd_requests", "Loss requests answered, by loss and gRPC status code.", ["loss", "code"], **kw
@@ -89,8 +91,9 @@ class ServerMetrics:
         )
         self.queue_wait_seconds = Histogram(
             "lossd_queue_wait_seconds",
-            "Time a loss call (or batch entry) waited in the queue before its computation began; "
-            "once per call: a streamed call's first block.",
+            "Time a loss call (or batch entry) waited in the fair queue before its computation began, "
+            "by tenant; once per call: a streamed call's first block.",
+            ["tenant"],
             buckets=_LATENCY_BUCKETS,
             **kw,
         )
@@ -160,6 +163,63 @@ class ServerMetrics:
             ["event"],
             **kw,
         )
+        # By tenant: the names in the tenants file, `default` and `unauthenticated`; never a token.
+        self.tenant_calls = Counter(
+            "lossd_tenant_calls",
+            "Calls answered, by tenant and gRPC status code (every method, probes aside).",
+            ["tenant", "code"],
+            **kw,
+        )
+        self.tenant_cost = Counter(
+            "lossd_tenant_cost_flops",
+            "Estimated floating-point operations of the calls admitted, by tenant (the losses' own "
+            "estimates from the shapes: the fair queue's measure).",
+            ["tenant"],
+            **kw,
+        )
+        self.tenant_refusals = Counter(
+            "lossd_tenant_refusals",
+            "Calls that failed, by tenant and reason (TENANT_CALLS, TENANT_MEMORY, TENANT_COST_RATE, "
+            "CALL_TOO_COSTLY, QUEUE_FULL, MEMORY_EXHAUSTED, TOKEN_INVALID, ..., or the status code "
+            "where lossd gave no reason).",
+            ["tenant", "reason"],
+            **kw,
+        )
+        self.tenant_resident_bytes = Gauge(
+            "lossd_tenant_resident_bytes",
+            "Bytes of resident tensors each tenant holds.",
+            ["tenant"],
+            multiprocess_mode="livesum",
+            **kw,
+        )
+        self.tenant_inflight_bytes = Gauge(
+            "lossd_tenant_inflight_bytes",
+            "Memory reserved by each tenant's calls in progress (read once a second).",
+            ["tenant"],
+            multiprocess_mode="livesum",
+            **kw,
+        )
+        self.tenant_calls_in_progress = Gauge(
+            "lossd_tenant_calls_in_progress",
+            "Each tenant's calls in progress.",
+            ["tenant"],
+            multiprocess_mode="livesum",
+            **kw,
+        )
+        self.tenants_reloads = Counter(
+            "lossd_tenants_reloads",
+            "Loads of the tenants (and tokens) files, by result: ok, or error (the last good "
+            "configuration stays; the log says why).",
+            ["result"],
+            **kw,
+        )
+        self.tenants_config_ok = Gauge(
+            "lossd_tenants_config_ok",
+            "1 while the tenants files as they are now loaded; 0 after a reload failed (the last good "
+            "configuration serves).",
+            multiprocess_mode="min",
+            **kw,
+        )
         self.batch_entries = Counter(
             "lossd_batch_entries",
             "Entries of ComputeLossBatch calls answered, by loss and status code (the calls themselves "
@@ -210,11 +270,45 @@ class ServerMetrics:
 
     # -- the servicer's side ------------------------------------------------------------------------
 
-    def resident(self, event: str, held_bytes: int, held_tensors: int) -> None:
-        """A resident-tensor event (`lossd.server.resident.ResidentStore`) and what is held after it."""
+    def resident(
+        self, tenant: str, event: str, tenant_bytes: int, held_bytes: int, held_tensors: int
+    ) -> None:
+        """A resident-tensor event (`lossd.server.resident.ResidentStore`) of `tenant`'s and what
+        is held after it (by the tenant, and in all)."""
         self.resident_events.labels(event).inc()
         self.resident_bytes.set(held_bytes)
         self.resident_tensors.set(held_tensors)
+        if event not in ("hit", "miss"):
+            self.tenant_resident_bytes.labels(tenant).set(tenant_bytes)
+
+    def tenant_call(self, tenant: str, code: str, reason: str = "") -> None:
+        """One call of `tenant` answered with `code` (and, failed, `reason`)."""
+        child = self._calls.get((tenant, code))
+        if child is None:
+            child = self._calls[tenant, code] = self.tenant_calls.labels(tenant, code)
+        child.inc()
+        if code != "OK":
+            self.tenant_refusals.labels(tenant, reason or code).inc()
+
+    def tenant_holding(self, tenant: str, calls: int, inflight_bytes: int, cost: float) -> None:
+        """What `tenant`'s calls in progress hold now, and the estimated cost admitted since the
+        last report (read once a second, not per call: each update is a write to a shared file
+        with several workers)."""
+        self.tenant_calls_in_progress.labels(tenant).set(calls)
+        self.tenant_inflight_bytes.labels(tenant).set(inflight_bytes)
+        if cost:
+            self.tenant_cost.labels(tenant).inc(cost)
+
+    def tenant_waited(self, tenant: str, seconds: float) -> None:
+        """One item's wait in the fair queue (the batcher's `on_wait`)."""
+        child = self._waits.get(tenant)
+        if child is None:
+            child = self._waits[tenant] = self.queue_wait_seconds.labels(tenant)
+        child.observe(seconds)
+
+    def tenants_reloaded(self, ok: bool) -> None:
+        self.tenants_reloads.labels("ok" if ok else "error").inc()
+        self.tenants_config_ok.set(1 if ok else 0)
 
     def batch_entries_answered(self, counts: Mapping[tuple[str, str], int]) -> None:
         """The entries of a ComputeLossBatch call by (loss, code) they were answered with: one
@@ -256,9 +350,7 @@ class ServerMetrics:
     def batch(self, requests: int, rows: int, compute_s: float, queue_waits_s: Sequence[float]) -> None:
         self.batch_requests.observe(requests)
         self.batch_rows.observe(rows)
-        self.compute_seconds.observe(compute_s)
-        for wait in queue_waits_s:
-            self.queue_wait_seconds.observe(wait)
+        self.compute_seconds.observe(compute_s)  # the waits come by tenant: `tenant_waited`
 
     def dropped(self, reason: str) -> None:
         self.dropped_requests.labels(reason).inc()

@@ -12,7 +12,16 @@ from google.rpc import error_details_pb2, status_pb2
 
 from lossd.wire.errors import DOMAIN, LossdError, error_class
 
-__all__ = ["STATUS_DETAILS_KEY", "from_rpc_error", "from_status", "rich_status", "status_of"]
+__all__ = [
+    "PUSHBACK_KEY",
+    "PUSHBACK_REASONS",
+    "STATUS_DETAILS_KEY",
+    "from_rpc_error",
+    "from_status",
+    "pushback_ms",
+    "rich_status",
+    "status_of",
+]
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 """The trailer that carries a serialized `google.rpc.Status` (the gRPC rich error model)."""
@@ -72,10 +81,33 @@ def _pack(
     return packed
 
 
-def rich_status(error: LossdError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+"""gRPC's retry pushback (gRFC A6): a retrying client waits this many milliseconds before its next
+attempt, and does not retry at all when it is negative."""
+PUSHBACK_REASONS = frozenset({"TENANT_CALLS", "TENANT_MEMORY", "TENANT_COST_RATE", "QUEUE_FULL"})
+"""The RESOURCE_EXHAUSTED refusals a retry after their delay can get past: a tenant's limits and a
+full queue. Every other one (a call too large or too costly for the server, memory not freed in
+the admission wait) tells a retrying client not to try again."""
+
+
+def pushback_ms(error: LossdError) -> str | None:
+    """The `grpc-retry-pushback-ms` a refusal carries: its delay, "-1" (no retry), or None for an
+    error that is not RESOURCE_EXHAUSTED (gRPC's own backoff applies to what is retryable)."""
+    if error.code != "RESOURCE_EXHAUSTED":
+        return None
+    if error.reason in PUSHBACK_REASONS and error.retry_after is not None:
+        return str(max(1, round(error.retry_after * 1000)))
+    return "-1"
+
+
+def rich_status(error: LossdError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:
     """The status code, message and trailing metadata that carry `error` to a client."""
     status = status_of(error)
-    return grpc.StatusCode[error.code], error.message, ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+    trailers: tuple[tuple[str, str | bytes], ...] = ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+    pushback = pushback_ms(error)
+    if pushback is not None:
+        trailers += ((PUSHBACK_KEY, pushback),)
+    return grpc.StatusCode[error.code], error.message, trailers
 
 
 def status_of(error: LossdError) -> status_pb2.Status:

@@ -66,10 +66,30 @@ def _tensors(call: LossCall[Any]) -> list[tuple[str, torch.Tensor, bool]]:
     return tensors
 
 
+def _scanned(call: LossCall[Any]) -> list[tuple[str, torch.Tensor, bool]]:
+    """`_tensors` but the resident ones: those were checked when they were put."""
+    if not call.resident:
+        return _tensors(call)
+    resident = _resident_fields(call)
+    return [entry for entry in _tensors(call) if entry[0] not in resident]
+
+
+def _resident_fields(call: LossCall[Any]) -> dict[str, bool]:
+    """The request field of each resident tensor, and whether it was found to hold NaN or
+    infinity when it was put."""
+    _, _, own = _fields(call.loss)
+    fields = {"input": "input", "target": "target"} | {name: field for name, (field, _) in own.items()}
+    return {fields[name]: bad for name, bad in call.resident.items() if name in fields}
+
+
 def nonfinite_fields(call: LossCall[Any]) -> tuple[str, ...]:
-    """The request fields of `call` that hold a NaN or an infinity, in request order."""
+    """The request fields of `call` that hold a NaN or an infinity, in request order (a resident
+    tensor's as found when it was put: it is not read again)."""
+    known = _resident_fields(call) if call.resident else {}
     return tuple(
-        field for field, tensor, log in _tensors(call) if tensor is not None and _has_nonfinite(tensor, log)
+        field
+        for field, tensor, log in _tensors(call)
+        if tensor is not None and (known[field] if field in known else _has_nonfinite(tensor, log))
     )
 
 
@@ -90,7 +110,9 @@ def nonfinite_many(calls: Sequence[LossCall[Any]]) -> list[tuple[str, ...]]:
         return [nonfinite_fields(call) for call in calls]
     groups: dict[tuple[torch.dtype, bool], list[np.ndarray]] = {}
     for call in calls:
-        for _, tensor, log in _tensors(call):
+        if call.resident and any(call.resident.values()):
+            return [nonfinite_fields(call) for call in calls]
+        for _, tensor, log in _scanned(call):
             if tensor is None or tensor.dtype not in FLOATING or tensor.numel() == 0:
                 continue
             if (

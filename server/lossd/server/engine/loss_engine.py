@@ -129,6 +129,11 @@ class LossEngine:
         return cls.rows(call), call.input.nbytes + call.target.nbytes
 
     @staticmethod
+    def work(call: LossCall[Any]) -> float:
+        """A prepared call's estimated FLOPs (its loss's `flops`): its weight in the fair queue."""
+        return call.loss.flops(call)
+
+    @staticmethod
     def answer_bytes(call: LossCall[Any]) -> int:
         """Bytes of a prepared call's answer tensors: the loss, the outputs and gradients asked for."""
         loss = call.loss
@@ -150,6 +155,17 @@ class LossEngine:
         temporaries = call.loss.scratch_bytes(call)
         merged = min(call.input.nbytes + call.target.nbytes, MERGE_COPY_BYTES) + 16 * cls.rows(call)
         return temporaries + merged + 4096
+
+    @classmethod
+    def footprints(cls, calls: Sequence[LossCall[Any]]) -> int:
+        """`footprint` of calls that compute one after another (a batch call's entries): what each
+        copies of a resident tensor (`Loss.shared_scratch_bytes`) is counted once, not per call."""
+        total = shared = 0
+        for call in calls:
+            mine = call.loss.shared_scratch_bytes(call)
+            total += cls.footprint(call) - mine
+            shared = max(shared, mine)
+        return total + shared
 
     def compute_batch(
         self, calls: Sequence[LossCall[Any]], merge: bool = True

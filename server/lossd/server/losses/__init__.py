@@ -12,6 +12,7 @@ To add a loss: write its module, add its line to `registry.LOSSES`, its options 
 from lossd.server.losses.base import (
     REDUCTIONS,
     Computed,
+    Cost,
     Loss,
     LossCall,
     LossOptions,
@@ -27,6 +28,7 @@ __all__ = [
     "LOSSES",
     "REDUCTIONS",
     "Computed",
+    "Cost",
     "Loss",
     "LossCall",
     "LossOptions",

@@ -4,12 +4,12 @@ of one computation (`LossCall`, `Computed`, `LossOutput`).
 
 A loss declares, once, in its module: its name, its options (a frozen dataclass whose fields are its
 .proto options message's scalars), its tensors (`TensorSpec`: input, target and its own, what each
-holds, which it can differentiate), its outputs besides the loss (`OutputSpec`), and what every
-loss must give: its options from the message's values (`options`, derived), torch's rules for a
-call (`check`, with the loss's shape under each reduction: `loss_shape`), its computation
-(`compute`), its cost (`scratch_bytes`) and a warm-up call (`example`). The engine, the transports,
-the Open Inference Protocol and the clients all work from these declarations and never ask which
-loss a call is.
+holds, which it can differentiate), its outputs besides the loss (`OutputSpec`), and what every loss
+must give: its options from the message's values (`options`, derived), torch's rules for a call
+(`check`, with the loss's shape under each reduction: `loss_shape`), its computation (`compute`),
+its cost (`scratch_bytes` and `flops`: `cost`) and a warm-up call (`example`). The engine, the
+transports, the Open Inference Protocol and the clients all work from these declarations and never
+ask which loss a call is.
 
 Pure torch and numpy; nothing of gRPC, protobuf or metrics.
 """
@@ -31,9 +31,11 @@ if TYPE_CHECKING:  # the codec imports protobuf, which the losses must not need
     from lossd.wire.codec import TensorLimits
 
 __all__ = [
+    "GRADIENT_FACTOR",
     "INPUT",
     "REDUCTIONS",
     "Computed",
+    "Cost",
     "Implementation",
     "Loss",
     "LossCall",
@@ -44,6 +46,7 @@ __all__ = [
     "TensorSpec",
     "Upload",
     "compute_dtype",
+    "elementwise_flops",
     "rows_of_tokens",
     "segment_sums",
 ]
@@ -138,6 +141,9 @@ class LossCall(Generic[OptionsT]):
     nonfinite: str | None = None
     """What to do with NaN and infinity in its tensors: "compute", "refuse", or None for the
     server's default."""
+    resident: Mapping[str, bool] = field(default_factory=dict)
+    """The tensors named by a resident id, and whether each holds NaN or infinity: checked once,
+    when it was put, and trusted after (it is immutable), so that no call reads it again to check."""
 
     @property
     def loss(self) -> Loss[OptionsT]:
@@ -163,6 +169,28 @@ class LossCall(Generic[OptionsT]):
         if name == "target":
             return self.target
         return self.tensors.get(name)
+
+
+GRADIENT_FACTOR = 3.0
+"""A computation with gradients against one without: the forward, and a backward of about twice."""
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a call costs, known from its shapes before it runs: the request bytes it carries
+    (resident tensors are held already), the scratch memory its computation takes, and an estimate
+    of its floating-point operations (the fair queue's measure, and `--max-call-cost`'s)."""
+
+    bytes: int
+    memory: int
+    flops: float
+
+
+def elementwise_flops(call: LossCall[Any], per_element: float) -> float:
+    """The FLOPs of a loss that does `per_element` operations on each input (or per-row loss)
+    element, three times as many with gradients."""
+    elements = max(call.input.numel(), 1)
+    return elements * per_element * (GRADIENT_FACTOR if call.grads else 1.0)
 
 
 @dataclass(frozen=True)
@@ -216,8 +244,8 @@ class Implementation:
 class Loss(abc.ABC, Generic[OptionsT]):
     """One loss. Instances are singletons held by the registry (`lossd.server.losses.LOSSES`).
 
-    Every loss gives its declarations, `check` and `loss_shape`, `compute`, `scratch_bytes` and
-    `example` (`options` is derived from `options_type`). A loss whose calls are rows of one
+    Every loss gives its declarations, `check` and `loss_shape`, `compute`, `scratch_bytes`,
+    `flops` and `example` (`options` is derived from `options_type`). A loss whose calls are rows of one
     per-row computation also gives `rows` (merged calls, stream blocks); one with several
     implementations gives `implementations` and `probes`.
     """
@@ -303,6 +331,22 @@ class Loss(abc.ABC, Generic[OptionsT]):
     def scratch_bytes(self, call: LossCall[OptionsT]) -> int:
         """Memory the computation of a checked call takes besides its tensors and answer (its
         temporaries), estimated from the shapes: what the memory budget holds for it."""
+
+    def shared_scratch_bytes(self, call: LossCall[OptionsT]) -> int:
+        """The part of `scratch_bytes` made for resident tensors (a cast copy of a head): calls
+        compute one after another, so a batch whose entries name the same one counts it once."""
+        return 0
+
+    @abc.abstractmethod
+    def flops(self, call: LossCall[OptionsT]) -> float:
+        """An estimate of a checked call's floating-point operations from its shapes, forward and,
+        when it asks for gradients, backward."""
+
+    def cost(self, call: LossCall[OptionsT]) -> Cost:
+        """The call's `Cost`, from its shapes."""
+        nbytes = call.input.nbytes + call.target.nbytes
+        nbytes += sum(tensor.nbytes for name, tensor in call.tensors.items() if name not in call.resident)
+        return Cost(nbytes, self.scratch_bytes(call), self.flops(call))
 
     @abc.abstractmethod
     def example(self) -> LossCall[OptionsT]:

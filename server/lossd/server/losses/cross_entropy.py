@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch.nn.functional as F
 
-from lossd.server.losses.base import LossCall, TensorSpec
+from lossd.server.losses.base import LossCall, TensorSpec, elementwise_flops
 from lossd.server.losses.checks import invalid_argument, require_floating
 from lossd.server.losses.classes import ClassificationLoss, ClassOptions
 from lossd.server.losses.functional import LossFunction
@@ -78,6 +78,10 @@ class CrossEntropyLoss(ClassificationLoss[CrossEntropyOptions]):
     def temporaries(self, call: Call) -> int:
         """Log-probabilities and softmax; one more with label smoothing."""
         return 2 + (call.options.label_smoothing > 0)
+
+    def flops(self, call: Call) -> float:
+        """A log-softmax (a max, an exp, a sum, a log and a subtraction) over each logit."""
+        return elementwise_flops(call, 5.0 + 2.0 * (call.options.label_smoothing > 0))
 
     def float16_partial_sum(self, call: Call) -> bool:
         """The label-smoothing term and probability-target 'mean' sum in float16 before scaling."""

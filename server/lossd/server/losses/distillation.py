@@ -40,6 +40,7 @@ from lossd.server.losses.base import (
     TensorSpec,
     Upload,
     compute_dtype,
+    elementwise_flops,
     rows_of_tokens,
 )
 from lossd.server.losses.checks import dtype_name, invalid_argument, out_of_range, require_floating
@@ -411,6 +412,11 @@ class DistillationLoss(ChunkedLoss[DistillationOptions]):
         return wide
 
     # -- computation ----------------------------------------------------------------------------
+
+    def flops(self, call: Call) -> float:
+        """Two log-softmaxes (student and teacher, at a temperature) and the divergence over each
+        logit."""
+        return elementwise_flops(call, 16.0)
 
     def width(self, call: Call) -> int:
         """The student's vocabulary, or the teacher's (a top-k teacher's k + 1 buckets) if wider."""

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from lossd.server.losses.base import LossCall, TensorSpec, compute_dtype
+from lossd.server.losses.base import GRADIENT_FACTOR, LossCall, TensorSpec, compute_dtype
 from lossd.server.losses.checks import invalid_argument, require_floating
 
-__all__ = ["HEAD", "check_head", "head_bytes", "head_logits"]
+__all__ = ["HEAD", "check_head", "head_bytes", "head_flops", "head_logits", "resident_head_bytes"]
 
 HEAD = (
     TensorSpec("classifier", shape=(-1, -1), differentiable=True),
@@ -73,10 +73,39 @@ def head_logits(hidden: torch.Tensor, classifier: torch.Tensor, bias: torch.Tens
     return logits if bias is None else logits + bias
 
 
+def _copied(call: LossCall[Any], name: str, dtype: torch.dtype) -> bool:
+    """Whether computing makes a copy of head `name`: a resident one only to change its dtype (it is
+    held on the device already), a request's one always (its upload, or its cast)."""
+    return name not in call.resident or call.tensors[name].dtype != dtype
+
+
 def head_bytes(call: LossCall[Any], names: Iterable[str]) -> int:
-    """The heads `names` (those the call has) in the compute dtype, and twice each gradient asked
-    for of a tensor every token uses (its sum and the chunk's part)."""
-    itemsize = compute_dtype(call.input.dtype).itemsize
-    held = sum(call.tensors[name].numel() for name in names if name in call.tensors)
+    """The copies of the heads `names` (those the call has) in the compute dtype, and twice each
+    gradient asked for of a tensor every token uses (its sum and the chunk's part)."""
+    dtype = compute_dtype(call.input.dtype)
+    held = sum(
+        call.tensors[name].numel() for name in names if name in call.tensors and _copied(call, name, dtype)
+    )
     grads = sum(call.tensors[name].numel() for name in call.grads if name in call.tensors)
-    return (held + 2 * grads) * itemsize
+    return (held + 2 * grads) * dtype.itemsize
+
+
+def resident_head_bytes(call: LossCall[Any], names: Iterable[str]) -> int:
+    """The part of `head_bytes` that copies resident heads (to cast them)."""
+    dtype = compute_dtype(call.input.dtype)
+    return dtype.itemsize * sum(
+        call.tensors[name].numel()
+        for name in names
+        if name in call.resident and name in call.tensors and _copied(call, name, dtype)
+    )
+
+
+def head_flops(call: LossCall[Any], hidden: torch.Tensor, classifier: str, backward: bool) -> float:
+    """A head's matrix product over every token: tokens x V x H x 2, three times with a backward,
+    plus the softmax's few operations on each of the tokens x V logits."""
+    head = call.tensors.get(classifier)
+    if head is None or head.dim() != 2:
+        return 0.0
+    tokens = hidden.numel() // max(hidden.shape[-1], 1) if hidden.dim() else 1
+    logits = tokens * head.shape[0]
+    return logits * head.shape[1] * 2.0 * (GRADIENT_FACTOR if backward else 1.0) + 10.0 * logits

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lossd.server.losses.base import LossCall, LossOptions, Rows, TensorSpec
+from lossd.server.losses.base import LossCall, LossOptions, Rows, TensorSpec, elementwise_flops
 from lossd.server.losses.checks import broadcast_shape, invalid_argument, require_floating
 from lossd.server.losses.classes import flat_function, layout_copy_bytes, resolve_class_dim
 from lossd.server.losses.functional import FunctionalLoss, LossFunction
@@ -119,6 +119,10 @@ class KlDivLoss(FunctionalLoss[KlDivOptions]):
 
     def scratch_bytes(self, call: Call) -> int:
         return super().scratch_bytes(call) + layout_copy_bytes(call)
+
+    def flops(self, call: Call) -> float:
+        """target x (log target - input) on each element."""
+        return elementwise_flops(call, 3.0)
 
     def temporaries(self, call: Call) -> int:
         """The per-element losses; and their gradients, or a 'none' loss's copy."""

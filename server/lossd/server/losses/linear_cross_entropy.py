@@ -35,7 +35,14 @@ from lossd.server.losses.base import (
 )
 from lossd.server.losses.checks import dtype_name, invalid_argument, out_of_range, require_floating
 from lossd.server.losses.chunked import ChunkedLoss, PerChunk, Prepared
-from lossd.server.losses.heads import HEAD, check_head, head_bytes, head_logits
+from lossd.server.losses.heads import (
+    HEAD,
+    check_head,
+    head_bytes,
+    head_flops,
+    head_logits,
+    resident_head_bytes,
+)
 
 if TYPE_CHECKING:
     from lossd.wire.codec import TensorLimits
@@ -182,6 +189,13 @@ class LinearCrossEntropyLoss(ChunkedLoss[LinearCrossEntropyOptions]):
 
     def held_bytes(self, call: Call) -> int:
         return head_bytes(call, ("classifier",))
+
+    def shared_scratch_bytes(self, call: Call) -> int:
+        return resident_head_bytes(call, ("classifier",))
+
+    def flops(self, call: Call) -> float:
+        """The head over every token (tokens x V x H x 2, x3 with gradients) and its log-softmax."""
+        return head_flops(call, call.input, "classifier", bool(call.grads))
 
     def prepare(self, call: Call, upload: Upload, dtype: torch.dtype) -> Prepared:
         tokens = self.tokens(call)

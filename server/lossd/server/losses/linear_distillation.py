@@ -31,7 +31,14 @@ from lossd.server.losses.distillation import (
     mean_divisor,
     token_losses,
 )
-from lossd.server.losses.heads import HEAD, check_head, head_bytes, head_logits
+from lossd.server.losses.heads import (
+    HEAD,
+    check_head,
+    head_bytes,
+    head_flops,
+    head_logits,
+    resident_head_bytes,
+)
 
 if TYPE_CHECKING:
     from lossd.wire.codec import TensorLimits
@@ -146,6 +153,14 @@ class LinearDistillationLoss(ChunkedLoss[LinearDistillationOptions]):
 
     def held_bytes(self, call: Call) -> int:
         return head_bytes(call, _HEADS)
+
+    def shared_scratch_bytes(self, call: Call) -> int:
+        return resident_head_bytes(call, _HEADS)
+
+    def flops(self, call: Call) -> float:
+        """Both heads over every token (the teacher's forward only) and the divergence."""
+        student = head_flops(call, call.input, "classifier", bool(call.grads))
+        return student + head_flops(call, call.target, "teacher_classifier", False)
 
     def prepare(self, call: Call, upload: Upload, dtype: torch.dtype) -> Prepared:
         tokens = self.tokens(call)

@@ -36,5 +36,10 @@ class NllLoss(ClassificationLoss[ClassOptions]):
     def temporaries(self, call: LossCall[ClassOptions]) -> int:
         return 1 if call.grads else 0
 
+    def flops(self, call: LossCall[ClassOptions]) -> float:
+        """A gather and a weight per row; the backward writes the input's gradient."""
+        rows = call.input.numel() // max(self.classes(call), 1)
+        return 2.0 * rows + (call.input.numel() if call.grads else 0)
+
 
 NLL_LOSS = NllLoss()

@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import time
 from typing import Any
 
 from lossd.server.losses import LossCall, LossOutput
+from lossd.server.metrics import ServerMetrics
 from lossd.server.rpc.lifecycle import MESSAGE_OVERHEAD, UNKNOWN_LOSS, Call, entry_status
 from lossd.server.rpc.requests import call_from_request, encode_response, parse_message
 from lossd.v1 import loss_service_pb2 as pb
@@ -26,6 +28,14 @@ from lossd.wire.status import status_of
 __all__ = ["DEFAULT_MAX_ENTRIES", "answer_batch"]
 
 DEFAULT_MAX_ENTRIES = 1024
+YIELD_FROM = 128
+YIELD_EVERY = 8
+"""Entries a batch of more than `YIELD_FROM` decodes or encodes before it lets go of the
+interpreter lock: the compute thread takes it back after each torch operation, and waiting up to
+Python's switch interval (5 ms) each time would make every computation a convoy behind a large
+batch being decoded. (A small batch is over before that matters.)"""
+ENQUEUE_STEP = 64
+"""Entries queued per turn of the event loop: a 1024-entry batch never holds it for long."""
 _KIND = "lossd.v1.ComputeLossBatchRequest"
 _RESULTS = pb.ComputeLossBatchResponse.DESCRIPTOR.fields_by_name["results"].number
 _RESPONSE = pb.ComputeLossBatchResult.DESCRIPTOR.fields_by_name["response"].number
@@ -80,6 +90,7 @@ async def answer_batch(call: Call, max_entries: int = DEFAULT_MAX_ENTRIES) -> No
     batch = await lifecycle.wire(received, parse)
     # The parsed message holds every entry's bytes once more than `raw`.
     results, need, answers = await lifecycle.wire(received, functools.partial(_prepare, call, batch))
+    works = call.admit([value for _, value in results if isinstance(value, LossCall)])
     if answers + MESSAGE_OVERHEAD > lifecycle.max_message_bytes:
         raise ResourceExhaustedError(
             f"the answers would hold {answers} bytes of tensors, more than one message may carry "
@@ -91,7 +102,7 @@ async def answer_batch(call: Call, max_entries: int = DEFAULT_MAX_ENTRIES) -> No
     await call.reservation.grow_to(need, call.deadline, "this call")
     call.reservation.shrink_to(need)
     del raw, batch
-    await call.write(await _compute(call, results))
+    await call.write(await _compute(call, results, answers, works))
 
 
 Entry = tuple[str, LossCall[Any] | LossdError]
@@ -105,38 +116,68 @@ def _prepare(call: Call, batch: pb.ComputeLossBatchRequest) -> tuple[list[Entry]
     engine = lifecycle.engine
     results: list[Entry] = []
     need = answers = 0
-    for request in batch.requests:
+    resident = call.resident
+    large = len(batch.requests) > YIELD_FROM
+    for index, request in enumerate(batch.requests):
+        if large and index % YIELD_EVERY == YIELD_EVERY - 1:
+            time.sleep(0)  # the interpreter lock's turn for the compute thread and the event loop
         loss = request.WhichOneof("loss") or UNKNOWN_LOSS
         try:
-            entry = call_from_request(request, lifecycle.limits, None, lifecycle.resident)
+            entry = call_from_request(request, lifecycle.limits, None, resident)
             entry = engine.prepare(entry, lifecycle.limits)
+            lifecycle.admission.check_cost(engine.work(entry))
             answer = lifecycle.check_answer(entry)
-            need += engine.footprint(entry) + 2 * answer
+            need += 2 * answer
             answers += answer
             results.append((loss, entry))
         except LossdError as error:
             results.append((loss, error))
+    # The entries compute one after another: a resident tensor they all name is counted once.
+    need += engine.footprints([value for _, value in results if isinstance(value, LossCall)])
     return results, need, answers
 
 
-async def _compute(call: Call, results: list[Entry]) -> bytes:
+async def _compute(call: Call, results: list[Entry], answers: int, works: list[float]) -> bytes:
     """Submits every prepared entry at once (they merge in the batcher), then frames each answer or
-    status in order."""
+    status in order (on the wire thread for a large batch: the event loop serves other calls)."""
     lifecycle = call.lifecycle
-    metrics = lifecycle.metrics
     indices = [index for index, (_, value) in enumerate(results) if isinstance(value, LossCall)]
     calls = [value for _, value in results if isinstance(value, LossCall)]
     queued: list[asyncio.Future[LossOutput]] = []
-    for index, entered in zip(indices, lifecycle.batcher.enqueue_many(calls, call.deadline), strict=True):
-        if isinstance(entered, LossdError):  # the queue is full, or the server is draining
-            results[index] = (results[index][0], entered)
-        elif isinstance(entered, asyncio.Future):
-            queued.append(entered)
-    done = iter(await asyncio.gather(*queued, return_exceptions=True))
+    entered: list[asyncio.Future[LossOutput] | Exception] = []
+    for start in range(0, len(calls), ENQUEUE_STEP):
+        if start:  # other calls' turn on the event loop, and the compute thread's, between steps
+            time.sleep(0)
+            await asyncio.sleep(0)
+        entered += lifecycle.batcher.enqueue_many(
+            calls[start : start + ENQUEUE_STEP],
+            call.deadline,
+            tenant=call.tenant.name,
+            weight=call.tenant.weight,
+            works=works[start : start + ENQUEUE_STEP],
+        )
+    for index, outcome in zip(indices, entered, strict=True):
+        if isinstance(outcome, LossdError):  # the queue is full, or the server is draining
+            results[index] = (results[index][0], outcome)
+        elif isinstance(outcome, asyncio.Future):
+            queued.append(outcome)
+    done = await asyncio.gather(*queued, return_exceptions=True)
+    for finished in done:
+        if isinstance(finished, asyncio.CancelledError):
+            raise finished
+    return await lifecycle.wire(answers, functools.partial(_frame, lifecycle.metrics, results, done))
+
+
+def _frame(metrics: ServerMetrics, results: list[Entry], outcomes: list[LossOutput | BaseException]) -> bytes:
+    """The batch's answer: each entry's response or status, in order."""
+    done = iter(outcomes)
     pieces = []
     answered: collections.Counter[tuple[str, str]] = collections.Counter()
     computed_by: collections.Counter[tuple[str, str]] = collections.Counter()
-    for loss, value in results:
+    large = len(results) > YIELD_FROM
+    for index, (loss, value) in enumerate(results):
+        if large and index % YIELD_EVERY == YIELD_EVERY - 1:
+            time.sleep(0)
         outcome: LossOutput | BaseException = value if isinstance(value, LossdError) else next(done)
         if isinstance(outcome, asyncio.CancelledError):
             raise outcome

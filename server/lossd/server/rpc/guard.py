@@ -56,11 +56,16 @@ class _Context:
 
 class _Guard(grpc.GenericRpcHandler):
     def __init__(
-        self, losses: Lifecycle, inner: Sequence[grpc.GenericRpcHandler], budget: MemoryBudget
+        self,
+        losses: Lifecycle,
+        inner: Sequence[grpc.GenericRpcHandler],
+        budget: MemoryBudget,
+        open_methods: frozenset[str],
     ) -> None:
         self._losses = losses
         self._inner = inner
         self._budget = budget
+        self._open = open_methods
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
@@ -68,10 +73,10 @@ class _Guard(grpc.GenericRpcHandler):
         for inner in self._inner:
             handler = inner.service(handler_call_details)
             if handler is not None:
-                return self._wrap(handler)
+                return self._wrap(handler, handler_call_details.method in self._open)
         return None
 
-    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], open: bool) -> grpc.RpcMethodHandler[Any, Any]:
         losses = self._losses
         budget = self._budget
         parse = handler.request_deserializer or (lambda raw: raw)
@@ -90,6 +95,8 @@ class _Guard(grpc.GenericRpcHandler):
             reservation = budget.open_for_task(context.peer() or "unknown")
             proxy = _Context(context, losses, serialize)
             try:
+                if not open:
+                    losses.identify(context)
                 await reservation.grow_to(losses.max_message_bytes, None, "receiving this call's message")
                 if handler.request_streaming:
                     argument: Any = requests(raw)
@@ -126,7 +133,12 @@ def _parse(parse: Callable[[bytes], Any], raw: bytes) -> Any:
 
 
 def guarded(
-    losses: Lifecycle, handlers: Sequence[grpc.GenericRpcHandler], budget: MemoryBudget
+    losses: Lifecycle,
+    handlers: Sequence[grpc.GenericRpcHandler],
+    budget: MemoryBudget,
+    open_methods: frozenset[str] = frozenset(),
 ) -> grpc.GenericRpcHandler:
-    """`handlers`, served under `budget` and `losses`' idle timeout and message limit."""
-    return _Guard(losses, handlers, budget)
+    """`handlers`, served under `budget` and `losses`' idle timeout and message limit, each call
+    identified first (as every call of lossd is) but for `open_methods` ("/package.Service/Method":
+    probes)."""
+    return _Guard(losses, handlers, budget, open_methods)

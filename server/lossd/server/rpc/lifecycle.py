@@ -1,13 +1,18 @@
-"""The one lifecycle every RPC of lossd goes through: budget, read, deadline, compute, answer,
-metrics, failure. ComputeLoss, StreamLoss, ComputeLossBatch, the resident-tensor methods and the
-Open Inference Protocol's ModelInfer each give only what they do between reading and answering;
-`Lifecycle.serve` does the rest, once.
+"""The one lifecycle every RPC of lossd goes through: identity, admission, budget, read, deadline,
+cost, fair queueing, compute, answer, metrics, failure. ComputeLoss, StreamLoss, ComputeLossBatch,
+the resident-tensor methods and the Open Inference Protocol's ModelInfer each give only what they do
+between reading and answering; `Lifecycle.serve` does the rest, once.
 
 Every method reads and writes raw messages through a streaming handler, unary ones included (on the
 wire a unary call is a stream of one message each way): lossd's code runs before gRPC reads a
 request's message, so that memory is reserved (`lossd.server.memory`) before it is taken, a client
 that stalls mid-message is cut off after `idle_timeout_s`, and every call the server saw is counted.
 Decoding and encoding of large messages run on a wire thread, never on the event loop.
+
+Each call is its tenant's (`lossd.server.tenants`), identified before anything is read; the tenant's
+limits admit it (`lossd.server.admission`), its memory counts against the tenant's, its estimated
+cost is checked and charged before it is queued, and the fair queue serves it by its tenant's
+weight. A call the client cancelled is counted and logged once, at INFO, without a traceback.
 """
 
 from __future__ import annotations
@@ -17,20 +22,23 @@ import collections
 import logging
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
 
+from lossd.server.admission import Account, Admission
 from lossd.server.batcher import Batcher
 from lossd.server.engine import LossEngine
 from lossd.server.engine.faults import is_out_of_memory
 from lossd.server.losses import LossCall, LossOutput
-from lossd.server.memory import MemoryBudget
+from lossd.server.memory import MemoryBudget, return_freed_memory
 from lossd.server.metrics import ServerMetrics
-from lossd.server.resident import ResidentStore
+from lossd.server.resident import ResidentStore, ResidentView
+from lossd.server.rpc.auth import Authenticator
 from lossd.server.rpc.status import abort
+from lossd.server.tenants import DEFAULT, UNAUTHENTICATED, Tenant
 from lossd.wire import chunks, codec
 from lossd.wire.errors import CancelledError as ClientGoneError
 from lossd.wire.errors import (
@@ -42,6 +50,9 @@ from lossd.wire.errors import (
 )
 
 __all__ = ["MESSAGE_OVERHEAD", "WIRE_INLINE_BYTES", "Call", "Context", "Lifecycle"]
+
+_NO_TENANT = Tenant(UNAUTHENTICATED)
+"""A call's tenant until it is identified (what its metrics say if it never is)."""
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -82,7 +93,43 @@ class Call:
         self.sent = 0
         self.nonfinite: tuple[str, ...] = ()
         self.implementation = ""
+        self.tenant = _NO_TENANT
+        self.account: Account | None = None
         self._cleanups: list[Callable[[], Awaitable[None]]] = []
+
+    @property
+    def resident(self) -> ResidentView:
+        """The resident tensors as this call's tenant sees them."""
+        return self.lifecycle.resident.view(self.tenant)
+
+    def admit(self, calls: Sequence[LossCall[Any]]) -> list[float]:
+        """Checks the estimated cost of prepared loss calls (this call's, or a batch's entries)
+        against the server's limit per call and charges it to the tenant's cost rate, before
+        anything is computed; refuses with RESOURCE_EXHAUSTED. Each call's estimate, for the queue."""
+        engine = self.lifecycle.engine
+        admission = self.lifecycle.admission
+        works = [engine.work(prepared) for prepared in calls]
+        for work in works:
+            admission.check_cost(work)
+        if self.account is not None:
+            total = sum(works)
+            self.account.spend(total)
+            self.account.cost += total
+        return works
+
+    async def submit(
+        self, prepared: LossCall[Any], *, waits: bool = True, work: float | None = None
+    ) -> LossOutput:
+        """Queues a prepared call in the fair queue as this call's tenant's (its estimated `work`
+        from `admit`, if known), and awaits it."""
+        return await self.lifecycle.batcher.submit(
+            prepared,
+            self.deadline,
+            waits=waits,
+            tenant=self.tenant.name,
+            weight=self.tenant.weight,
+            work=work,
+        )
 
     async def first(self, what: str = "receiving this call's message", *, last: bool = True) -> bytes:
         """The call's first message, read once its reservation holds room for the largest message a
@@ -135,12 +182,16 @@ class Lifecycle:
         max_message_bytes: int = 2**31 - 1,
         wire: Executor | None = None,
         resident: ResidentStore | None = None,
+        auth: Authenticator | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.engine = engine
         self.batcher = batcher
         self.limits = limits
         self.metrics = metrics
         self.resident = resident if resident is not None else ResidentStore(0)
+        self.auth = auth
+        self.admission = admission if admission is not None else Admission()
         # An answer chunk and its framing fit in one message.
         self.chunk_bytes = max(min(chunk_bytes, max_message_bytes - MESSAGE_OVERHEAD), 4096)
         self.max_request_s = max_request_s
@@ -189,19 +240,47 @@ class Lifecycle:
         try:
             async with asyncio.timeout(self.max_request_s or None):
                 self.check_failure()
+                call.tenant = self.identify(context)
+                call.account = self.admission.enter(call.tenant)
+                call.reservation.account = call.account
                 await handle(call)
         except BaseException as error:
             # The traceback's frames hold the call's buffers; they must go now, not whenever the
             # error object does.
             traceback.clear_frames(error.__traceback__)
             await call._clean_up()
-            call.reservation.close()  # before the client hears: a retry must find the memory free
-            await self._fail(call.reservation.cause(error), call)
+            self._leave(call)  # before the client hears: a retry must find the memory free
+            cause = call.reservation.cause(error)
+            if await self._fail(cause, call) and not isinstance(cause, asyncio.CancelledError):
+                return  # a client that went away: counted and logged, nothing to raise
             raise
-        call.reservation.close()
+        self._leave(call)
         self.metrics.nonfinite(call.label, call.nonfinite)
         self.metrics.implementation_call(call.label, call.implementation)
         self._finish(call, "OK")
+
+    def identify(self, context: Context) -> Tenant:
+        """The call's tenant (the default one on a server without credentials)."""
+        if self.auth is None:
+            return _DEFAULT_TENANT
+        return self.auth.identify(context)
+
+    def _leave(self, call: Call) -> None:
+        """Gives back what the call held: its memory and its place among its tenant's calls; once
+        the budget is empty after a large peak, the freed heap goes back to the system."""
+        call.reservation.close()
+        if self.budget.idle() and self._wire_executor is not None:
+            asyncio.get_running_loop().run_in_executor(self._wire_executor, return_freed_memory)
+        if call.account is not None:
+            self.admission.leave(call.account)
+            call.account = None
+
+    def report_tenants(self) -> None:
+        """Sets the tenants' gauges (calls in progress, memory reserved) and adds the cost admitted
+        since the last report."""
+        for account in self.admission.accounts.values():
+            cost, account.cost = account.cost, 0.0
+            self.metrics.tenant_holding(account.name, account.calls, account.inflight_bytes, cost)
 
     def deadline(self, context: Context, started: float) -> float | None:
         """The call's deadline as a `time.monotonic()` instant: the caller's or the server's limit."""
@@ -288,23 +367,37 @@ class Lifecycle:
 
     # -- endings ---------------------------------------------------------------------------------
 
-    def _finish(self, call: Call, code: str) -> None:
+    def _finish(self, call: Call, code: str, reason: str = "") -> None:
         self.active -= 1
         self.answered[code] += 1
         if code == "CANCELLED" and self.grace_ends is not None and time.monotonic() >= self.grace_ends - 0.05:
             self.cut_off += 1
         self.metrics.in_flight.dec()
-        self.metrics.request(call.label, code, time.perf_counter() - call.started, call.received, call.sent)
+        seconds = time.perf_counter() - call.started
+        self.metrics.request(call.label, code, seconds, call.received, call.sent)
+        self.metrics.tenant_call(call.tenant.name, code, reason)
 
-    async def _fail(self, error: BaseException, call: Call) -> None:
+    async def _fail(self, error: BaseException, call: Call) -> bool:
         """Counts the failed call, then ends it with its status (the client hears at once, so the
-        count comes first); cancellations and aborts under way pass through."""
+        count comes first); cancellations and aborts under way pass through. True for a call its
+        client cancelled (or whose connection went): logged once, at INFO."""
         code, status = self._status(error, call.context)
         if status is not None and status.reason == "NONFINITE_VALUE":
             self.metrics.nonfinite(call.label, tuple(status.metadata["fields"].split(",")))
-        self._finish(call, code)
+        self._finish(call, code, status.reason if status is not None else code)
         if status is not None:
             await abort(call.context, status)
+        if code == "CANCELLED":
+            _LOGGER.info(
+                "%s call from %s (tenant %s) cancelled after %.3f s: %s",
+                call.label,
+                call.context.peer() or "unknown",
+                call.tenant.name,
+                time.perf_counter() - call.started,
+                "the server is stopping" if self.grace_ends is not None else "the client went away",
+            )
+            return True
+        return False
 
     def _status(self, error: BaseException, context: Context) -> tuple[str, LossdError | None]:
         """The status code a failure ends the call with, and the error to send (None: let it pass:
@@ -318,6 +411,9 @@ class Lifecycle:
         if isinstance(error, grpc.aio.AbortError) or not isinstance(error, Exception):
             return "UNKNOWN", None
         return entry_status(error, self.max_request_s)
+
+
+_DEFAULT_TENANT = Tenant(DEFAULT)
 
 
 def entry_status(error: Exception, max_request_s: float = 0.0) -> tuple[str, LossdError]:

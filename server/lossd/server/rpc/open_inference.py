@@ -14,7 +14,7 @@ metrics and failure handling are exactly its; the answer's tensors go back as ra
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -33,7 +33,7 @@ from lossd.v1 import tensor_pb2
 from lossd.v1.oip import open_inference_pb2 as oip
 from lossd.v1.oip import open_inference_pb2_grpc as oip_grpc
 from lossd.wire import codec, messages
-from lossd.wire.errors import NotFoundError
+from lossd.wire.errors import LossdError, NotFoundError
 from lossd.wire.version import __version__
 
 __all__ = ["INFERENCE_SERVICE", "MODELS", "InferenceServicer"]
@@ -263,6 +263,73 @@ _RAW_INPUTS = oip.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_content
 _RAW_OUTPUTS = oip.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
 
 
+_INPUTS = oip.ModelInferRequest.DESCRIPTOR.fields_by_name["inputs"].number
+_INPUT_CONTENTS = oip.ModelInferRequest.InferInputTensor.DESCRIPTOR.fields_by_name["contents"].number
+TYPED_EXPANSION = 16
+"""The most parsing typed contents may take per byte received: a 1-byte varint becomes an 8-byte
+element in protobuf's array, and 8 more in the array lossd builds from it."""
+_GROWTH = {
+    oip.InferTensorContents.DESCRIPTOR.fields_by_name[name].number: growth
+    for name, growth in (
+        ("bool_contents", 2),  # a byte each, as protobuf's bools and as numpy's
+        ("int_contents", 8),  # varints of a byte or more, 4-byte elements twice
+        ("uint_contents", 8),
+        ("int64_contents", TYPED_EXPANSION),  # varints of a byte or more, 8-byte elements twice
+        ("uint64_contents", TYPED_EXPANSION),
+        ("fp32_contents", 2),  # fixed width: the same bytes twice
+        ("fp64_contents", 2),
+        ("bytes_contents", 1),
+    )
+}
+"""What parsing each typed contents field may take per byte received."""
+_MOST_FIELDS = 4096
+
+
+def _fields(data: memoryview) -> Iterator[tuple[int, memoryview | None]]:
+    """A message's fields: (number, contents for a length-delimited one, else None)."""
+    pos = 0
+    while pos < len(data):
+        key, pos = messages.read_varint(data, pos)
+        if key & 7 == messages.LEN:
+            length, start = messages.read_varint(data, pos)
+            pos = start + length
+            yield key >> 3, data[start:pos]
+        else:
+            pos = messages.skip(data, pos, key & 7)
+            yield key >> 3, None
+
+
+def _typed(raw: bytes) -> Iterator[tuple[int, int]]:
+    """Each field on the way to the inputs' typed contents, one by one: (the contents field's
+    number and bytes) for typed contents, (0, 0) for any other."""
+    for number, value in _fields(memoryview(raw)):
+        yield 0, 0
+        if number != _INPUTS or value is None:
+            continue
+        for inner, contents in _fields(value):
+            yield 0, 0
+            if inner != _INPUT_CONTENTS or contents is None:
+                continue
+            for kind, values in _fields(contents):
+                yield kind, len(values) if values is not None else 8
+
+
+def typed_bytes(raw: bytes) -> int:
+    """What parsing a ModelInferRequest's typed contents may allocate, from its bytes before it is
+    parsed: each `contents` field's bytes times its growth (`_GROWTH`). A message with more fields
+    than any client sends, or one that does not walk, counts as the worst typed contents whole."""
+    total = 0
+    try:
+        for seen, (kind, size) in enumerate(_typed(raw)):
+            if seen >= _MOST_FIELDS:
+                return TYPED_EXPANSION * len(raw)
+            if kind:
+                total += _GROWTH.get(kind, TYPED_EXPANSION) * size
+    except LossdError:
+        return TYPED_EXPANSION * len(raw)
+    return total
+
+
 def read_infer_request(raw: bytes) -> tuple[oip.ModelInferRequest, list[memoryview] | None]:
     """A serialized ModelInferRequest, parsed without its raw input contents, and those as views of
     `raw` (None when it has none, or was parsed whole: then the request holds them)."""
@@ -320,10 +387,17 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     """`inference.GRPCInferenceService` on a `LossServicer`; `ready()` says whether the server
     takes calls (started, not draining, device working); `budget` holds the metadata calls."""
 
-    def __init__(self, losses: Lifecycle, ready: Callable[[], bool], budget: MemoryBudget) -> None:
+    def __init__(
+        self,
+        losses: Lifecycle,
+        ready: Callable[[], bool],
+        budget: MemoryBudget,
+        open_methods: frozenset[str] = frozenset(),
+    ) -> None:
         self._losses = losses
         self._ready = ready
         self._budget = budget
+        self._open = open_methods
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """ModelInfer reads its raw message like ComputeLoss; the other methods are guarded."""
@@ -332,7 +406,9 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         )
         collector = HandlerCollector()
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(self, collector)  # type: ignore[arg-type]
-        server.add_generic_rpc_handlers((infer, guarded(self._losses, collector.handlers, self._budget)))
+        server.add_generic_rpc_handlers(
+            (infer, guarded(self._losses, collector.handlers, self._budget, self._open))
+        )
 
     async def ServerLive(self, request: oip.ServerLiveRequest, context: Context) -> oip.ServerLiveResponse:
         return oip.ServerLiveResponse(live=not self._losses.failed)
@@ -374,6 +450,6 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             return encode_infer_response(state.pop("request"), output, state["outputs"])
 
         async def answer(call: Call) -> None:
-            await answer_whole(call, build, encode)
+            await answer_whole(call, build, encode, typed_bytes)
 
         await self._losses.serve(requests, context, UNKNOWN_LOSS, answer)

@@ -16,7 +16,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from lossd.server.losses import LOSSES, Loss, LossCall, LossOptions, LossOutput
-from lossd.server.resident import ResidentStore
+from lossd.server.resident import NO_RESIDENTS, ResidentInfo, ResidentView
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import tensor_pb2
 from lossd.wire import codec, messages
@@ -106,7 +106,20 @@ def _grad_dtype(gradients: pb.GradientOptions) -> torch.dtype | None:
     return codec.torch_dtype(gradients.dtype)
 
 
-def _call(request: pb.ComputeLossRequest, make: TensorMaker) -> LossCall[Any]:
+def _flags(loss: Loss[Any], held: Mapping[str, ResidentInfo]) -> dict[str, bool]:
+    """Each resident tensor of a call by its name, and whether it holds what its field counts as
+    not finite (found when it was put)."""
+    flags = {}
+    for field, info in held.items():
+        spec = loss.all_tensors.get(field.rsplit(".", 1)[-1])
+        if spec is not None:
+            flags[spec.name] = info.nonfinite_log if spec.holds == "log_probabilities" else info.nonfinite
+    return flags
+
+
+def _call(
+    request: pb.ComputeLossRequest, make: TensorMaker, held: Mapping[str, ResidentInfo] | None = None
+) -> LossCall[Any]:
     loss, options, message = _options(request)
     tensors = {
         spec.name: make(getattr(message, spec.name), f"{loss.name}.{spec.name}")
@@ -127,6 +140,7 @@ def _call(request: pb.ComputeLossRequest, make: TensorMaker) -> LossCall[Any]:
         grad_dtype=_grad_dtype(gradients),
         grad_output=grad_output,
         nonfinite=_nonfinite(request.nonfinite),
+        resident=_flags(loss, held) if held else {},
     )
 
 
@@ -238,12 +252,16 @@ def read_request(
     return request, {REQUEST_TENSORS[path]: views[-1] for path, views in found.items()}
 
 
-def held(message: tensor_pb2.Tensor, field: str, resident: ResidentStore | None) -> torch.Tensor:
-    """The resident tensor a request's tensor names (NOT_FOUND when not held), checked against the
-    dtype and shape the request gives for it, if any."""
+def held(
+    message: tensor_pb2.Tensor, field: str, resident: ResidentView | None, infos: dict[str, ResidentInfo]
+) -> torch.Tensor:
+    """The resident tensor a request's tensor names (NOT_FOUND when the caller holds none by that
+    id), checked against the dtype and shape the request gives for it, if any; its info goes in
+    `infos` by field."""
     if resident is None:
-        resident = _NO_RESIDENTS
+        resident = NO_RESIDENTS
     tensor, info = resident.get(message.resident_id, field)
+    infos[field] = info
     given_shape = tuple(message.shape)
     if (
         len(message.data)
@@ -261,50 +279,49 @@ def held(message: tensor_pb2.Tensor, field: str, resident: ResidentStore | None)
     return tensor
 
 
-_NO_RESIDENTS = ResidentStore(0)
-
-
 def call_from_request(
     request: pb.ComputeLossRequest,
     limits: codec.TensorLimits,
     data: Mapping[str, torch.Tensor | memoryview] | None = None,
-    resident: ResidentStore | None = None,
+    resident: ResidentView | None = None,
 ) -> LossCall[Any]:
     """Decodes a request into a `LossCall`; tensors are zero-copy views of the request's bytes, or of
     `data[field]` for tensors whose bytes came apart from it: a view of the received message
     (`read_request`), or a uint8 host tensor (pinned on CUDA) the StreamLoss chunks filled."""
     extra = data or {}
+    infos: dict[str, ResidentInfo] = {}
 
     def make(message: tensor_pb2.Tensor, field: str) -> torch.Tensor:
         if message.resident_id:
-            return held(message, field, resident)
+            return held(message, field, resident, infos)
         buffer = extra.get(field)
         if buffer is None or isinstance(buffer, memoryview):
             return codec.decode_torch(message, field, limits=limits, copy=False, data=buffer)
         codec.check(message, field, limits, buffer.numel())
         return buffer.view(codec.torch_dtype(message.dtype)).reshape(tuple(message.shape))
 
-    return _call(request, make)
+    return _call(request, make, infos)
 
 
 def stream_plan(
-    request: pb.ComputeLossRequest, limits: codec.TensorLimits, resident: ResidentStore | None = None
+    request: pb.ComputeLossRequest, limits: codec.TensorLimits, resident: ResidentView | None = None
 ) -> tuple[LossCall[Any], dict[str, int]]:
     """For a StreamLoss header: the call with shape-only (meta) tensors, which validation can check
     before any data arrives, and the bytes of every tensor still to come in chunks, by its field
     path (the name its chunks carry)."""
     plan: dict[str, int] = {}
+    infos: dict[str, ResidentInfo] = {}
 
     def make(message: tensor_pb2.Tensor, field: str) -> torch.Tensor:
         if message.resident_id:
-            return held(message, field, resident)
+            return held(message, field, resident, infos)
         nbytes = codec.streamed_bytes(message, field, limits)
         if nbytes is None:
             return codec.decode_torch(message, field, limits=limits, copy=False)
         plan[field] = nbytes
         return torch.empty(tuple(message.shape), dtype=codec.torch_dtype(message.dtype), device="meta")
 
-    return _call(request, make), plan
+    return _call(request, make, infos), plan
 
 
 def answer_tensors(output: LossOutput) -> list[tuple[str, str, Any]]:

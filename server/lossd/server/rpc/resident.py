@@ -1,6 +1,7 @@
 """`PutTensor`, `ListTensors` and `DeleteTensor`: the resident tensors of `lossd.server.resident`,
 through the same lifecycle as the loss calls (memory budget, idle timeout, time limit, auth and
-metrics)."""
+metrics), each scoped to the caller's tenant: what ListTensors counts is the tenant's own and its
+quota."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import functools
 
 import numpy as np
 
-from lossd.server.resident import ResidentInfo
+from lossd.server.resident import ResidentInfo, finiteness
 from lossd.server.rpc.lifecycle import Call
 from lossd.server.rpc.requests import parse_message
 from lossd.v1 import loss_service_pb2 as pb
@@ -24,7 +25,13 @@ _TENSOR = ""
 
 
 def _message(info: ResidentInfo) -> pb.ResidentTensor:
-    return pb.ResidentTensor(id=info.id, dtype=info.dtype, shape=info.shape, nbytes=info.nbytes)  # type: ignore[arg-type]
+    return pb.ResidentTensor(
+        id=info.id,
+        dtype=info.dtype,  # type: ignore[arg-type]
+        shape=info.shape,
+        nbytes=info.nbytes,
+        shared=info.shared,
+    )
 
 
 async def put_tensor(call: Call) -> None:
@@ -47,7 +54,7 @@ async def put_tensor(call: Call) -> None:
     limits = lifecycle.limits
     streamed = codec.streamed_bytes(header, "header", limits)
     nbytes = streamed if streamed is not None else len(header.data)
-    store.room(nbytes)
+    store.room(call.tenant, nbytes)
     await call.reservation.grow_to(call.received + 2 * nbytes, call.deadline, "this upload")
     if streamed is None:
         data = np.frombuffer(header.data, dtype=np.uint8).copy()
@@ -71,8 +78,11 @@ async def put_tensor(call: Call) -> None:
     shape = tuple(int(d) for d in header.shape)
     id = await lifecycle.wire(nbytes, lambda: content_id(header.dtype, shape, data.data))
     tensor = codec.decode_torch(header, "header", limits=limits, copy=False, data=data.data)
+    # Checked once, here: calls that name it trust it (it is immutable).
+    nonfinite, nonfinite_log = await lifecycle.wire(nbytes, functools.partial(finiteness, tensor))
     tensor = await lifecycle.wire(nbytes, functools.partial(store.placed, tensor))
-    info = store.put(tensor, ResidentInfo(id, int(header.dtype), shape, nbytes))
+    info = ResidentInfo(id, int(header.dtype), shape, nbytes, nonfinite, nonfinite_log)
+    info = store.put(call.tenant, tensor, info)
     await call.write(pb.PutTensorResponse(tensor=_message(info)).SerializeToString())
 
 
@@ -80,9 +90,11 @@ async def list_tensors(call: Call) -> None:
     raw = await call.first()
     parse_message(pb.ListTensorsRequest.FromString, raw, "the request", "lossd.v1.ListTensorsRequest")
     store = call.lifecycle.resident
-    tensors = [_message(info) for info in store.list()]
+    tensors = [_message(info) for info in store.list(call.tenant)]
     answer = pb.ListTensorsResponse(
-        tensors=tensors, resident_bytes=store.held, max_resident_bytes=store.max_bytes
+        tensors=tensors,
+        resident_bytes=store.held_by(call.tenant.name),
+        max_resident_bytes=store.quota(call.tenant),
     )
     await call.write(answer.SerializeToString())
 
@@ -92,5 +104,5 @@ async def delete_tensor(call: Call) -> None:
     request = parse_message(
         pb.DeleteTensorRequest.FromString, raw, "the request", "lossd.v1.DeleteTensorRequest"
     )
-    deleted = call.lifecycle.resident.delete(request.id)
+    deleted = call.lifecycle.resident.delete(call.tenant, request.id)
     await call.write(pb.DeleteTensorResponse(deleted=deleted).SerializeToString())

@@ -97,11 +97,12 @@ class StreamedCall:
         def decode_header() -> tuple[pb.ComputeLossRequest, LossCall[Any], dict[str, int]]:
             request = parse_request(header, "the stream's header")
             call.label = request.WhichOneof("loss") or call.label
-            shapes, plan = stream_plan(request, lifecycle.limits, lifecycle.resident)
+            shapes, plan = stream_plan(request, lifecycle.limits, call.resident)
             # Everything but the values, before any memory is taken.
             return request, engine.prepare(shapes, lifecycle.limits), plan
 
         request, shapes, plan = await lifecycle.wire(len(first), decode_header)
+        call.admit((shapes,))  # the cost, from the header's shapes, before any data arrives
         # Receive buffers as the staging allocates them (pinned blocks round up on CUDA).
         streamed = sum(engine.staging.buffer_cost(nbytes) for nbytes in plan.values())
         need = (
@@ -138,7 +139,7 @@ class StreamedCall:
                 continue
             if prepared is None and all(assembly.complete(name) for name in side):
                 prepared = engine.prepare(
-                    call_from_request(request, lifecycle.limits, assembly.by_name(), lifecycle.resident),
+                    call_from_request(request, lifecycle.limits, assembly.by_name(), call.resident),
                     lifecycle.limits,
                 )
                 self._plan = block_plan(prepared)
@@ -152,13 +153,13 @@ class StreamedCall:
         call.reservation.receiving = False
         if prepared is None:
             prepared = engine.prepare(
-                call_from_request(request, lifecycle.limits, assembly.by_name(), lifecycle.resident),
+                call_from_request(request, lifecycle.limits, assembly.by_name(), call.resident),
                 lifecycle.limits,
             )
         buffers = list(assembly.by_name().values())
         del assembly, shapes, request
         if self._plan is None:
-            await self._answer_whole(await lifecycle.batcher.submit(prepared, call.deadline))
+            await self._answer_whole(await call.submit(prepared))
         else:
             self._start_blocks(self._plan.samples, final=True)
             await self._finish_blocks(wait=True)
@@ -200,10 +201,9 @@ class StreamedCall:
         while available - self._submitted >= (1 if final else size):
             stop = min(self._submitted + size, available)
             block = plan.block(self._submitted, stop)
-            batcher = self._lifecycle.batcher
             # The call's queue wait is its first block's: later blocks queue behind it by design.
             waits = self._submitted == 0
-            future = asyncio.ensure_future(batcher.submit(block, self._call.deadline, waits=waits))
+            future = asyncio.ensure_future(self._call.submit(block, waits=waits))
             self._running.append((self._submitted, stop, future))
             self._submitted = stop
 
