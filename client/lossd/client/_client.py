@@ -202,7 +202,8 @@ class LossClient(LossMethods[LossResult[Any], grpc.Channel], Losses[LossResult[A
     - `credentials`: `grpc.ChannelCredentials` for TLS (`lossd.client.channels.tls_credentials`
       makes them from PEM files, mutual TLS included); None for a plaintext channel.
     - `token`: a bearer token sent with every call, for servers that require one.
-    - `retry_attempts`: attempts per call while servers answer `UNAVAILABLE` (1: no retries).
+    - `retry_attempts`: attempts per call while servers answer `UNAVAILABLE`, or
+      `RESOURCE_EXHAUSTED` with a retry pushback (after its delay); 1: no retries.
     - `max_message_bytes`: send and receive limit for one message; -1 (default) is unlimited.
     - `options`: further gRPC channel options, applied last.
     - `channel`: an existing channel to use instead (the client then does not close it).
