@@ -51,7 +51,9 @@ class Observer:
     def queue_depth(self, depth: int) -> None:
         self.depths.append(depth)
 
-    def batch(self, requests: int, rows: int, compute_s: float, queue_waits_s: Sequence[float]) -> None:
+    def batch(
+        self, requests: int, rows: int, compute_s: float, queue_waits_s: Sequence[tuple[str, float]]
+    ) -> None:
         assert compute_s >= 0 and len(queue_waits_s) == requests
         self.batches.append((requests, rows))
 

@@ -274,7 +274,7 @@ def test_device_memory_is_read_off_the_event_loop_once_a_second() -> None:
 
     observed = ServerMetrics(CollectorRegistry(), build={"version": "x"}, device_memory=probe)
     for _ in range(50):
-        observed.batch(1, 1, 0.001, [0.0])
+        observed.batch(1, 1, 0.001, [("default", 0.0)])
     assert readers == []
     stop = observed.watch_device_memory(interval_s=0.05)
     deadline = time.monotonic() + 30

@@ -28,7 +28,6 @@ class Account:
     tenant: Tenant
     calls: int = 0
     inflight_bytes: int = 0
-    resident_bytes: int = 0
     cost: float = 0.0
     """Estimated cost admitted, not yet reported to the metrics."""
     _credit: float = field(default=0.0, repr=False)

@@ -135,7 +135,6 @@ class LossServer:
             observer=self.metrics,
             on_failure=self._on_batch_failure,
             work=engine_.work,
-            on_wait=self.metrics.tenant_waited,
         )
         self._stop_metrics: Callable[[], None] | None = None
         self._stop_memory_watch: Callable[[], None] = lambda: None

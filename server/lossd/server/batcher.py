@@ -79,7 +79,10 @@ class BatchObserver(Protocol):
 
     def queue_depth(self, depth: int) -> None: ...
 
-    def batch(self, requests: int, rows: int, compute_s: float, queue_waits_s: Sequence[float]) -> None: ...
+    def batch(
+        self, requests: int, rows: int, compute_s: float, queue_waits_s: Sequence[tuple[str, float]]
+    ) -> None:
+        """One computation: its items, rows and time, and each waiting item's (tenant, wait)."""
 
     def dropped(self, reason: str) -> None: ...
 
@@ -153,7 +156,7 @@ class Batcher(Generic[T, R]):
     estimated work (the fair queue's measure; default: its rows). If `run` raises instead, the
     whole batch fails with that error and `on_failure(error)` is told. Items of at least
     `limits.large_bytes`, or of `LARGE_S` estimated, run on `large_executor` (default:
-    `executor`), in a lane of their own. `on_wait(tenant, seconds)` hears each item's queue wait.
+    `executor`), in a lane of their own.
     """
 
     def __init__(
@@ -167,7 +170,6 @@ class Batcher(Generic[T, R]):
         on_failure: Callable[[Exception], None] | None = None,
         large_executor: Executor | None = None,
         work: Callable[[T], float] | None = None,
-        on_wait: Callable[[str, float], None] | None = None,
     ) -> None:
         self._run = run
         self._key = key
@@ -179,7 +181,6 @@ class Batcher(Generic[T, R]):
         self._lanes = (self._small, self._large)
         self._observer = observer
         self._on_failure = on_failure
-        self._on_wait = on_wait
         self._refusal: Exception | None = None
         self._item_seconds = 0.0  # moving average of compute time per item, for retry hints
         self._tiny_seconds = float("inf")  # moving average of a tiny batch's compute time
@@ -454,12 +455,8 @@ class Batcher(Generic[T, R]):
                     len(items),
                     sum(i.rows for i in items),
                     elapsed,
-                    [started - i.arrived for i in items if i.waits],
+                    [(i.tenant, started - i.arrived) for i in items if i.waits],
                 )
-            if self._on_wait is not None:
-                for item in items:
-                    if item.waits:
-                        self._on_wait(item.tenant, started - item.arrived)
             for item, result in zip(items, results, strict=True):
                 if item.future.done():
                     continue

@@ -299,13 +299,6 @@ class ServerMetrics:
         if cost:
             self.tenant_cost.labels(tenant).inc(cost)
 
-    def tenant_waited(self, tenant: str, seconds: float) -> None:
-        """One item's wait in the fair queue (the batcher's `on_wait`)."""
-        child = self._waits.get(tenant)
-        if child is None:
-            child = self._waits[tenant] = self.queue_wait_seconds.labels(tenant)
-        child.observe(seconds)
-
     def tenants_reloaded(self, ok: bool) -> None:
         self.tenants_reloads.labels("ok" if ok else "error").inc()
         self.tenants_config_ok.set(1 if ok else 0)
@@ -347,10 +340,17 @@ class ServerMetrics:
     def queue_depth(self, depth: int) -> None:
         self.queue_depth_gauge.set(depth)
 
-    def batch(self, requests: int, rows: int, compute_s: float, queue_waits_s: Sequence[float]) -> None:
+    def batch(
+        self, requests: int, rows: int, compute_s: float, queue_waits_s: Sequence[tuple[str, float]]
+    ) -> None:
         self.batch_requests.observe(requests)
         self.batch_rows.observe(rows)
-        self.compute_seconds.observe(compute_s)  # the waits come by tenant: `tenant_waited`
+        self.compute_seconds.observe(compute_s)
+        for tenant, wait in queue_waits_s:
+            child = self._waits.get(tenant)
+            if child is None:
+                child = self._waits[tenant] = self.queue_wait_seconds.labels(tenant)
+            child.observe(wait)
 
     def dropped(self, reason: str) -> None:
         self.dropped_requests.labels(reason).inc()

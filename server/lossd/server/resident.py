@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lossd.server.engine.finite import holds_nonfinite
 from lossd.server.tenants import DEFAULT, Tenant
 from lossd.wire.errors import NotFoundError, ResourceExhaustedError
 
@@ -47,8 +48,6 @@ __all__ = [
 ]
 
 POLICIES = ("lru", "refuse")
-
-_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -66,13 +65,11 @@ class ResidentInfo:
 
 
 def finiteness(tensor: torch.Tensor) -> tuple[bool, bool]:
-    """(`nonfinite`, `nonfinite_log`) of a tensor being put: one read of it, at upload."""
-    if tensor.dtype not in _FLOATING or tensor.numel() == 0:
+    """(`nonfinite`, `nonfinite_log`) of a tensor being put: read once, at upload (twice only when
+    it holds a NaN or an infinity)."""
+    if not holds_nonfinite(tensor):
         return False, False
-    nonfinite = not bool(torch.isfinite(tensor).all())
-    if not nonfinite:
-        return False, False
-    return True, bool((torch.isnan(tensor) | torch.isposinf(tensor)).any())
+    return True, holds_nonfinite(tensor, log_probabilities=True)
 
 
 def load_tensor(path: str) -> torch.Tensor:

@@ -24,7 +24,6 @@ always been. Pure Python: nothing of gRPC or torch.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
@@ -76,8 +75,6 @@ class Tenant:
     max_concurrent_calls: int = 0
     max_inflight_bytes: int = 0
     max_cost_per_s: float = 0.0
-    shared: frozenset[str] = frozenset()
-    """The operator's shared tensors it may use (their names)."""
 
 
 @dataclass(frozen=True)
@@ -228,11 +225,6 @@ def parse_tenants(text: str, source: str = "the tenants file", *, base: str = ".
         if missing:
             raise ValueError(f"{where}.tenants names no such tenant: {', '.join(sorted(missing))}")
         shared.append(SharedTensor(name, os.path.join(base, table["path"]), readers))
-    for held in shared:
-        for reader in held.tenants:
-            tenants[reader] = dataclasses.replace(
-                tenants[reader], shared=tenants[reader].shared | {held.name}
-            )
     return Tenancy(tenants, by_digest, by_subject, tuple(shared))
 
 
@@ -294,7 +286,6 @@ class TenantDirectory:
         self._on_reload = on_reload
         self._stamp = _stamp(self._files)
         self.tenancy = self._load()  # a bad file at start-up fails the start
-        self.generation = 0
         self.last_error = ""
 
     @property
@@ -323,7 +314,6 @@ class TenantDirectory:
             return False
         dropped = set(self.tenancy.tenants) - set(tenancy.tenants)
         self.tenancy = tenancy
-        self.generation += 1
         self.last_error = ""
         _LOGGER.info(
             "tenants reloaded: %d tenant(s)%s",
@@ -333,6 +323,3 @@ class TenantDirectory:
         if self._on_reload is not None:
             self._on_reload(True)
         return True
-
-    def tenant(self, name: str) -> Tenant | None:
-        return self.tenancy.tenants.get(name)

@@ -21,13 +21,15 @@ from lossd.server.losses import Loss, LossCall
 from lossd.server.losses.checks import FLOATING
 from lossd.wire.errors import InvalidArgumentError
 
-__all__ = ["nonfinite_error", "nonfinite_fields", "nonfinite_many"]
+__all__ = ["holds_nonfinite", "nonfinite_error", "nonfinite_fields", "nonfinite_many"]
 
 _SMALL = 1 << 18
 _BF16_EXPONENT = 0x7F80
 
 
-def _has_nonfinite(tensor: torch.Tensor, log_probabilities: bool = False) -> bool:
+def holds_nonfinite(tensor: torch.Tensor, log_probabilities: bool = False) -> bool:
+    """Whether a tensor holds NaN or infinity (NaN or +inf in log-probabilities, where -inf is
+    probability 0)."""
     if tensor.dtype not in FLOATING or tensor.numel() == 0:
         return False
     if log_probabilities:  # -inf is probability 0, a value: NaN and +inf are what is not finite
@@ -89,12 +91,12 @@ def nonfinite_fields(call: LossCall[Any]) -> tuple[str, ...]:
     return tuple(
         field
         for field, tensor, log in _tensors(call)
-        if tensor is not None and (known[field] if field in known else _has_nonfinite(tensor, log))
+        if tensor is not None and (known[field] if field in known else holds_nonfinite(tensor, log))
     )
 
 
 def _array_nonfinite(array: np.ndarray, dtype: torch.dtype, log_probabilities: bool) -> bool:
-    """`_has_nonfinite` of a host array of `dtype`'s elements (bfloat16 as int16 bits)."""
+    """`holds_nonfinite` of a host array of `dtype`'s elements (bfloat16 as int16 bits)."""
     if dtype == torch.bfloat16:
         return bool(np.any((array & _BF16_EXPONENT) == _BF16_EXPONENT))
     if log_probabilities:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lossd.server.losses.base import GRADIENT_FACTOR, LossCall, TensorSpec, compute_dtype
+from lossd.server.losses.base import GRADIENT_FACTOR, LossCall, TensorSpec, compute_dtype, rows_of_tokens
 from lossd.server.losses.checks import invalid_argument, require_floating
 
 __all__ = ["HEAD", "check_head", "head_bytes", "head_flops", "head_logits", "resident_head_bytes"]
@@ -106,6 +106,5 @@ def head_flops(call: LossCall[Any], hidden: torch.Tensor, classifier: str, backw
     head = call.tensors.get(classifier)
     if head is None or head.dim() != 2:
         return 0.0
-    tokens = hidden.numel() // max(hidden.shape[-1], 1) if hidden.dim() else 1
-    logits = tokens * head.shape[0]
+    logits = rows_of_tokens(hidden.shape) * head.shape[0]
     return logits * head.shape[1] * 2.0 * (GRADIENT_FACTOR if backward else 1.0) + 10.0 * logits

@@ -179,8 +179,6 @@ def _frame(metrics: ServerMetrics, results: list[Entry], outcomes: list[LossOutp
         if large and index % YIELD_EVERY == YIELD_EVERY - 1:
             time.sleep(0)
         outcome: LossOutput | BaseException = value if isinstance(value, LossdError) else next(done)
-        if isinstance(outcome, asyncio.CancelledError):
-            raise outcome
         if isinstance(outcome, Exception):
             _, error = entry_status(outcome)
             answered[loss, error.code] += 1
